@@ -1,0 +1,134 @@
+"""`hf-deepclean` command line: `unlearn` and `demo`.
+
+User errors (`DeepCleanError`) print one line on stderr and exit non-zero without a traceback; `--debug` shows it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import yaml
+from transformers import HfArgumentParser
+
+from .config import ARGUMENT_CLASSES
+from .errors import DeepCleanError
+
+
+COMMANDS = {
+    "unlearn": "Make a model forget rows of its training data (DeepClean) and write the cleaned checkpoint.",
+    "demo": "Train a small digits classifier, unlearn one class from it and compare with retraining (offline).",
+}
+PROG = "hf-deepclean"
+
+
+def _top_level_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Make trained Hugging Face models forget chosen training data (DeepClean, arXiv 2311.10448).",
+        epilog=f"Run `{PROG} COMMAND --help` for the arguments of a command.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, help_text in COMMANDS.items():
+        subparsers.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def _add_common_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true", help="Show the full traceback of errors.")
+
+
+def unlearn_parser() -> HfArgumentParser:
+    parser = HfArgumentParser(ARGUMENT_CLASSES, prog=f"{PROG} unlearn", description=COMMANDS["unlearn"])
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="YAML file of argument values; they act as defaults that command-line flags override.",
+    )
+    _add_common_flags(parser)
+    return parser
+
+
+def _load_yaml_defaults(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            values = yaml.safe_load(handle) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise DeepCleanError(f"--config: could not read {path!r}: {type(error).__name__}.") from None
+    if not isinstance(values, dict):
+        raise DeepCleanError(f"--config: {path!r} must hold a mapping of argument names to values.")
+    known = {action.dest for action in parser._actions}
+    unknown = sorted(str(key) for key in values if key not in known or key == "config")
+    if unknown:
+        raise DeepCleanError(f"--config: {path!r} has unknown keys {unknown}.")
+    return values
+
+
+def parse_unlearn_args(argv: Sequence[str]):
+    """Parse `unlearn` arguments: `--config FILE` values first, then command-line flags on top.
+
+    Returns:
+        `(model_args, data_args, deepclean_config, output_args, debug)`.
+    """
+    parser = unlearn_parser()
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    if known.config:
+        defaults = _load_yaml_defaults(known.config, parser)
+        for action in parser._actions:
+            if action.dest in defaults:
+                # a value from the file satisfies a required argument; the flag can still override it
+                action.required = False
+        parser.set_defaults(**defaults)
+    *arguments, namespace = parser.parse_args_into_dataclasses(args=list(argv), return_remaining_strings=False)
+    return (*arguments, namespace.debug) if hasattr(namespace, "debug") else (*arguments, False)
+
+
+def run_unlearn(argv: Sequence[str]) -> int:
+    from .unlearner import DeepCleanUnlearner
+
+    model_args, data_args, method, output_args, _ = parse_unlearn_args(argv)
+    results = DeepCleanUnlearner(method, model_args, data_args, output_args).run()
+    print(json.dumps({"before": results["metrics"]["before"], "after": results["metrics"]["after"]}, indent=2))
+    print(f"Cleaned model written to {output_args.output_dir}")
+    return 0
+
+
+def run_demo(argv: Sequence[str]) -> int:
+    from .demo import add_demo_arguments, run_demo_from_args
+
+    parser = argparse.ArgumentParser(prog=f"{PROG} demo", description=COMMANDS["demo"])
+    add_demo_arguments(parser)
+    _add_common_flags(parser)
+    return run_demo_from_args(parser.parse_args(list(argv)))
+
+
+RUNNERS = {"unlearn": run_unlearn, "demo": run_demo}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in RUNNERS:
+        parser = _top_level_parser()
+        if argv and not argv[0].startswith("-"):
+            parser.error(f"unknown command {argv[0]!r}; expected one of {', '.join(COMMANDS)}")
+        parser.parse_args(argv)
+        parser.print_help()
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    debug = "--debug" in rest
+    try:
+        return RUNNERS[command](rest)
+    except DeepCleanError as error:
+        if debug:
+            raise
+        print(f"{PROG} {command}: error: {error}", file=sys.stderr)
+        return error.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,239 @@
+"""Argument dataclasses for `hf_deepclean`, shared by the CLI (`HfArgumentParser`) and the Python API.
+
+`ModelArguments`, `DataArguments` and `OutputArguments` say *what* to clean and where to write it;
+`DeepCleanConfig` holds the hyperparameters of the method itself (Fisher, selection, reset, repair), in the
+way `peft.LoraConfig` holds those of LoRA. Every field is validated in `__post_init__` so that the Python API
+and the CLI refuse the same bad values with the same one-line message.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .errors import DeepCleanError
+
+
+TASKS = ("text-classification", "image-classification")
+
+
+def _check_fraction(name: str, value: float | None) -> None:
+    if value is None:
+        return
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not (0.0 < value <= 1.0):
+        raise DeepCleanError(f"--{name}: got {value!r}; expected a number in (0, 1].")
+
+
+def _check_positive(name: str, value: float | None, *, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise DeepCleanError(f"--{name}: got {value!r}; expected a finite number {bound}.")
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise DeepCleanError(f"--{name}: got {value!r}; expected one of {', '.join(choices)}.")
+
+
+@dataclass
+class ModelArguments:
+    """Which model to clean."""
+
+    model_name_or_path: str = field(
+        metadata={"help": "Hub model id (ORG/NAME) or path to a local `save_pretrained` folder."}
+    )
+    revision: str = field(default="main", metadata={"help": "Branch, tag or commit of the model on the Hub."})
+    task: str = field(
+        default="auto",
+        metadata={
+            "help": "Model head: `text-classification`, `image-classification`, or `auto` (read from the model's "
+            "config `architectures`, then from the dataset's columns).",
+            "choices": ("auto", *TASKS),
+        },
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow custom modelling code from the model repository (off by default)."}
+    )
+
+    def __post_init__(self):
+        if not isinstance(self.model_name_or_path, str) or not self.model_name_or_path.strip():
+            raise DeepCleanError(
+                f"--model_name_or_path: got {self.model_name_or_path!r}; expected a Hub id or a local folder."
+            )
+        _check_choice("task", self.task, ("auto", *TASKS))
+
+
+@dataclass
+class DataArguments:
+    """Which data the model was trained on, and which of it to forget."""
+
+    dataset_name: str = field(
+        metadata={
+            "help": "Hub dataset id, a `Dataset.save_to_disk` folder, or a builder name (`csv`, `json`, `parquet`) "
+            "used with --data_files."
+        }
+    )
+    forget: str = field(
+        metadata={
+            "help": "Rows of the training split to forget: `split:NAME` | `indices:FILE` | `ids:COLUMN:FILE` | "
+            "`where:COLUMN==VALUE` (also `!=`, ` in ` with a comma list) | `random:FRACTION` | `random:COUNT` | "
+            "`class:LABEL`."
+        }
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration name of the dataset."})
+    dataset_revision: str | None = field(default=None, metadata={"help": "Branch, tag or commit of the dataset."})
+    data_files: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Data files for a `csv`/`json`/`parquet` dataset: `PATH` (train split) or `SPLIT=PATH`, "
+            "several allowed."
+        },
+    )
+    train_split: str = field(default="train", metadata={"help": "Split the model was trained on."})
+    eval_split: str | None = field(
+        default=None,
+        metadata={
+            "help": "Held-out split for test metrics and the membership attack (default: `test`, else "
+            "`validation`, when present)."
+        },
+    )
+    text_column: str | None = field(default=None, metadata={"help": "Text column (auto-detected when unset)."})
+    text_pair_column: str | None = field(default=None, metadata={"help": "Second text column for sentence pairs."})
+    image_column: str | None = field(default=None, metadata={"help": "Image column (auto-detected when unset)."})
+    label_column: str | None = field(default=None, metadata={"help": "Label column (auto-detected when unset)."})
+    max_length: int | None = field(
+        default=None, metadata={"help": "Truncate texts to this many tokens (default: the tokenizer's limit)."}
+    )
+    max_retain_samples: int | None = field(
+        default=None,
+        metadata={"help": "Use a seeded random subsample of this many retain rows for the retain Fisher pass."},
+    )
+    max_eval_samples: int | None = field(
+        default=None,
+        metadata={"help": "Evaluate retain and test metrics on a seeded subsample of at most this many rows."},
+    )
+
+    def __post_init__(self):
+        if not isinstance(self.dataset_name, str) or not self.dataset_name.strip():
+            raise DeepCleanError(
+                f"--dataset_name: got {self.dataset_name!r}; expected a Hub id, a folder or csv/json/parquet."
+            )
+        if not isinstance(self.forget, str) or not self.forget.strip():
+            raise DeepCleanError(f"--forget: got {self.forget!r}; expected a forget specification such as random:0.1.")
+        for name in ("max_length", "max_retain_samples", "max_eval_samples"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise DeepCleanError(f"--{name}: got {value!r}; expected a positive integer.")
+
+
+@dataclass
+class DeepCleanConfig:
+    """Hyperparameters of the DeepClean method (Fisher, selection, reset, repair).
+
+    Selection resets the elements whose Fisher ratio `F_forget / (F_retain + eps)` is largest: either all with a
+    ratio above `gamma`, or the top `reset_fraction` of the elements in scope. `max_reset_fraction` caps either.
+    """
+
+    fisher_type: str = field(
+        default="empirical",
+        metadata={
+            "help": "`empirical`: gradients of the dataset labels' log-likelihood; `true`: expectation under the "
+            "model's own predictive distribution.",
+            "choices": ("empirical", "true"),
+        },
+    )
+    scope: str = field(
+        default="all", metadata={"help": "Parameters to consider: `all` trainable parameters.", "choices": ("all",)}
+    )
+    gamma: float | None = field(
+        default=None,
+        metadata={"help": "Reset elements with F_forget / (F_retain + eps) > gamma. Overrides --reset_fraction."},
+    )
+    reset_fraction: float | None = field(
+        default=0.2,
+        metadata={"help": "Reset this share (0, 1] of the elements in scope with the largest Fisher ratio."},
+    )
+    max_reset_fraction: float = field(
+        default=0.5,
+        metadata={"help": "Never reset more than this share of the elements in scope (the top ones are kept)."},
+    )
+    eps: float = field(default=1e-12, metadata={"help": "Added to F_retain in the ratio's denominator."})
+    reset: str = field(
+        default="init",
+        metadata={
+            "help": "`init`: give selected elements freshly initialised values; `zero`: set them to zero (paper).",
+            "choices": ("init", "zero"),
+        },
+    )
+    repair_epochs: float = field(
+        default=2.0, metadata={"help": "Epochs of repair on the retain set (0 disables the repair)."}
+    )
+    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the repair."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (acts on selected elements only)."})
+    warmup_ratio: float = field(default=0.0, metadata={"help": "Share of repair steps with linear warm-up."})
+    lr_scheduler_type: str = field(default="linear", metadata={"help": "Schedule of the repair learning rate."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping of the repair (0 disables)."})
+    per_device_batch_size: int = field(
+        default=32, metadata={"help": "Batch size per process for the Fisher passes, repair and evaluation."}
+    )
+
+    def __post_init__(self):
+        _check_choice("fisher_type", self.fisher_type, ("empirical", "true"))
+        _check_choice("scope", self.scope, ("all",))
+        _check_choice("reset", self.reset, ("init", "zero"))
+        _check_positive("gamma", self.gamma)
+        _check_fraction("reset_fraction", self.reset_fraction)
+        _check_fraction("max_reset_fraction", self.max_reset_fraction)
+        _check_positive("eps", self.eps)
+        _check_positive("repair_epochs", self.repair_epochs, allow_zero=True)
+        _check_positive("learning_rate", self.learning_rate)
+        _check_positive("weight_decay", self.weight_decay, allow_zero=True)
+        _check_positive("max_grad_norm", self.max_grad_norm, allow_zero=True)
+        if not isinstance(self.warmup_ratio, (int, float)) or not (0.0 <= self.warmup_ratio < 1.0):
+            raise DeepCleanError(f"--warmup_ratio: got {self.warmup_ratio!r}; expected a number in [0, 1).")
+        if self.gamma is None and self.reset_fraction is None:
+            raise DeepCleanError("--gamma/--reset_fraction: got neither; expected one of them.")
+        if not isinstance(self.per_device_batch_size, int) or self.per_device_batch_size < 1:
+            raise DeepCleanError(
+                f"--per_device_batch_size: got {self.per_device_batch_size!r}; expected a positive integer."
+            )
+
+    @property
+    def selection_rule(self) -> str:
+        """Human-readable selection rule, as recorded in the card."""
+        if self.gamma is not None:
+            return f"ratio > {self.gamma:g}"
+        return f"top {self.reset_fraction:.4g} of elements by ratio"
+
+
+@dataclass
+class OutputArguments:
+    """Where the cleaned checkpoint goes."""
+
+    output_dir: str = field(metadata={"help": "Folder for the cleaned model, its card and the json reports."})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Replace an existing non-empty --output_dir (only once the run succeeded)."}
+    )
+    seed: int = field(default=42, metadata={"help": "Seed for sampling, initialisation and the repair."})
+
+    def __post_init__(self):
+        if not isinstance(self.output_dir, str) or not self.output_dir.strip():
+            raise DeepCleanError(f"--output_dir: got {self.output_dir!r}; expected a folder path.")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise DeepCleanError(f"--seed: got {self.seed!r}; expected an integer.")
+
+
+ARGUMENT_CLASSES = (ModelArguments, DataArguments, DeepCleanConfig, OutputArguments)
+
+
+def arguments_to_dict(*arguments) -> dict[str, Any]:
+    """Flatten argument dataclasses into one `{field: value}` dict (the shape of `--config` files)."""
+    merged: dict[str, Any] = {}
+    for args in arguments:
+        merged.update(asdict(args))
+    return merged

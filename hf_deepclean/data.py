@@ -1,0 +1,597 @@
+"""Load dataset splits, resolve the forget specification, and build the forget / retain / test loaders.
+
+The forget set is resolved against the *raw* training split (before any preprocessing), so row indices are the
+dataset's own. Only counts and a SHA-256 of the sorted row indices ever leave this module for reports.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from datasets import ClassLabel, Dataset, DatasetDict, Image, Value, load_dataset, load_from_disk
+from torch.utils.data import DataLoader
+from transformers import PretrainedConfig
+
+from .config import DataArguments
+from .errors import DeepCleanError
+
+
+FILE_BUILDERS = ("csv", "json", "parquet", "text")
+TEXT_COLUMN_NAMES = ("text", "sentence", "content", "review", "document")
+IMAGE_COLUMN_NAMES = ("image", "img")
+LABEL_COLUMN_NAMES = ("label", "labels")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Forget specification
+# --------------------------------------------------------------------------------------------------------------
+
+FORGET_FORMS = (
+    "split:NAME, indices:FILE, ids:COLUMN:FILE, where:COLUMN==VALUE (or !=, or 'COLUMN in A,B'), "
+    "random:FRACTION, random:COUNT, class:LABEL"
+)
+_WHERE_PATTERN = re.compile(
+    r"^(?P<column>[^=!]+?)\s*(?P<op>==|!=)\s*(?P<value>.*)$|^(?P<icol>.+?)\s+in\s+(?P<ivals>.+)$"
+)
+
+
+@dataclass(frozen=True)
+class ForgetSpec:
+    """A parsed `--forget` value.
+
+    Attributes:
+        kind: `split`, `indices`, `ids`, `where`, `random` or `class`.
+        raw: the string as given (used in error messages).
+        column: column for `ids` and `where`.
+        operator: `==`, `!=` or `in` for `where`.
+        values: the value(s) for `where`, the split name, the label or the file path.
+        fraction / count: for `random`.
+    """
+
+    kind: str
+    raw: str
+    column: str | None = None
+    operator: str | None = None
+    values: tuple[str, ...] = ()
+    fraction: float | None = None
+    count: int | None = None
+
+
+def _spec_error(spec: str, problem: str) -> DeepCleanError:
+    return DeepCleanError(f"--forget: {spec!r} {problem}; accepted forms: {FORGET_FORMS}.")
+
+
+def parse_forget_spec(spec: str) -> ForgetSpec:
+    """Parse a `--forget` string without touching any data.
+
+    Raises:
+        DeepCleanError: naming the spec, for anything malformed.
+    """
+    if not isinstance(spec, str):
+        raise _spec_error(str(spec), "is not a string")
+    kind, sep, rest = spec.partition(":")
+    kind = kind.strip()
+    if not sep:
+        raise _spec_error(spec, "has no 'KIND:' prefix")
+    if kind in ("split", "indices", "class"):
+        if not rest.strip():
+            raise _spec_error(spec, f"gives no value after '{kind}:'")
+        return ForgetSpec(kind=kind, raw=spec, values=(rest.strip(),))
+    if kind == "ids":
+        column, sep, path = rest.partition(":")
+        if not sep or not column.strip() or not path.strip():
+            raise _spec_error(spec, "must be ids:COLUMN:FILE")
+        return ForgetSpec(kind=kind, raw=spec, column=column.strip(), values=(path.strip(),))
+    if kind == "where":
+        match = _WHERE_PATTERN.match(rest.strip())
+        if match is None:
+            raise _spec_error(spec, "must be where:COLUMN==VALUE, where:COLUMN!=VALUE or where:COLUMN in A,B")
+        if match.group("op"):
+            column, operator, values = match.group("column"), match.group("op"), (match.group("value").strip(),)
+        else:
+            column, operator = match.group("icol"), "in"
+            values = tuple(v.strip() for v in match.group("ivals").split(","))
+            if not all(values):
+                raise _spec_error(spec, "has an empty value in its 'in' list")
+        if not column.strip():
+            raise _spec_error(spec, "names no column")
+        return ForgetSpec(kind=kind, raw=spec, column=column.strip(), operator=operator, values=values)
+    if kind == "random":
+        text = rest.strip()
+        if re.fullmatch(r"\d+", text):
+            count = int(text)
+            if count < 1:
+                raise _spec_error(spec, "asks for no rows")
+            return ForgetSpec(kind=kind, raw=spec, count=count)
+        try:
+            fraction = float(text)
+        except ValueError:
+            raise _spec_error(spec, "needs a fraction in (0, 1) or a positive row count") from None
+        if not (0.0 < fraction < 1.0):
+            raise _spec_error(spec, "needs a fraction in (0, 1) or a positive row count")
+        return ForgetSpec(kind=kind, raw=spec, fraction=fraction)
+    raise _spec_error(spec, f"has unknown kind {kind!r}")
+
+
+def redact_forget_spec(spec: str | ForgetSpec) -> str:
+    """The spec as it may be recorded: `where:` values and `ids:` files can identify people, so they are dropped."""
+    parsed = parse_forget_spec(spec) if isinstance(spec, str) else spec
+    if parsed.kind == "where":
+        return f"where:{parsed.column} {parsed.operator} <redacted>"
+    if parsed.kind == "ids":
+        return f"ids:{parsed.column}:<redacted>"
+    return parsed.raw
+
+
+def _read_listed_values(path: str, spec: str) -> list[Any]:
+    """Values from a file: a JSON list, or one value per line."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except (OSError, UnicodeDecodeError) as error:
+        raise _spec_error(spec, f"refers to a file that cannot be read ({type(error).__name__})") from None
+    stripped = text.strip()
+    if stripped.startswith("["):
+        try:
+            values = json.loads(stripped)
+        except json.JSONDecodeError:
+            raise _spec_error(spec, "refers to a file that is not a valid JSON list") from None
+        if not isinstance(values, list):
+            raise _spec_error(spec, "refers to a JSON file that is not a list")
+        return values
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _parse_indices(values: list[Any], spec: str) -> list[int]:
+    indices = []
+    for value in values:
+        if isinstance(value, bool):
+            raise _spec_error(spec, "lists a value that is not a row index")
+        if isinstance(value, int):
+            indices.append(value)
+        elif isinstance(value, str) and re.fullmatch(r"\d+", value):
+            indices.append(int(value))
+        else:
+            raise _spec_error(spec, "lists a value that is not a non-negative integer row index")
+    return indices
+
+
+def _label_names(feature: Any) -> list[str] | None:
+    return list(feature.names) if isinstance(feature, ClassLabel) else None
+
+
+def _value_matches(column_values: Sequence[Any], feature: Any, wanted: set[str]) -> np.ndarray:
+    """Rows whose value, or ClassLabel name, is in `wanted` (compared as strings)."""
+    names = _label_names(feature)
+    matches = np.zeros(len(column_values), dtype=bool)
+    for row, value in enumerate(column_values):
+        if str(value) in wanted or (names is not None and isinstance(value, int) and names[value] in wanted):
+            matches[row] = True
+    return matches
+
+
+@dataclass
+class ForgetSelection:
+    """The resolved forget set.
+
+    Attributes:
+        split: split the forget rows come from (the training split, or the one named by `split:NAME`).
+        indices: sorted row indices in `split`.
+        sha256: SHA-256 of the sorted row indices, one decimal per line, prefixed by the split name.
+    """
+
+    spec: str
+    split: str
+    indices: list[int]
+    sha256: str = field(init=False)
+
+    def __post_init__(self):
+        payload = self.split + "\n" + "\n".join(str(i) for i in self.indices)
+        self.sha256 = hashlib.sha256(payload.encode()).hexdigest()
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.indices)
+
+    @property
+    def is_separate_split(self) -> bool:
+        return self.spec.startswith("split:")
+
+
+def resolve_forget_set(
+    spec: str | ForgetSpec,
+    splits: DatasetDict,
+    *,
+    train_split: str = "train",
+    label_column: str | None = None,
+    seed: int = 42,
+) -> ForgetSelection:
+    """Find the rows `spec` selects.
+
+    Args:
+        spec: the `--forget` string (or its parsed form).
+        splits: all splits of the dataset; rows are resolved against `splits[train_split]` except for `split:`.
+        train_split: the split the model was trained on.
+        label_column: the label column, needed by `class:LABEL`.
+        seed: seed of `random:` sampling.
+
+    Raises:
+        DeepCleanError: naming the spec when it selects nothing, every training row, or rows that do not exist.
+    """
+    parsed = parse_forget_spec(spec) if isinstance(spec, str) else spec
+    raw = parsed.raw
+    if train_split not in splits:
+        raise DeepCleanError(f"--train_split: got {train_split!r}; the dataset has splits {sorted(splits)}.")
+    train = splits[train_split]
+    num_rows = len(train)
+
+    if parsed.kind == "split":
+        name = parsed.values[0]
+        if name == train_split:
+            raise _spec_error(raw, "names the training split itself (it would forget every row)")
+        if name not in splits:
+            raise _spec_error(raw, f"names a split that does not exist (splits: {sorted(splits)})")
+        if len(splits[name]) == 0:
+            raise _spec_error(raw, "names an empty split")
+        return ForgetSelection(spec=raw, split=name, indices=list(range(len(splits[name]))))
+
+    if parsed.kind == "indices":
+        indices = sorted(set(_parse_indices(_read_listed_values(parsed.values[0], raw), raw)))
+        out_of_range = [i for i in indices if i >= num_rows]
+        if out_of_range:
+            raise _spec_error(
+                raw, f"lists {len(out_of_range)} row indices beyond the {num_rows} rows of split {train_split!r}"
+            )
+    elif parsed.kind == "random":
+        count = parsed.count if parsed.count is not None else round(parsed.fraction * num_rows)
+        if count >= num_rows:
+            raise _spec_error(raw, f"selects {count} of {num_rows} rows, i.e. all of them")
+        if count < 1:
+            raise _spec_error(raw, f"selects no rows of the {num_rows} in split {train_split!r}")
+        generator = np.random.default_rng(seed)
+        indices = sorted(generator.choice(num_rows, size=count, replace=False).tolist())
+    else:
+        column = label_column if parsed.kind == "class" else parsed.column
+        if column is None:
+            raise _spec_error(raw, "needs a label column (pass --label_column)")
+        if column not in train.column_names:
+            raise _spec_error(raw, f"names column {column!r}, which is not in {train.column_names}")
+        column_values = list(train[column])
+        feature = train.features[column]
+        if parsed.kind == "ids":
+            wanted = {str(v) for v in _read_listed_values(parsed.values[0], raw)}
+            matches = _value_matches(column_values, feature, wanted)
+            found = {str(v) for v, m in zip(column_values, matches) if m}
+            if len(found) < len(wanted):
+                raise _spec_error(raw, f"lists {len(wanted) - len(found)} ids that match no row of {column!r}")
+        elif parsed.kind == "class":
+            matches = _value_matches(column_values, feature, set(parsed.values))
+            if not matches.any():
+                known = _label_names(feature) or sorted({str(v) for v in column_values})
+                shown = ", ".join(known[:20]) + (", ..." if len(known) > 20 else "")
+                raise _spec_error(raw, f"names an unknown label (labels in {column!r}: {shown})")
+        else:  # where
+            matches = _value_matches(column_values, feature, set(parsed.values))
+            if parsed.operator == "!=":
+                matches = ~matches
+        indices = np.flatnonzero(matches).tolist()
+
+    if not indices:
+        raise _spec_error(raw, f"selects no rows of split {train_split!r}")
+    if len(indices) >= num_rows:
+        raise _spec_error(raw, f"selects all {num_rows} rows of split {train_split!r}; nothing would be retained")
+    return ForgetSelection(spec=raw, split=train_split, indices=indices)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _parse_data_files(data_files: list[str] | None, train_split: str) -> dict[str, list[str]] | None:
+    if not data_files:
+        return None
+    files: dict[str, list[str]] = {}
+    for entry in data_files:
+        split, sep, path = entry.partition("=")
+        if not sep:
+            split, path = train_split, entry
+        if not path or not split:
+            raise DeepCleanError(f"--data_files: got {entry!r}; expected PATH or SPLIT=PATH.")
+        if not os.path.exists(path):
+            raise DeepCleanError(f"--data_files: {path!r} does not exist.")
+        files.setdefault(split, []).append(path)
+    return files
+
+
+def _is_saved_dataset(path: str) -> bool:
+    return os.path.isdir(path) and any(
+        os.path.exists(os.path.join(path, name)) for name in ("dataset_dict.json", "state.json")
+    )
+
+
+def load_dataset_splits(data_args: DataArguments) -> DatasetDict:
+    """Load every split of the dataset named by `--dataset_name` (Hub id, saved folder, or file builder)."""
+    name = data_args.dataset_name
+    data_files = _parse_data_files(data_args.data_files, data_args.train_split)
+    try:
+        if _is_saved_dataset(name):
+            loaded = load_from_disk(name)
+        elif data_files is not None:
+            loaded = load_dataset(name, data_args.dataset_config_name, data_files=data_files)
+        else:
+            if name in FILE_BUILDERS:
+                raise DeepCleanError(f"--dataset_name: {name!r} needs --data_files.")
+            loaded = load_dataset(name, data_args.dataset_config_name, revision=data_args.dataset_revision)
+    except DeepCleanError:
+        raise
+    except Exception as error:  # datasets raises many types; each becomes one clear line
+        argument = "--data_files" if data_files is not None else "--dataset_name"
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DeepCleanError(
+            f"{argument}: could not load dataset {name!r}: {type(error).__name__}: {message}"
+        ) from error
+    if isinstance(loaded, Dataset):
+        loaded = DatasetDict({data_args.train_split: loaded})
+    if not isinstance(loaded, DatasetDict):
+        raise DeepCleanError(f"--dataset_name: {name!r} did not load as a dataset with splits.")
+    if data_args.train_split not in loaded:
+        raise DeepCleanError(f"--train_split: got {data_args.train_split!r}; the dataset has splits {sorted(loaded)}.")
+    if len(loaded[data_args.train_split]) == 0:
+        raise DeepCleanError(f"--dataset_name: split {data_args.train_split!r} of {name!r} is empty.")
+    return loaded
+
+
+def resolve_eval_split(splits: DatasetDict, data_args: DataArguments, forget: ForgetSelection) -> str | None:
+    """The held-out split: `--eval_split`, else `test`, else `validation` (never the train or forget split)."""
+    if data_args.eval_split is not None:
+        if data_args.eval_split not in splits:
+            raise DeepCleanError(
+                f"--eval_split: got {data_args.eval_split!r}; the dataset has splits {sorted(splits)}."
+            )
+        if data_args.eval_split in (data_args.train_split, forget.split):
+            raise DeepCleanError(
+                f"--eval_split: got {data_args.eval_split!r}; expected a held-out split, not the train or forget split."
+            )
+        return data_args.eval_split
+    for candidate in ("test", "validation"):
+        if candidate in splits and candidate not in (data_args.train_split, forget.split) and len(splits[candidate]):
+            return candidate
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Columns and labels
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Columns:
+    label: str
+    text: str | None = None
+    text_pair: str | None = None
+    image: str | None = None
+
+
+def _pick_column(argument: str, requested: str | None, dataset: Dataset, candidates: list[str], what: str) -> str:
+    if requested is not None:
+        if requested not in dataset.column_names:
+            raise DeepCleanError(f"--{argument}: got {requested!r}; the dataset has columns {dataset.column_names}.")
+        return requested
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        raise DeepCleanError(f"--{argument}: no {what} column found among {dataset.column_names}; pass --{argument}.")
+    raise DeepCleanError(f"--{argument}: ambiguous, several {what} columns {candidates}; pass --{argument}.")
+
+
+def resolve_columns(dataset: Dataset, data_args: DataArguments, task: str) -> Columns:
+    """Find the label column and the text or image column, from the arguments or by name and feature type."""
+    features = dataset.features
+    label_candidates = [c for c, f in features.items() if isinstance(f, ClassLabel)]
+    if not label_candidates:
+        label_candidates = [c for c in LABEL_COLUMN_NAMES if c in features]
+    label = _pick_column("label_column", data_args.label_column, dataset, label_candidates, "label")
+    if task == "image-classification":
+        image_candidates = [c for c, f in features.items() if isinstance(f, Image)]
+        if not image_candidates:
+            image_candidates = [c for c in IMAGE_COLUMN_NAMES if c in features]
+        return Columns(
+            label=label, image=_pick_column("image_column", data_args.image_column, dataset, image_candidates, "image")
+        )
+    text_candidates = [c for c in TEXT_COLUMN_NAMES if c in features]
+    if not text_candidates:
+        text_candidates = [
+            c
+            for c, f in features.items()
+            if isinstance(f, Value) and f.dtype in ("string", "large_string") and c != label
+        ]
+    text = _pick_column("text_column", data_args.text_column, dataset, text_candidates, "text")
+    if data_args.text_pair_column is not None and data_args.text_pair_column not in features:
+        raise DeepCleanError(
+            f"--text_pair_column: got {data_args.text_pair_column!r}; the dataset has columns {dataset.column_names}."
+        )
+    return Columns(label=label, text=text, text_pair=data_args.text_pair_column)
+
+
+def _has_default_label_names(config: PretrainedConfig) -> bool:
+    return all(name == f"LABEL_{i}" for i, name in config.id2label.items())
+
+
+def build_label_map(dataset: Dataset, column: str, config: PretrainedConfig) -> dict[Any, int] | None:
+    """Map the dataset's label values to the model's class ids.
+
+    Returns `None` when the values are already the model's ids. Label names are matched to the model's
+    `label2id` when the model has real (non `LABEL_i`) names.
+
+    Raises:
+        DeepCleanError: naming --label_column when a value has no class in the model.
+    """
+    feature = dataset.features[column]
+    values = set(dataset.unique(column))
+    num_labels = config.num_labels
+    names = _label_names(feature)
+    if names is not None and not _has_default_label_names(config):
+        missing = sorted(n for n in names if n not in config.label2id)
+        if missing:
+            raise DeepCleanError(
+                f"--label_column: labels {missing[:10]} of {column!r} are not among the model's labels "
+                f"{sorted(config.label2id)[:10]}."
+            )
+        return {i: config.label2id[n] for i, n in enumerate(names)}
+    if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
+        bad = sorted(v for v in values if not 0 <= v < num_labels)
+        if bad:
+            raise DeepCleanError(
+                f"--label_column: {column!r} holds label ids {bad[:10]} but the model has {num_labels} labels."
+            )
+        return None
+    label2id = {str(k): v for k, v in config.label2id.items()}
+    missing = sorted(str(v) for v in values if str(v) not in label2id)
+    if missing or _has_default_label_names(config):
+        raise DeepCleanError(
+            f"--label_column: values {missing[:10] or sorted(map(str, values))[:10]} of {column!r} do not match the "
+            f"model's labels {sorted(label2id)[:10]}."
+        )
+    return {v: label2id[str(v)] for v in values}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Collators and loaders
+# --------------------------------------------------------------------------------------------------------------
+
+
+class ClassificationCollator:
+    """Turn raw rows into model inputs: tokenise texts or process images, map labels to class ids.
+
+    Processing happens at batch time so that no preprocessed copy of private data lands in a cache on disk.
+    """
+
+    def __init__(self, processor, columns: Columns, label_map: dict[Any, int] | None, max_length: int | None = None):
+        self.processor = processor
+        self.columns = columns
+        self.label_map = label_map
+        self.max_length = max_length
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if self.columns.image is not None:
+            images = [_to_rgb(row[self.columns.image]) for row in rows]
+            batch = dict(self.processor(images, return_tensors="pt"))
+        else:
+            texts = [row[self.columns.text] for row in rows]
+            pairs = [row[self.columns.text_pair] for row in rows] if self.columns.text_pair else None
+            batch = dict(
+                self.processor(
+                    texts,
+                    pairs,
+                    padding=True,
+                    truncation=True,
+                    max_length=self.max_length,
+                    return_tensors="pt",
+                )
+            )
+        labels = [row[self.columns.label] for row in rows]
+        if self.label_map is not None:
+            labels = [self.label_map[label] for label in labels]
+        batch["labels"] = torch.tensor(labels, dtype=torch.long)
+        return batch
+
+
+def _to_rgb(image):
+    if hasattr(image, "convert") and getattr(image, "mode", "RGB") != "RGB":
+        return image.convert("RGB")
+    return image
+
+
+def make_dataloader(
+    dataset: Dataset, collator: Callable, batch_size: int, *, shuffle: bool = False, seed: int = 0
+) -> DataLoader:
+    """A DataLoader over raw rows; shuffling is seeded so a run is reproducible."""
+    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=collator, generator=generator)
+
+
+def subsample(dataset: Dataset, max_rows: int | None, seed: int) -> Dataset:
+    """A seeded random subset of at most `max_rows` rows (the dataset itself when it is small enough)."""
+    if max_rows is None or len(dataset) <= max_rows:
+        return dataset
+    indices = np.sort(np.random.default_rng(seed).choice(len(dataset), size=max_rows, replace=False))
+    return dataset.select(indices.tolist())
+
+
+@dataclass
+class UnlearningData:
+    """Everything the unlearner needs from the data side."""
+
+    forget: Dataset
+    retain: Dataset
+    test: Dataset | None
+    selection: ForgetSelection
+    columns: Columns
+    collator: ClassificationCollator
+    eval_split: str | None
+    info: dict[str, Any]
+
+
+def prepare_unlearning_data(
+    data_args: DataArguments, splits: DatasetDict, task: str, model_config: PretrainedConfig, processor, seed: int
+) -> UnlearningData:
+    """Resolve columns, labels and the forget set; split the training data into forget and retain."""
+    train = splits[data_args.train_split]
+    columns = resolve_columns(train, data_args, task)
+    selection = resolve_forget_set(
+        data_args.forget, splits, train_split=data_args.train_split, label_column=columns.label, seed=seed
+    )
+    if selection.is_separate_split:
+        forget = splits[selection.split]
+        retain = train
+        missing = [c for c in (columns.label, columns.text, columns.image) if c and c not in forget.column_names]
+        if missing:
+            raise DeepCleanError(f"--forget: split {selection.split!r} lacks columns {missing}.")
+    else:
+        forget = train.select(selection.indices)
+        forget_rows = set(selection.indices)
+        retain = train.select([i for i in range(len(train)) if i not in forget_rows])
+    eval_split = resolve_eval_split(splits, data_args, selection)
+    test = splits[eval_split] if eval_split is not None else None
+    label_map = build_label_map(train, columns.label, model_config)
+    needed = [c for c in (columns.text, columns.text_pair, columns.image, columns.label) if c]
+    forget, retain = forget.select_columns(needed), retain.select_columns(needed)
+    test = test.select_columns(needed) if test is not None else None
+    max_length = data_args.max_length
+    if columns.text is not None and max_length is None:
+        max_length = min(getattr(processor, "model_max_length", 512) or 512, 512)
+    info = {
+        "dataset_name": data_args.dataset_name,
+        "dataset_config_name": data_args.dataset_config_name,
+        "dataset_revision": data_args.dataset_revision,
+        "train_split": data_args.train_split,
+        "eval_split": eval_split,
+        "forget_split": selection.split,
+        "fingerprints": {name: split._fingerprint for name, split in splits.items()},
+        "num_rows": {
+            "train": len(train),
+            "forget": len(forget),
+            "retain": len(retain),
+            "test": len(test) if test is not None else 0,
+        },
+        "columns": {k: v for k, v in vars(columns).items() if v is not None},
+    }
+    return UnlearningData(
+        forget=forget,
+        retain=retain,
+        test=test,
+        selection=selection,
+        columns=columns,
+        collator=ClassificationCollator(processor, columns, label_map, max_length),
+        eval_split=eval_split,
+        info=info,
+    )

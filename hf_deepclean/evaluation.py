@@ -1,0 +1,123 @@
+"""How well was the data forgotten? Accuracy and loss per split, membership inference, gap to a reference.
+
+Metric names are `{split}_{metric}` (DESIGN §6):
+- `forget_accuracy`, `retain_accuracy`, `test_accuracy` and the matching `*_loss` (mean per-sample loss);
+- `mia_auc`: AUC of a loss-threshold attack telling forget samples (members) from held-out test samples
+  (non-members): a lower loss means "member". Around 0.5 when forget samples look like unseen data;
+- `mia_efficacy`: a logistic-regression attack on per-sample (loss, entropy, max-prob) features, trained on
+  retain (members) vs test (non-members) samples and applied to the forget set; the share of forget samples
+  predicted "non-member". Higher means the forget set looks less like training data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+
+SPLITS = ("forget", "retain", "test")
+GAP_METRICS = ("forget_accuracy", "retain_accuracy", "test_accuracy", "mia_efficacy")
+
+
+@torch.no_grad()
+def compute_sample_outputs(
+    model: nn.Module, dataloader: DataLoader, accelerator: Accelerator, desc: str = "Evaluate"
+) -> dict[str, np.ndarray]:
+    """Per-sample loss, correctness, predictive entropy and max probability of a classifier.
+
+    Returns:
+        `{"loss", "correct", "entropy", "max_prob"}`, one float entry per sample, in dataloader order.
+    """
+    model.eval()
+    columns: dict[str, list[torch.Tensor]] = {"loss": [], "correct": [], "entropy": [], "max_prob": []}
+    for batch in tqdm(dataloader, desc=desc, disable=not accelerator.is_local_main_process, leave=False):
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        labels = batch.pop("labels")
+        logits = model(**batch).logits.float()
+        log_probs = torch.log_softmax(logits, dim=-1)
+        probs = log_probs.exp()
+        values = {
+            "loss": -log_probs.gather(-1, labels.unsqueeze(-1)).squeeze(-1),
+            "correct": (logits.argmax(-1) == labels).float(),
+            "entropy": -(probs * log_probs).sum(-1),
+            "max_prob": probs.max(-1).values,
+        }
+        for key, value in values.items():
+            columns[key].append(value.cpu())
+    return {key: torch.cat(parts).numpy() if parts else np.zeros(0) for key, parts in columns.items()}
+
+
+def split_metrics(split: str, outputs: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """`{split}_accuracy` and `{split}_loss` from per-sample outputs."""
+    return {f"{split}_accuracy": float(np.mean(outputs["correct"])), f"{split}_loss": float(np.mean(outputs["loss"]))}
+
+
+def membership_inference_auc(member_losses: np.ndarray, nonmember_losses: np.ndarray) -> float:
+    """AUC of the loss-threshold attack: score = -loss, label 1 for members."""
+    labels = np.concatenate([np.ones(len(member_losses)), np.zeros(len(nonmember_losses))])
+    scores = -np.concatenate([member_losses, nonmember_losses])
+    return float(roc_auc_score(labels, scores))
+
+
+def _attack_features(outputs: Mapping[str, np.ndarray]) -> np.ndarray:
+    return np.stack([outputs["loss"], outputs["entropy"], outputs["max_prob"]], axis=1)
+
+
+def membership_inference_efficacy(
+    retain: Mapping[str, np.ndarray], test: Mapping[str, np.ndarray], forget: Mapping[str, np.ndarray]
+) -> float:
+    """Share of forget samples a retain-vs-test logistic-regression attack calls non-members.
+
+    Classes are balanced by weight, since the retain set is usually much larger than the test set.
+    """
+    features = np.concatenate([_attack_features(retain), _attack_features(test)])
+    labels = np.concatenate([np.ones(len(retain["loss"])), np.zeros(len(test["loss"]))])
+    attack = make_pipeline(StandardScaler(), LogisticRegression(class_weight="balanced", max_iter=1000))
+    attack.fit(features, labels)
+    predictions = attack.predict(_attack_features(forget))
+    return float(np.mean(predictions == 0))
+
+
+def evaluate_unlearning(
+    model: nn.Module, dataloaders: Mapping[str, DataLoader], accelerator: Accelerator, prefix: str = ""
+) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """Accuracy and loss on every split given, and both attacks when a `test` loader is given.
+
+    Args:
+        dataloaders: `{"forget": ..., "retain": ..., "test": ...}` (test optional).
+
+    Returns:
+        `(metrics, forget_and_test_losses)`; the second holds per-sample losses of the forget and test splits
+        (for plots), never any sample content.
+    """
+    outputs = {
+        split: compute_sample_outputs(model, loader, accelerator, desc=f"{prefix}{split}".strip())
+        for split, loader in dataloaders.items()
+    }
+    metrics: dict[str, float] = {}
+    for split in SPLITS:
+        if split in outputs:
+            metrics.update(split_metrics(split, outputs[split]))
+    if "test" in outputs and len(outputs["test"]["loss"]) and len(outputs["forget"]["loss"]):
+        metrics["mia_auc"] = membership_inference_auc(outputs["forget"]["loss"], outputs["test"]["loss"])
+        metrics["mia_efficacy"] = membership_inference_efficacy(outputs["retain"], outputs["test"], outputs["forget"])
+    losses = {split: outputs[split]["loss"] for split in ("forget", "test") if split in outputs}
+    return metrics, losses
+
+
+def average_gap(metrics: Mapping[str, float], reference: Mapping[str, float]) -> float:
+    """Mean absolute difference, in percentage points, of forget/retain/test accuracy and mia_efficacy."""
+    keys = [key for key in GAP_METRICS if key in metrics and key in reference]
+    if not keys:
+        return float("nan")
+    return float(np.mean([abs(metrics[key] - reference[key]) * 100 for key in keys]))

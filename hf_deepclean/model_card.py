@@ -1,0 +1,141 @@
+"""Model card of a cleaned checkpoint: card data (front matter) and the rendered Markdown.
+
+The card is a pure function of the two json reports the run writes (`deepclean_config.json`,
+`deepclean_results.json`), so it can be re-rendered from an output folder at any time.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+
+TEMPLATE_NAME = "deepclean_template.md"
+CARD_TAGS = ["hf_deepclean", "machine-unlearning"]
+TABLE_METRICS = (
+    "forget_accuracy",
+    "retain_accuracy",
+    "test_accuracy",
+    "forget_loss",
+    "retain_loss",
+    "test_loss",
+    "mia_auc",
+    "mia_efficacy",
+)
+
+
+def template_path() -> Path:
+    """The card template: inside the installed package, or the repository's `model_cards/` in a source tree."""
+    packaged = resources.files("hf_deepclean") / "model_cards" / TEMPLATE_NAME
+    if packaged.is_file():
+        return Path(str(packaged))
+    return Path(__file__).resolve().parent.parent / "model_cards" / TEMPLATE_NAME
+
+
+def module_reset_shares(per_parameter: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """Aggregate per-parameter reset counts into shares per module (the parameter name without its last part)."""
+    counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    for name, stats in per_parameter.items():
+        module = name.rsplit(".", 1)[0] if "." in name else name
+        counts[module][0] += int(stats["reset"])
+        counts[module][1] += int(stats["numel"])
+    return {module: reset / numel if numel else 0.0 for module, (reset, numel) in counts.items()}
+
+
+def format_results_table(metrics: Mapping[str, Mapping[str, float]]) -> str:
+    """Markdown table with one column per model (`before`, `after`, optionally `reference`)."""
+    columns = [name for name in ("before", "after", "reference") if metrics.get(name)]
+    header = "| Metric | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns) + "\n"
+    rows = []
+    for key in TABLE_METRICS:
+        if any(key in metrics[c] for c in columns):
+            cells = [f"{metrics[c][key]:.4f}" if key in metrics[c] else "" for c in columns]
+            rows.append(f"| {key} | " + " | ".join(cells) + " |")
+    if "avg_gap" in metrics.get("after", {}):
+        cells = [f"{metrics[c]['avg_gap']:.2f} pp" if "avg_gap" in metrics[c] else "" for c in columns]
+        rows.append("| avg_gap to reference | " + " | ".join(cells) + " |")
+    return header + "\n".join(rows)
+
+
+def build_card_data(config: Mapping[str, Any], results: Mapping[str, Any]) -> ModelCardData:
+    """Front matter: base model, datasets, tags and `model-index` results of the cleaned model."""
+    args, dataset = config["arguments"], config["dataset"]
+    task = config["model"]["task"]
+    split = dataset.get("eval_split") or dataset["train_split"]
+    eval_results = [
+        EvalResult(
+            task_type=task,
+            dataset_type=args["dataset_name"],
+            dataset_name=args["dataset_name"],
+            dataset_config=args.get("dataset_config_name"),
+            dataset_split=split,
+            metric_type=name,
+            metric_name=name,
+            metric_value=round(float(value), 6),
+        )
+        for name, value in results["metrics"]["after"].items()
+        if name in TABLE_METRICS
+    ]
+    return ModelCardData(
+        base_model=args["model_name_or_path"],
+        datasets=[args["dataset_name"]],
+        tags=list(CARD_TAGS),
+        library_name="transformers",
+        pipeline_tag=task,
+        model_name=Path(args["output_dir"]).name or "cleaned-model",
+        eval_results=eval_results,
+    )
+
+
+def render_model_card(config: Mapping[str, Any], results: Mapping[str, Any]) -> ModelCard:
+    """Render the card from the run's config and results records (see `DeepCleanUnlearner.run`)."""
+    args, dataset, forget = config["arguments"], config["dataset"], config["forget"]
+    reset = results["reset"]
+    total = reset["per_parameter"]["__total__"]
+    per_parameter = {k: v for k, v in reset["per_parameter"].items() if k != "__total__"}
+    shares = module_reset_shares(per_parameter)
+    top_modules = sorted(shares.items(), key=lambda item: -item[1])[:10]
+    card_data = build_card_data(config, results)
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(template_path()),
+        model_name=card_data.model_name,
+        base_model=args["model_name_or_path"],
+        base_revision=args["revision"],
+        task=config["model"]["task"],
+        dataset_name=args["dataset_name"],
+        dataset_config_name=args.get("dataset_config_name"),
+        train_split=dataset["train_split"],
+        train_rows=dataset["num_rows"]["train"],
+        eval_split=dataset.get("eval_split"),
+        test_rows=dataset["num_rows"]["test"],
+        forget_rows=forget["num_rows"],
+        forget_split=forget["split"],
+        forget_kind=forget["kind"],
+        forget_sha256=forget["sha256"],
+        retain_fisher_rows=results["fisher"]["retain_samples"],
+        fisher_type=args["fisher_type"],
+        scope=args["scope"],
+        eps=args["eps"],
+        selection_rule=reset["selection_rule"],
+        max_reset_fraction=args["max_reset_fraction"],
+        reset_share=f"{total['share']:.2%}",
+        reset_count=total["reset"],
+        reset_numel=total["numel"],
+        reset_description="freshly initialised values" if args["reset"] == "init" else "zero",
+        repair_epochs=args["repair_epochs"],
+        learning_rate=args["learning_rate"],
+        weight_decay=args["weight_decay"],
+        batch_size=args["per_device_batch_size"],
+        num_processes=config["num_processes"],
+        seed=args["seed"],
+        top_modules=[(module, f"{share:.2%}") for module, share in top_modules],
+        results_table=format_results_table(results["metrics"]),
+        timings=", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in results["timings"].items()),
+        versions=sorted(config["library_versions"].items()),
+    )

@@ -1,0 +1,164 @@
+"""Fisher ratio, selection of the weights to reset, the reset itself, and the masked repair (DESIGN §2, steps 2-4)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from torch import nn
+from torch.utils.data import DataLoader
+
+from .errors import DeepCleanError
+from .fisher import FisherDiagonal
+from .training import train_model
+
+
+logger = get_logger(__name__)
+
+ResetMasks = dict[str, torch.Tensor]
+
+
+def compute_fisher_ratio(forget: FisherDiagonal, retain: FisherDiagonal, eps: float = 1e-12) -> FisherDiagonal:
+    """`r[i] = F_forget[i] / (F_retain[i] + eps)`, elementwise, for every parameter in `forget`."""
+    missing = sorted(set(forget) - set(retain))
+    if missing:
+        raise DeepCleanError(f"retain Fisher lacks parameters {missing[:5]}; both must cover the same scope.")
+    return {name: forget[name] / (retain[name] + eps) for name in forget}
+
+
+def select_weights_to_reset(
+    ratios: FisherDiagonal,
+    *,
+    gamma: float | None = None,
+    reset_fraction: float | None = None,
+    max_reset_fraction: float = 1.0,
+) -> ResetMasks:
+    """Choose the elements to reset.
+
+    Args:
+        ratios: Fisher ratios per parameter.
+        gamma: select every element with `ratio > gamma` (takes precedence over `reset_fraction`).
+        reset_fraction: otherwise, select the `reset_fraction` share of all elements with the largest ratio.
+        max_reset_fraction: never select more than this share; when the rule asks for more, the elements with
+            the largest ratios are kept and a warning is logged.
+
+    Elements with a ratio of 0 (no Fisher information on the forget set) are never selected. Ties at the
+    threshold of a fraction rule are broken by position, so exactly the requested number is selected.
+
+    Returns:
+        `{parameter name: bool mask}` for every parameter in `ratios`.
+
+    Raises:
+        DeepCleanError: if nothing is selected, with a hint on which argument to change.
+    """
+    if gamma is None and reset_fraction is None:
+        raise DeepCleanError("--gamma/--reset_fraction: got neither; expected one of them.")
+    names = list(ratios)
+    flat = torch.cat([ratios[name].detach().reshape(-1).float() for name in names])
+    total = flat.numel()
+    cap = int(max_reset_fraction * total)
+    if gamma is not None:
+        selected = flat > gamma
+        if int(selected.sum()) > cap:
+            logger.warning(
+                f"gamma={gamma:g} selects {int(selected.sum())} of {total} elements, more than "
+                f"--max_reset_fraction={max_reset_fraction:g}; keeping the top {cap} by ratio."
+            )
+            selected = _top_k_mask(flat, cap)
+    else:
+        k = min(int(round(reset_fraction * total)), cap)
+        positive = int((flat > 0).sum())
+        if k > positive:
+            logger.warning(f"only {positive} elements have a positive Fisher ratio; selecting those, not {k}.")
+            k = positive
+        selected = _top_k_mask(flat, k)
+    if not bool(selected.any()):
+        largest = float(flat.max()) if total else float("nan")
+        hint = (
+            f"lower --gamma below the largest ratio {largest:.3g}" if gamma is not None else "raise --reset_fraction"
+        )
+        raise DeepCleanError(f"--gamma/--reset_fraction: the selection rule selects no weights; {hint}.")
+    masks, offset = {}, 0
+    for name in names:
+        n = ratios[name].numel()
+        masks[name] = selected[offset : offset + n].view_as(ratios[name]).to(ratios[name].device)
+        offset += n
+    return masks
+
+
+def _top_k_mask(flat: torch.Tensor, k: int) -> torch.Tensor:
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    if k > 0:
+        mask[torch.topk(flat, k, sorted=False).indices] = True
+    return mask & (flat > 0)
+
+
+def reset_statistics(masks: Mapping[str, torch.Tensor]) -> dict[str, dict[str, float]]:
+    """Share of elements reset, per parameter and overall (`"__total__"`)."""
+    stats, selected, total = {}, 0, 0
+    for name, mask in masks.items():
+        count, numel = int(mask.sum()), mask.numel()
+        stats[name] = {"reset": count, "numel": numel, "share": count / numel if numel else 0.0}
+        selected, total = selected + count, total + numel
+    stats["__total__"] = {"reset": selected, "numel": total, "share": selected / total if total else 0.0}
+    return stats
+
+
+def initial_values(model: nn.Module, names: list[str], seed: int) -> dict[str, torch.Tensor]:
+    """Fresh values for the named parameters, drawn by the model class's own initialisation with `seed`.
+
+    A fresh model is built from the same config (its `_init_weights` is the initialisation the architecture was
+    designed for); only the requested tensors are kept.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        fresh = type(model)(model.config)
+    fresh_params = dict(fresh.named_parameters())
+    return {name: fresh_params[name].detach().to(dtype=model.dtype) for name in names}
+
+
+def reset_selected_weights(
+    model: nn.Module, masks: Mapping[str, torch.Tensor], *, reset: str = "init", seed: int = 0
+) -> None:
+    """Set the selected elements to zero (`reset="zero"`) or to freshly initialised values (`reset="init"`)."""
+    if reset not in ("zero", "init"):
+        raise DeepCleanError(f"--reset: got {reset!r}; expected init or zero.")
+    params = dict(model.named_parameters())
+    names = [name for name, mask in masks.items() if bool(mask.any())]
+    fresh = initial_values(model, names, seed) if reset == "init" else {}
+    with torch.no_grad():
+        for name in names:
+            param, mask = params[name], masks[name].to(params[name].device)
+            replacement = fresh[name].to(param.device) if reset == "init" else torch.zeros_like(param)
+            param.copy_(torch.where(mask, replacement, param))
+
+
+def repair_selected_weights(
+    model: nn.Module,
+    masks: Mapping[str, torch.Tensor],
+    dataloader: DataLoader,
+    accelerator: Accelerator,
+    *,
+    epochs: float,
+    learning_rate: float,
+    weight_decay: float = 0.0,
+    warmup_ratio: float = 0.0,
+    lr_scheduler_type: str = "linear",
+    max_grad_norm: float = 1.0,
+) -> dict[str, float]:
+    """Fine-tune only the selected elements on retained data; every other element stays bit-for-bit equal."""
+    return train_model(
+        model,
+        dataloader,
+        accelerator,
+        epochs=epochs,
+        learning_rate=learning_rate,
+        weight_decay=weight_decay,
+        warmup_ratio=warmup_ratio,
+        lr_scheduler_type=lr_scheduler_type,
+        max_grad_norm=max_grad_norm,
+        masks=masks,
+        desc="Repair",
+    )

@@ -1,0 +1,110 @@
+"""A short supervised training loop on top of Accelerate, with optional element masks.
+
+Used for DeepClean's masked repair and by the demo to train the model it cleans (and its retrained reference).
+With `masks`, only the `True` elements of each masked parameter move: gradients are masked (so AdamW's moment
+estimates stay zero elsewhere) and, after every optimizer step, the unmasked elements are copied back from an
+anchor. The copy makes the invariant exact whatever the optimizer does (decoupled weight decay, momentum,
+numerical noise): unselected elements stay bit-for-bit equal to their values before training.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+
+def train_model(
+    model: nn.Module,
+    dataloader: DataLoader,
+    accelerator: Accelerator,
+    *,
+    epochs: float,
+    learning_rate: float,
+    weight_decay: float = 0.0,
+    warmup_ratio: float = 0.0,
+    lr_scheduler_type: str = "linear",
+    max_grad_norm: float = 1.0,
+    masks: Mapping[str, torch.Tensor] | None = None,
+    desc: str = "Train",
+) -> dict[str, float]:
+    """Train `model` with AdamW for `epochs` passes over `dataloader` (fractions of an epoch allowed).
+
+    Args:
+        model: the model, already on `accelerator.device`.
+        dataloader: yields dict batches with `labels`; the model returns `.loss`.
+        accelerator: the run's Accelerator.
+        masks: `{parameter name: bool tensor}`; when given, only parameters named here train, and only their
+            `True` elements change.
+
+    Returns:
+        `{"steps": ..., "final_loss": ...}`.
+    """
+    unwrapped = accelerator.unwrap_model(model)
+    named = dict(unwrapped.named_parameters())
+    if masks is None:
+        trainable = {name: p for name, p in named.items() if p.requires_grad}
+    else:
+        trainable = {name: named[name] for name, mask in masks.items() if bool(mask.any())}
+    steps_per_epoch = len(dataloader)
+    total_steps = math.ceil(epochs * steps_per_epoch)
+    if total_steps == 0 or not trainable:
+        return {"steps": 0, "final_loss": float("nan")}
+
+    saved_requires_grad = {name: p.requires_grad for name, p in named.items()}
+    hooks, anchors, device_masks = [], {}, {}
+    for name, p in named.items():
+        p.requires_grad_(name in trainable)
+    if masks is not None:
+        for name, p in trainable.items():
+            mask = masks[name].to(p.device)
+            device_masks[name] = mask
+            anchors[name] = p.detach().clone()
+            hooks.append(p.register_hook(lambda grad, mask=mask: grad * mask))
+
+    optimizer = torch.optim.AdamW(list(trainable.values()), lr=learning_rate, weight_decay=weight_decay)
+    scheduler = get_scheduler(
+        lr_scheduler_type,
+        optimizer,
+        num_warmup_steps=int(warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )
+    optimizer, dataloader, scheduler = accelerator.prepare(optimizer, dataloader, scheduler)
+    model.train()
+    step, loss_value = 0, float("nan")
+    progress = tqdm(total=total_steps, desc=desc, disable=not accelerator.is_local_main_process, leave=False)
+    try:
+        while step < total_steps:
+            for batch in dataloader:
+                loss = model(**batch).loss
+                accelerator.backward(loss)
+                if max_grad_norm:
+                    accelerator.clip_grad_norm_(list(trainable.values()), max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                if anchors:
+                    with torch.no_grad():
+                        for name, anchor in anchors.items():
+                            trainable[name].copy_(torch.where(device_masks[name], trainable[name], anchor))
+                loss_value = loss.item()
+                step += 1
+                progress.update(1)
+                progress.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
+                if step >= total_steps:
+                    break
+    finally:
+        progress.close()
+        for hook in hooks:
+            hook.remove()
+        for name, p in named.items():
+            p.requires_grad_(saved_requires_grad[name])
+        model.eval()
+        accelerator.free_memory()
+    return {"steps": step, "final_loss": loss_value}

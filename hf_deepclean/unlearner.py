@@ -1,0 +1,330 @@
+"""`DeepCleanUnlearner.run()`: the whole pipeline, top to bottom.
+
+load -> evaluate before -> Fisher(forget), Fisher(retain) -> select + reset -> repair -> evaluate after
+-> save folder + card.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import set_seed
+from torch import nn
+
+from .config import DataArguments, DeepCleanConfig, ModelArguments, OutputArguments, arguments_to_dict
+from .data import (
+    UnlearningData,
+    load_dataset_splits,
+    make_dataloader,
+    parse_forget_spec,
+    prepare_unlearning_data,
+    redact_forget_spec,
+    subsample,
+)
+from .errors import DeepCleanError
+from .evaluation import evaluate_unlearning
+from .fisher import compute_fisher_diagonal
+from .hub import atomic_output_dir, check_output_dir
+from .model_card import module_reset_shares, render_model_card
+from .modeling import get_parameters_in_scope, infer_task, load_model_and_processor, load_model_config
+from .reset import (
+    compute_fisher_ratio,
+    repair_selected_weights,
+    reset_selected_weights,
+    reset_statistics,
+    select_weights_to_reset,
+)
+
+
+logger = get_logger(__name__)
+
+LIBRARIES = ("hf_deepclean", "torch", "transformers", "datasets", "accelerate", "huggingface_hub", "safetensors")
+CONFIG_NAME = "deepclean_config.json"
+RESULTS_NAME = "deepclean_results.json"
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+@dataclass
+class StageTimer:
+    """Wall-clock seconds per pipeline stage."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - start
+
+
+class DeepCleanUnlearner:
+    """Make a trained model forget rows of its training data with DeepClean.
+
+    Args:
+        config: the method's hyperparameters.
+        model_args: which model to clean.
+        data_args: its training data and the forget specification.
+        output_args: output folder and seed.
+        accelerator: an existing `Accelerator` (one is created otherwise).
+
+    Example:
+        ```python
+        from hf_deepclean import DataArguments, DeepCleanConfig, DeepCleanUnlearner, ModelArguments, OutputArguments
+
+        results = DeepCleanUnlearner(
+            DeepCleanConfig(reset_fraction=0.2),
+            ModelArguments("my-org/my-classifier"),
+            DataArguments("my-org/my-data", forget="class:3"),
+            OutputArguments("cleaned"),
+        ).run()
+        print(results["metrics"]["after"]["forget_accuracy"])
+        ```
+    """
+
+    def __init__(
+        self,
+        config: DeepCleanConfig,
+        model_args: ModelArguments,
+        data_args: DataArguments,
+        output_args: OutputArguments,
+        accelerator: Accelerator | None = None,
+    ):
+        self.config = config
+        self.model_args = model_args
+        self.data_args = data_args
+        self.output_args = output_args
+        self.accelerator = accelerator
+        self.model: nn.Module | None = None
+        self.processor = None
+        self.task: str | None = None
+        self.data: UnlearningData | None = None
+        self.timer = StageTimer()
+        self.losses: dict[str, Any] = {}
+
+    # -- stages --------------------------------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Load the model, its processor and the data; resolve the forget set."""
+        parse_forget_spec(self.data_args.forget)  # fail on a malformed spec before loading anything heavy
+        model_config = load_model_config(self.model_args)
+        splits = load_dataset_splits(self.data_args)
+        train = splits[self.data_args.train_split]
+        has_image = any(type(f).__name__ == "Image" for f in train.features.values()) or (
+            self.data_args.image_column is not None
+        )
+        self.task = infer_task(model_config, self.model_args.task, has_image_column=has_image)
+        self.model, self.processor = load_model_and_processor(self.model_args, self.task, model_config)
+        self.data = prepare_unlearning_data(
+            self.data_args, splits, self.task, self.model.config, self.processor, seed=self.output_args.seed
+        )
+        self.model = self.accelerator.prepare_model(self.model, evaluation_mode=True)
+        logger.info(
+            f"Forget set: {self.data.selection.num_rows} rows of split {self.data.selection.split!r}; retain set: "
+            f"{len(self.data.retain)} rows; held-out: {self.data.eval_split!r}.",
+            main_process_only=True,
+        )
+
+    def dataloader(self, split: str, *, shuffle: bool = False, max_rows: int | None = None):
+        datasets = {"forget": self.data.forget, "retain": self.data.retain, "test": self.data.test}
+        dataset = subsample(datasets[split], max_rows, self.output_args.seed)
+        return make_dataloader(
+            dataset,
+            self.data.collator,
+            self.config.per_device_batch_size,
+            shuffle=shuffle,
+            seed=self.output_args.seed,
+        )
+
+    def evaluation_dataloaders(self) -> dict[str, Any]:
+        loaders = {
+            "forget": self.dataloader("forget"),
+            "retain": self.dataloader("retain", max_rows=self.data_args.max_eval_samples),
+        }
+        if self.data.test is not None:
+            loaders["test"] = self.dataloader("test", max_rows=self.data_args.max_eval_samples)
+        return loaders
+
+    def evaluate(self, model: nn.Module | None = None, prefix: str = "") -> dict[str, float]:
+        """Metrics of `model` (default: the model being cleaned) on the forget, retain and held-out splits."""
+        metrics, _ = evaluate_unlearning(
+            model if model is not None else self.model, self.evaluation_dataloaders(), self.accelerator, prefix
+        )
+        return metrics
+
+    # -- pipeline ------------------------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        """Run the pipeline and write the output folder.
+
+        Returns:
+            The results record (also written as `deepclean_results.json`): metrics before/after, reset
+            statistics, Fisher sample counts, repair summary and timings.
+        """
+        check_output_dir(self.output_args.output_dir, self.output_args.overwrite_output_dir)
+        if self.accelerator is None:
+            self.accelerator = Accelerator()
+        if self.accelerator.num_processes > 1:
+            raise DeepCleanError(
+                f"accelerate: got {self.accelerator.num_processes} processes; this version runs on one process."
+            )
+        set_seed(self.output_args.seed)
+        method = self.config
+        timer = self.timer
+
+        with timer("load"):
+            self.load()
+        with timer("evaluate_before"):
+            metrics_before, losses_before = evaluate_unlearning(
+                self.model, self.evaluation_dataloaders(), self.accelerator, prefix="before "
+            )
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        params = get_parameters_in_scope(unwrapped, method.scope)
+        retain_fisher_loader = self.dataloader("retain", max_rows=self.data_args.max_retain_samples)
+        with timer("fisher_forget"):
+            fisher_forget = compute_fisher_diagonal(
+                self.model,
+                self.dataloader("forget"),
+                params=params,
+                fisher_type=method.fisher_type,
+                accelerator=self.accelerator,
+                seed=self.output_args.seed,
+                desc="Fisher forget",
+            )
+        with timer("fisher_retain"):
+            fisher_retain = compute_fisher_diagonal(
+                self.model,
+                retain_fisher_loader,
+                params=params,
+                fisher_type=method.fisher_type,
+                accelerator=self.accelerator,
+                seed=self.output_args.seed,
+                desc="Fisher retain",
+            )
+        with timer("select_and_reset"):
+            ratios = compute_fisher_ratio(fisher_forget, fisher_retain, method.eps)
+            masks = select_weights_to_reset(
+                ratios,
+                gamma=method.gamma,
+                reset_fraction=method.reset_fraction,
+                max_reset_fraction=method.max_reset_fraction,
+            )
+            reset_selected_weights(unwrapped, masks, reset=method.reset, seed=self.output_args.seed)
+        stats = reset_statistics(masks)
+        logger.info(
+            f"Reset {stats['__total__']['reset']} of {stats['__total__']['numel']} weights "
+            f"({stats['__total__']['share']:.2%}).",
+            main_process_only=True,
+        )
+        with timer("repair"):
+            repair = repair_selected_weights(
+                self.model,
+                masks,
+                self.dataloader("retain", shuffle=True),
+                self.accelerator,
+                epochs=method.repair_epochs,
+                learning_rate=method.learning_rate,
+                weight_decay=method.weight_decay,
+                warmup_ratio=method.warmup_ratio,
+                lr_scheduler_type=method.lr_scheduler_type,
+                max_grad_norm=method.max_grad_norm,
+            )
+        with timer("evaluate_after"):
+            metrics_after, losses_after = evaluate_unlearning(
+                self.model, self.evaluation_dataloaders(), self.accelerator, prefix="after "
+            )
+        timings = dict(timer.seconds)
+        timings["unlearning"] = sum(
+            timings[stage] for stage in ("fisher_forget", "fisher_retain", "select_and_reset", "repair")
+        )
+        results = {
+            "metrics": {"before": metrics_before, "after": metrics_after},
+            "reset": {
+                "selection_rule": method.selection_rule,
+                "per_parameter": stats,
+                "per_module": module_reset_shares({k: v for k, v in stats.items() if k != "__total__"}),
+            },
+            "fisher": {
+                "forget_samples": self.data.selection.num_rows,
+                "retain_samples": len(retain_fisher_loader.dataset),
+            },
+            "repair": repair,
+            "timings": timings,
+        }
+        self.losses = {"before": losses_before, "after": losses_after}
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            with timer("save"):
+                self.save(results)
+            results["timings"]["save"] = timer.seconds["save"]
+        return results
+
+    # -- output --------------------------------------------------------------------------------------------------
+
+    def config_record(self) -> dict[str, Any]:
+        """What `deepclean_config.json` holds: every argument, versions, data identity, and the forget set as a
+        count and a hash (never its content)."""
+        arguments = arguments_to_dict(self.model_args, self.data_args, self.config, self.output_args)
+        arguments["forget"] = redact_forget_spec(self.data_args.forget)
+        selection = self.data.selection
+        return {
+            "hf_deepclean_method": "DeepClean (arXiv 2311.10448)",
+            "arguments": arguments,
+            "model": {
+                "name_or_path": self.model_args.model_name_or_path,
+                "revision": self.model_args.revision,
+                "task": self.task,
+                "architecture": type(self.accelerator.unwrap_model(self.model)).__name__,
+            },
+            "dataset": self.data.info,
+            "forget": {
+                "kind": parse_forget_spec(self.data_args.forget).kind,
+                "split": selection.split,
+                "num_rows": selection.num_rows,
+                "sha256": selection.sha256,
+                "hash_of": "split name, then the sorted row indices, one per line",
+            },
+            "seed": self.output_args.seed,
+            "num_processes": self.accelerator.num_processes,
+            "library_versions": library_versions(),
+        }
+
+    def save(self, results: dict[str, Any]) -> Path:
+        """Write model, processor, card and json reports to `output_dir`, atomically."""
+        record = self.config_record()
+        model = self.accelerator.unwrap_model(self.model)
+        with atomic_output_dir(self.output_args.output_dir, self.output_args.overwrite_output_dir) as staging:
+            model.save_pretrained(staging)
+            self.processor.save_pretrained(staging)
+            (staging / CONFIG_NAME).write_text(json.dumps(record, indent=2, default=str) + "\n")
+            (staging / RESULTS_NAME).write_text(json.dumps(results, indent=2, default=_json_default) + "\n")
+            render_model_card(record, results).save(staging / "README.md")
+        logger.info(f"Saved the cleaned model to {self.output_args.output_dir}", main_process_only=True)
+        return Path(self.output_args.output_dir)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    return str(value)
