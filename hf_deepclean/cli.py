@@ -41,8 +41,15 @@ def _add_common_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="Show the full traceback of errors.")
 
 
+class _ArgumentParser(HfArgumentParser):
+    """Usage errors become `DeepCleanError`s, so they print as one line like every other bad input."""
+
+    def error(self, message: str):
+        raise DeepCleanError(message)
+
+
 def unlearn_parser() -> HfArgumentParser:
-    parser = HfArgumentParser(ARGUMENT_CLASSES, prog=f"{PROG} unlearn", description=COMMANDS["unlearn"])
+    parser = _ArgumentParser(ARGUMENT_CLASSES, prog=f"{PROG} unlearn", description=COMMANDS["unlearn"])
     parser.add_argument(
         "--config",
         default=None,
@@ -60,10 +67,13 @@ def _load_yaml_defaults(path: str, parser: argparse.ArgumentParser) -> dict[str,
         raise DeepCleanError(f"--config: could not read {path!r}: {type(error).__name__}.") from None
     if not isinstance(values, dict):
         raise DeepCleanError(f"--config: {path!r} must hold a mapping of argument names to values.")
-    known = {action.dest for action in parser._actions}
-    unknown = sorted(str(key) for key in values if key not in known or key == "config")
+    actions = {action.dest: action for action in parser._actions}
+    unknown = sorted(str(key) for key in values if key not in actions or key == "config")
     if unknown:
         raise DeepCleanError(f"--config: {path!r} has unknown keys {unknown}.")
+    for key, value in values.items():
+        if actions[key].nargs in ("+", "*") and isinstance(value, str):
+            values[key] = [value]  # `data_files: a.csv` means a one-element list, as on the command line
     return values
 
 
@@ -84,8 +94,12 @@ def parse_unlearn_args(argv: Sequence[str]):
                 # a value from the file satisfies a required argument; the flag can still override it
                 action.required = False
         parser.set_defaults(**defaults)
-    *arguments, namespace = parser.parse_args_into_dataclasses(args=list(argv), return_remaining_strings=False)
-    return (*arguments, namespace.debug) if hasattr(namespace, "debug") else (*arguments, False)
+    *arguments, namespace, remaining = parser.parse_args_into_dataclasses(
+        args=list(argv), return_remaining_strings=True
+    )
+    if remaining:
+        raise DeepCleanError(f"unrecognized arguments: {' '.join(remaining)}; see `{PROG} unlearn --help`.")
+    return (*arguments, namespace.debug)
 
 
 def run_unlearn(argv: Sequence[str]) -> int:

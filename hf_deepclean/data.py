@@ -96,6 +96,8 @@ def parse_forget_spec(spec: str) -> ForgetSpec:
             raise _spec_error(spec, "must be where:COLUMN==VALUE, where:COLUMN!=VALUE or where:COLUMN in A,B")
         if match.group("op"):
             column, operator, values = match.group("column"), match.group("op"), (match.group("value").strip(),)
+            if not values[0]:
+                raise _spec_error(spec, "gives no value after the operator")
         else:
             column, operator = match.group("icol"), "in"
             values = tuple(v.strip() for v in match.group("ivals").split(","))
@@ -155,7 +157,7 @@ def _parse_indices(values: list[Any], spec: str) -> list[int]:
     for value in values:
         if isinstance(value, bool):
             raise _spec_error(spec, "lists a value that is not a row index")
-        if isinstance(value, int):
+        if isinstance(value, int) and value >= 0:
             indices.append(value)
         elif isinstance(value, str) and re.fullmatch(r"\d+", value):
             indices.append(int(value))
@@ -173,7 +175,9 @@ def _value_matches(column_values: Sequence[Any], feature: Any, wanted: set[str])
     names = _label_names(feature)
     matches = np.zeros(len(column_values), dtype=bool)
     for row, value in enumerate(column_values):
-        if str(value) in wanted or (names is not None and isinstance(value, int) and names[value] in wanted):
+        # ClassLabel stores a missing label as -1, which must not alias the last name
+        named = names is not None and isinstance(value, int) and 0 <= value < len(names) and names[value] in wanted
+        if str(value) in wanted or named:
             matches[row] = True
     return matches
 

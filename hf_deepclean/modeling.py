@@ -61,35 +61,41 @@ def infer_task(config: PretrainedConfig, requested: str = "auto", has_image_colu
     )
 
 
-def load_model_and_processor(model_args: ModelArguments, task: str, config: PretrainedConfig | None = None):
-    """Load the model with its head for `task`, and its tokenizer or image processor.
+def load_processor(model_args: ModelArguments, task: str):
+    """The model's tokenizer (text) or image processor (images)."""
+    processor_class = AutoImageProcessor if task == "image-classification" else AutoTokenizer
+    try:
+        return processor_class.from_pretrained(
+            model_args.model_name_or_path, revision=model_args.revision, trust_remote_code=model_args.trust_remote_code
+        )
+    except (OSError, ValueError) as error:
+        kind = "image processor" if task == "image-classification" else "tokenizer"
+        raise DeepCleanError(
+            f"--model_name_or_path: {model_args.model_name_or_path!r} has no loadable {kind}: {_first_line(error)}."
+        ) from error
+
+
+def load_model(model_args: ModelArguments, task: str, config: PretrainedConfig | None = None) -> nn.Module:
+    """Load the model with its head for `task`, in float32 and eval mode.
 
     Weights load from safetensors only: a pickle checkpoint can run arbitrary code.
-
-    Returns:
-        `(model, processor)`; the model is in float32 and eval mode.
     """
     config = config if config is not None else load_model_config(model_args)
-    common = {"revision": model_args.revision, "trust_remote_code": model_args.trust_remote_code}
     try:
         model = AUTO_MODEL_CLASSES[task].from_pretrained(
-            model_args.model_name_or_path, config=config, use_safetensors=True, dtype=torch.float32, **common
+            model_args.model_name_or_path,
+            config=config,
+            revision=model_args.revision,
+            trust_remote_code=model_args.trust_remote_code,
+            use_safetensors=True,
+            dtype=torch.float32,
         )
     except (OSError, ValueError) as error:
         raise DeepCleanError(
             f"--model_name_or_path: could not load {model_args.model_name_or_path!r} as a {task} model: "
             f"{_first_line(error)}; expected safetensors weights for this task."
         ) from error
-    processor_class = AutoImageProcessor if task == "image-classification" else AutoTokenizer
-    try:
-        processor = processor_class.from_pretrained(model_args.model_name_or_path, **common)
-    except (OSError, ValueError) as error:
-        kind = "image processor" if task == "image-classification" else "tokenizer"
-        raise DeepCleanError(
-            f"--model_name_or_path: {model_args.model_name_or_path!r} has no loadable {kind}: {_first_line(error)}."
-        ) from error
-    model.eval()
-    return model, processor
+    return model.eval()
 
 
 def get_parameters_in_scope(model: nn.Module, scope: str = "all") -> dict[str, nn.Parameter]:

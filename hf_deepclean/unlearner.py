@@ -37,7 +37,7 @@ from .evaluation import evaluate_unlearning
 from .fisher import compute_fisher_diagonal
 from .hub import atomic_output_dir, check_output_dir
 from .model_card import module_reset_shares, render_model_card
-from .modeling import get_parameters_in_scope, infer_task, load_model_and_processor, load_model_config
+from .modeling import get_parameters_in_scope, infer_task, load_model, load_model_config, load_processor
 from .reset import (
     compute_fisher_ratio,
     repair_selected_weights,
@@ -135,11 +135,13 @@ class DeepCleanUnlearner:
             self.data_args.image_column is not None
         )
         self.task = infer_task(model_config, self.model_args.task, has_image_column=has_image)
-        self.model, self.processor = load_model_and_processor(self.model_args, self.task, model_config)
+        self.processor = load_processor(self.model_args, self.task)
+        # data problems (columns, labels, the forget set) surface before the weights are loaded
         self.data = prepare_unlearning_data(
-            self.data_args, splits, self.task, self.model.config, self.processor, seed=self.output_args.seed
+            self.data_args, splits, self.task, model_config, self.processor, seed=self.output_args.seed
         )
-        self.model = self.accelerator.prepare_model(self.model, evaluation_mode=True)
+        model = load_model(self.model_args, self.task, model_config)
+        self.model = self.accelerator.prepare_model(model, evaluation_mode=True)
         logger.info(
             f"Forget set: {self.data.selection.num_rows} rows of split {self.data.selection.split!r}; retain set: "
             f"{len(self.data.retain)} rows; held-out: {self.data.eval_split!r}.",

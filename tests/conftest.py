@@ -1,0 +1,135 @@
+"""Tiny models built from config and small data sets, all offline.
+
+Everything here is deterministic and small enough that a whole CLI run takes seconds on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+# Before anything imports huggingface_hub: never reach for the network in tests.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import random  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from datasets import Dataset, DatasetDict  # noqa: E402
+from transformers import (  # noqa: E402
+    BertConfig,
+    BertForSequenceClassification,
+    BertTokenizer,
+    ViTConfig,
+    ViTForImageClassification,
+    ViTImageProcessor,
+)
+
+
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+WORDS = (
+    "the a this that movie film plot actor actress scene story ending music is was very quite really not "
+    "good great fun loved brilliant moving bad awful boring hated dull weak long short"
+).split()
+POSITIVE = ["good", "great", "fun", "loved", "brilliant", "moving"]
+NEGATIVE = ["bad", "awful", "boring", "hated", "dull", "weak"]
+FILLER = ["the", "a", "this", "movie", "film", "plot", "actor", "scene", "story", "music", "is", "was", "very"]
+
+
+def build_tiny_bert(num_labels: int = 2, seed: int = 0):
+    """A 2-layer BERT classifier (hidden 16) and a word-level tokenizer over `WORDS`."""
+    torch.manual_seed(seed)
+    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(SPECIALS + WORDS)})
+    config = BertConfig(
+        vocab_size=len(SPECIALS) + len(WORDS),
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=num_labels,
+        id2label={0: "neg", 1: "pos"} if num_labels == 2 else None,
+        label2id={"neg": 0, "pos": 1} if num_labels == 2 else None,
+        architectures=["BertForSequenceClassification"],
+    )
+    return BertForSequenceClassification(config).eval(), tokenizer
+
+
+def build_tiny_vit(num_labels: int = 10, seed: int = 0):
+    """A 1-layer ViT (hidden 16, 4x4 patches on 8x8 RGB images) and its image processor."""
+    torch.manual_seed(seed)
+    config = ViTConfig(
+        image_size=8,
+        patch_size=4,
+        num_channels=3,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=num_labels,
+        id2label={i: str(i) for i in range(num_labels)},
+        label2id={str(i): i for i in range(num_labels)},
+        architectures=["ViTForImageClassification"],
+    )
+    processor = ViTImageProcessor(do_resize=False, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    return ViTForImageClassification(config).eval(), processor
+
+
+def make_reviews(n: int, seed: int) -> list[dict]:
+    """Synthetic one-sentence reviews of varied length with a sentiment label and a row id."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = rng.randint(0, 1)
+        words = rng.choices(FILLER, k=rng.randint(1, 8)) + [rng.choice(POSITIVE if label else NEGATIVE)]
+        rng.shuffle(words)
+        rows.append({"id": f"r{seed}-{i}", "text": " ".join(words), "label": label})
+    return rows
+
+
+@pytest.fixture(scope="session")
+def text_model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-bert")
+    model, tokenizer = build_tiny_bert()
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def image_model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-vit")
+    model, processor = build_tiny_vit()
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def text_csv_files(tmp_path_factory):
+    """`train.csv` (60 rows) and `test.csv` (20 rows) with columns id, text, label."""
+    path = tmp_path_factory.mktemp("reviews")
+    for split, n, seed in (("train", 60, 1), ("test", 20, 2)):
+        Dataset.from_list(make_reviews(n, seed)).to_csv(path / f"{split}.csv", index=False)
+    return path
+
+
+def make_image_splits(n_train: int = 80, n_test: int = 30, seed: int = 0) -> DatasetDict:
+    """Small digits splits (RGB 8x8 images, ClassLabel `label`) drawn from scikit-learn's bundled set."""
+    from hf_deepclean.demo import build_digits_dataset
+
+    splits = build_digits_dataset(seed)
+    return DatasetDict({"train": splits["train"].select(range(n_train)), "test": splits["test"].select(range(n_test))})
+
+
+@pytest.fixture(scope="session")
+def image_dataset_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("digits")
+    make_image_splits().save_to_disk(str(path))
+    return path

@@ -1,0 +1,174 @@
+"""End-to-end `hf-deepclean unlearn` runs on tiny text and image models, and the output folder contract."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from safetensors.torch import load_file
+from transformers import (
+    AutoImageProcessor,
+    AutoModelForImageClassification,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+)
+
+from hf_deepclean.cli import main
+from hf_deepclean.hub import atomic_output_dir
+
+
+def _written_text(folder) -> str:
+    """Every text file the run wrote, concatenated (weights are binary and checked separately)."""
+    return "\n".join(p.read_text() for p in folder.iterdir() if p.suffix in (".json", ".md", ".txt"))
+
+
+def _changed_elements(before_dir, after_dir) -> int:
+    before, after = load_file(before_dir / "model.safetensors"), load_file(after_dir / "model.safetensors")
+    assert before.keys() == after.keys()
+    return sum(int((before[k] != after[k]).sum()) for k in before)
+
+
+def _text_args(text_model_dir, text_csv_files, output_dir, *extra):
+    return [
+        "unlearn",
+        "--model_name_or_path",
+        str(text_model_dir),
+        "--dataset_name",
+        "csv",
+        "--data_files",
+        f"train={text_csv_files / 'train.csv'}",
+        f"test={text_csv_files / 'test.csv'}",
+        "--output_dir",
+        str(output_dir),
+        "--repair_epochs",
+        "1",
+        "--per_device_batch_size",
+        "8",
+        "--weight_decay",
+        "0.1",
+        *extra,
+    ]
+
+
+def test_unlearn_text_model_writes_loadable_folder(tmp_path, text_model_dir, text_csv_files, capsys):
+    forget_ids = ["r1-3", "r1-17", "r1-42"]
+    output_dir = tmp_path / "cleaned"
+    args = _text_args(text_model_dir, text_csv_files, output_dir, "--forget", f"where:id in {','.join(forget_ids)}")
+    assert main(args) == 0
+
+    model = AutoModelForSequenceClassification.from_pretrained(output_dir)
+    AutoTokenizer.from_pretrained(output_dir)
+    assert model.config.num_labels == 2
+    assert sorted(p.name for p in output_dir.iterdir() if p.suffix == ".bin") == []
+
+    card = ModelCard.load(output_dir / "README.md")
+    assert card.data.base_model == str(text_model_dir)
+    assert {"hf_deepclean", "machine-unlearning"} <= set(card.data.tags)
+    assert card.data.datasets == ["csv"]
+    metric_names = {result.metric_type for result in card.data.eval_results}
+    assert {"forget_accuracy", "retain_accuracy", "test_accuracy", "mia_auc", "mia_efficacy"} <= metric_names
+
+    config = json.loads((output_dir / "deepclean_config.json").read_text())
+    assert config["forget"]["num_rows"] == 3
+    assert len(config["forget"]["sha256"]) == 64
+    assert config["arguments"]["forget"] == "where:id in <redacted>"
+    results = json.loads((output_dir / "deepclean_results.json").read_text())
+    assert set(results["metrics"]) == {"before", "after"}
+    assert {"fisher_forget", "fisher_retain", "repair", "unlearning"} <= set(results["timings"])
+
+    written = _written_text(output_dir) + capsys.readouterr().out
+    for forget_id in forget_ids:
+        assert forget_id not in written
+
+    # every element outside the selection is bit-for-bit the original one
+    reset = results["reset"]["per_parameter"]["__total__"]
+    assert 0 < reset["reset"] <= 0.5 * reset["numel"]
+    assert 0 < _changed_elements(text_model_dir, output_dir) <= reset["reset"]
+
+
+def test_unlearn_image_model_by_class(tmp_path, image_model_dir, image_dataset_dir):
+    output_dir = tmp_path / "cleaned-vit"
+    args = [
+        "unlearn",
+        "--model_name_or_path",
+        str(image_model_dir),
+        "--dataset_name",
+        str(image_dataset_dir),
+        "--forget",
+        "class:3",
+        "--output_dir",
+        str(output_dir),
+        "--repair_epochs",
+        "1",
+        "--reset",
+        "zero",
+        "--gamma",
+        "2",
+    ]
+    assert main(args) == 0
+    model = AutoModelForImageClassification.from_pretrained(output_dir)
+    AutoImageProcessor.from_pretrained(output_dir)
+    assert isinstance(model.classifier, torch.nn.Linear)
+    config = json.loads((output_dir / "deepclean_config.json").read_text())
+    assert config["forget"]["kind"] == "class"
+    assert config["dataset"]["eval_split"] == "test"
+    results = json.loads((output_dir / "deepclean_results.json").read_text())
+    assert results["reset"]["selection_rule"] == "ratio > 2"
+    assert ModelCard.load(output_dir / "README.md").data.pipeline_tag == "image-classification"
+
+
+def test_existing_output_dir_is_refused_then_replaced(tmp_path, text_model_dir, text_csv_files, capsys):
+    output_dir = tmp_path / "taken"
+    output_dir.mkdir()
+    (output_dir / "keep.txt").write_text("precious")
+    args = _text_args(text_model_dir, text_csv_files, output_dir, "--forget", "random:5")
+
+    assert main(args) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and "--output_dir" in error and "--overwrite_output_dir" in error
+    assert (output_dir / "keep.txt").read_text() == "precious"
+
+    assert main([*args, "--overwrite_output_dir"]) == 0
+    assert not (output_dir / "keep.txt").exists()
+    assert (output_dir / "model.safetensors").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_user_error_leaves_nothing_behind(tmp_path, text_model_dir, text_csv_files, capsys):
+    output_dir = tmp_path / "never"
+    args = _text_args(text_model_dir, text_csv_files, output_dir, "--forget", "where:id==no-such-id")
+    assert main(args) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("hf-deepclean unlearn: error: --forget:") and "where:id==no-such-id" in error
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_output_dir_keeps_old_folder_on_failure(tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError), atomic_output_dir(target, overwrite=True) as staging:
+        (staging / "new.txt").write_text("half")
+        raise RuntimeError("interrupted")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert [p.name for p in target.iterdir()] == ["old.txt"]
+
+
+def test_config_file_supplies_defaults(tmp_path, text_model_dir, text_csv_files):
+    output_dir = tmp_path / "from-yaml"
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        f"model_name_or_path: {text_model_dir}\n"
+        "dataset_name: csv\n"
+        f"data_files: ['train={text_csv_files / 'train.csv'}', 'test={text_csv_files / 'test.csv'}']\n"
+        "forget: random:0.1\n"
+        "reset_fraction: 0.05\n"
+        "repair_epochs: 0\n"
+    )
+    assert main(["unlearn", "--config", str(config), "--output_dir", str(output_dir), "--reset_fraction", "0.1"]) == 0
+    recorded = json.loads((output_dir / "deepclean_config.json").read_text())["arguments"]
+    assert recorded["reset_fraction"] == 0.1
+    assert recorded["repair_epochs"] == 0
+    assert recorded["forget"] == "random:0.1"
