@@ -13,14 +13,11 @@ from collections.abc import Iterable, Mapping
 
 import torch
 from accelerate import Accelerator
-from accelerate.logging import get_logger
 from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import DeepCleanError, DeepCleanRunError
 
-
-logger = get_logger(__name__)
 
 FisherDiagonal = dict[str, torch.Tensor]
 FISHER_TYPES = ("empirical", "true")

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 
 import torch
 from accelerate import Accelerator
-from accelerate.logging import get_logger
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -15,7 +15,8 @@ from .fisher import FisherDiagonal
 from .training import train_model
 
 
-logger = get_logger(__name__)
+# Plain logging: these functions are pure tensor code, callable without an Accelerate state.
+logger = logging.getLogger(__name__)
 
 ResetMasks = dict[str, torch.Tensor]
 
@@ -44,8 +45,9 @@ def select_weights_to_reset(
         max_reset_fraction: never select more than this share; when the rule asks for more, the elements with
             the largest ratios are kept and a warning is logged.
 
-    Elements with a ratio of 0 (no Fisher information on the forget set) are never selected. Ties at the
-    threshold of a fraction rule are broken by position, so exactly the requested number is selected.
+    Elements with a ratio of 0 (no Fisher information on the forget set) are never selected. A fraction rule
+    selects exactly the requested number of elements; ties at its threshold are broken by `torch.topk`
+    (deterministic for a given input on a given device).
 
     Returns:
         `{parameter name: bool mask}` for every parameter in `ratios`.
@@ -58,9 +60,9 @@ def select_weights_to_reset(
     names = list(ratios)
     flat = torch.cat([ratios[name].detach().reshape(-1).float() for name in names])
     total = flat.numel()
-    cap = int(max_reset_fraction * total)
+    cap = round(max_reset_fraction * total)
     if gamma is not None:
-        selected = flat > gamma
+        selected = (flat > gamma) & (flat > 0)
         if int(selected.sum()) > cap:
             logger.warning(
                 f"gamma={gamma:g} selects {int(selected.sum())} of {total} elements, more than "
@@ -68,7 +70,7 @@ def select_weights_to_reset(
             )
             selected = _top_k_mask(flat, cap)
     else:
-        k = min(int(round(reset_fraction * total)), cap)
+        k = min(round(reset_fraction * total), cap)
         positive = int((flat > 0).sum())
         if k > positive:
             logger.warning(f"only {positive} elements have a positive Fisher ratio; selecting those, not {k}.")

@@ -1,0 +1,244 @@
+"""Fisher ratio, selection, reset and masked repair (DESIGN §2, steps 2-4)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from accelerate import Accelerator, PartialState
+from conftest import build_tiny_bert, make_reviews
+from torch.utils.data import DataLoader
+
+from hf_deepclean.errors import DeepCleanError
+from hf_deepclean.reset import (
+    compute_fisher_ratio,
+    repair_selected_weights,
+    reset_selected_weights,
+    reset_statistics,
+    select_weights_to_reset,
+)
+
+
+SHAPES = {"a.weight": (4, 5), "a.bias": (10,), "b.weight": (3, 2, 5)}  # 60 elements
+
+
+def random_ratios(seed: int = 0, zero_share: float = 0.2) -> dict[str, torch.Tensor]:
+    """Distinct positive ratios with about `zero_share` of the elements set to exactly 0."""
+    generator = torch.Generator().manual_seed(seed)
+    ratios = {}
+    for name, shape in SHAPES.items():
+        values = torch.rand(shape, generator=generator) + 0.01
+        values[torch.rand(shape, generator=generator) < zero_share] = 0.0
+        ratios[name] = values
+    return ratios
+
+
+def flat(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors.values()])
+
+
+def test_compute_fisher_ratio():
+    generator = torch.Generator().manual_seed(0)
+    forget = {name: torch.rand(shape, generator=generator) for name, shape in SHAPES.items()}
+    retain = {name: torch.rand(shape, generator=generator) for name, shape in SHAPES.items()}
+    retain["a.bias"][:3] = 0.0
+    ratios = compute_fisher_ratio(forget, retain, eps=1e-3)
+    assert set(ratios) == set(SHAPES)
+    for name in SHAPES:
+        torch.testing.assert_close(ratios[name], forget[name] / (retain[name] + 1e-3), rtol=1e-6, atol=0)
+    with pytest.raises(DeepCleanError):
+        compute_fisher_ratio(forget, {"a.weight": retain["a.weight"]})
+
+
+def test_select_gamma():
+    ratios = random_ratios()
+    gamma = 0.5
+    masks = select_weights_to_reset(ratios, gamma=gamma)
+    assert set(masks) == set(ratios)
+    for name, values in ratios.items():
+        assert masks[name].dtype == torch.bool
+        assert torch.equal(masks[name], values > gamma), name
+
+
+def assert_top_selection(ratios: dict, masks: dict, count: int) -> None:
+    """Exactly `count` elements selected, all with a positive ratio and none below an unselected one."""
+    values, selected = flat(ratios), flat(masks)
+    assert int(selected.sum()) == count
+    assert bool((values[selected] > 0).all())
+    assert float(values[selected].min()) >= float(values[~selected].max())
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.25, 0.5])
+def test_select_reset_fraction(fraction):
+    ratios = random_ratios()
+    total = sum(math.prod(shape) for shape in SHAPES.values())
+    masks = select_weights_to_reset(ratios, reset_fraction=fraction)
+    assert {name: m.shape for name, m in masks.items()} == {name: torch.Size(s) for name, s in SHAPES.items()}
+    assert_top_selection(ratios, masks, round(fraction * total))
+
+
+def test_select_fraction_ties_give_exact_count():
+    ratios = {"a": torch.ones(10), "b": torch.full((10,), 2.0)}
+    masks = select_weights_to_reset(ratios, reset_fraction=0.75)
+    assert bool(masks["b"].all())
+    assert int(masks["a"].sum()) == 5
+
+
+@pytest.fixture
+def accelerate_state():
+    """accelerate's logger raises unless the process state exists; the selection logs warnings."""
+    PartialState(cpu=True)
+
+
+def test_max_reset_fraction_caps_gamma(accelerate_state, caplog):
+    ratios = random_ratios()
+    assert int((flat(ratios) > 0.05).sum()) > 15
+    masks = select_weights_to_reset(ratios, gamma=0.05, max_reset_fraction=0.25)
+    assert_top_selection(ratios, masks, 15)
+    assert "max_reset_fraction" in caplog.text
+
+
+def test_max_reset_fraction_caps_reset_fraction(accelerate_state):
+    ratios = random_ratios()
+    masks = select_weights_to_reset(ratios, reset_fraction=0.5, max_reset_fraction=0.25)
+    assert_top_selection(ratios, masks, 15)
+
+
+def test_zero_ratios_never_selected(accelerate_state, caplog):
+    ratios = random_ratios(zero_share=0.5)
+    positive = flat(ratios) > 0
+    assert int(positive.sum()) < 60
+    masks = select_weights_to_reset(ratios, reset_fraction=1.0)
+    assert torch.equal(flat(masks), positive)
+    assert "positive Fisher ratio" in caplog.text
+    masks = select_weights_to_reset(ratios, gamma=1e-30)
+    assert torch.equal(flat(masks), positive)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"gamma": 10.0}, {"reset_fraction": 1e-4}, {"reset_fraction": 0.5, "max_reset_fraction": 0.005}]
+)
+def test_empty_selection_raises(kwargs):
+    with pytest.raises(DeepCleanError, match="gamma"):
+        select_weights_to_reset(random_ratios(), **kwargs)
+
+
+def test_all_zero_ratios_raise():
+    ratios = {name: torch.zeros(shape) for name, shape in SHAPES.items()}
+    with pytest.raises(DeepCleanError, match="gamma"):
+        select_weights_to_reset(ratios, reset_fraction=0.5)
+
+
+def test_select_needs_a_rule():
+    with pytest.raises(DeepCleanError):
+        select_weights_to_reset(random_ratios())
+
+
+def random_masks(model, names: list[str], share: float = 0.1, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Bernoulli(`share`) masks over the named parameters, and an all-False mask on one more parameter."""
+    generator = torch.Generator().manual_seed(seed)
+    params = dict(model.named_parameters())
+    masks = {name: torch.rand(params[name].shape, generator=generator) < share for name in names}
+    masks["bert.pooler.dense.weight"] = torch.zeros_like(params["bert.pooler.dense.weight"], dtype=torch.bool)
+    for name in names:
+        assert bool(masks[name].any()), name
+    return masks
+
+
+MASKED = [
+    "bert.embeddings.word_embeddings.weight",
+    "bert.encoder.layer.0.attention.self.query.weight",
+    "bert.encoder.layer.1.output.dense.bias",
+    "classifier.weight",
+]
+
+
+def snapshot(model) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def assert_unselected_unchanged(model, before: dict, masks: dict) -> None:
+    for name, p in model.named_parameters():
+        keep = ~masks[name] if name in masks else torch.ones_like(p, dtype=torch.bool)
+        assert torch.equal(p.detach()[keep], before[name][keep]), name
+
+
+def test_reset_zero():
+    model, _ = build_tiny_bert()
+    masks = random_masks(model, MASKED)
+    before = snapshot(model)
+    reset_selected_weights(model, masks, reset="zero")
+    params = dict(model.named_parameters())
+    for name in MASKED:
+        assert bool((params[name].detach()[masks[name]] == 0).all()), name
+    assert_unselected_unchanged(model, before, masks)
+
+
+def test_reset_init():
+    model, _ = build_tiny_bert(seed=0)
+    masks = random_masks(model, MASKED)
+    before = snapshot(model)
+    rng_state = torch.get_rng_state()
+    reset_selected_weights(model, masks, reset="init", seed=123)
+    assert torch.equal(torch.get_rng_state(), rng_state)
+    torch.manual_seed(123)
+    fresh = dict(type(model)(model.config).named_parameters())
+    params = dict(model.named_parameters())
+    for name in MASKED:
+        selected = masks[name]
+        assert torch.equal(params[name].detach()[selected], fresh[name].detach()[selected]), name
+        if name.endswith(".weight"):  # biases are initialised to zero: a fresh value equals the old one
+            assert not torch.equal(params[name].detach()[selected], before[name][selected]), name
+    assert_unselected_unchanged(model, before, masks)
+
+
+def test_reset_rejects_unknown_mode():
+    model, _ = build_tiny_bert()
+    with pytest.raises(DeepCleanError):
+        reset_selected_weights(model, random_masks(model, MASKED), reset="gaussian")
+
+
+def test_repair_changes_only_selected_elements():
+    model, tokenizer = build_tiny_bert()
+    masks = random_masks(model, MASKED)
+    reset_selected_weights(model, masks, reset="zero")
+    frozen = "bert.embeddings.position_embeddings.weight"
+    model.get_parameter(frozen).requires_grad_(False)
+    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+    before = snapshot(model)
+
+    def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
+        batch = dict(tokenizer([r["text"] for r in rows], padding=True, return_tensors="pt"))
+        batch["labels"] = torch.tensor([r["label"] for r in rows])
+        return batch
+
+    dataloader = DataLoader(make_reviews(16, seed=5), batch_size=4, collate_fn=collate)
+    accelerator = Accelerator(cpu=True)
+    result = repair_selected_weights(
+        model, masks, dataloader, accelerator, epochs=2, learning_rate=1e-2, weight_decay=0.1
+    )
+    assert result["steps"] == 8
+    assert math.isfinite(result["final_loss"])
+    assert_unselected_unchanged(model, before, masks)
+    params = dict(model.named_parameters())
+    for name in MASKED:
+        selected = masks[name]
+        changed = params[name].detach()[selected] != before[name][selected]
+        assert bool(changed.any()), name
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == requires_grad
+    assert not requires_grad[frozen]
+
+
+def test_reset_statistics():
+    masks = {
+        "a": torch.tensor([True, False, False, True]),
+        "b": torch.zeros(2, 3, dtype=torch.bool),
+        "c": torch.ones(2, 5, dtype=torch.bool),
+    }
+    assert reset_statistics(masks) == {
+        "a": {"reset": 2, "numel": 4, "share": 0.5},
+        "b": {"reset": 0, "numel": 6, "share": 0.0},
+        "c": {"reset": 10, "numel": 10, "share": 1.0},
+        "__total__": {"reset": 12, "numel": 20, "share": 0.6},
+    }
