@@ -19,6 +19,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
+from datasets.utils import disable_progress_bars
 from PIL import Image as PILImage
 from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
@@ -121,6 +122,7 @@ def run_demo(
         method: DeepClean hyperparameters (the library defaults when omitted).
     """
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    disable_progress_bars()  # the demo's own set-up writes are not worth a bar each
     work = Path(work_dir)
     shutil.rmtree(work, ignore_errors=True)
     splits = build_digits_dataset(seed)

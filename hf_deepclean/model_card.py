@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 
 
 TEMPLATE_NAME = "deepclean_template.md"
@@ -35,6 +37,17 @@ def template_path() -> Path:
     if packaged.is_file():
         return Path(str(packaged))
     return Path(__file__).resolve().parent.parent / "model_cards" / TEMPLATE_NAME
+
+
+def hub_id_or_none(name: str | None) -> str | None:
+    """`name` if it can be a Hub repo id, else `None` (local folders and file builders such as `csv` are not)."""
+    if not name or Path(name).exists() or name in ("csv", "json", "parquet", "text"):
+        return None
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return name
 
 
 def module_reset_shares(per_parameter: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
@@ -81,9 +94,11 @@ def build_card_data(config: Mapping[str, Any], results: Mapping[str, Any]) -> Mo
         for name, value in results["metrics"]["after"].items()
         if name in TABLE_METRICS
     ]
+    # The Hub only accepts repo ids in `base_model`/`datasets`; local paths are named in the card's body instead.
+    dataset_id = hub_id_or_none(args["dataset_name"])
     return ModelCardData(
-        base_model=args["model_name_or_path"],
-        datasets=[args["dataset_name"]],
+        base_model=hub_id_or_none(args["model_name_or_path"]),
+        datasets=[dataset_id] if dataset_id else None,
         tags=list(CARD_TAGS),
         library_name="transformers",
         pipeline_tag=task,

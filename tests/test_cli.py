@@ -64,9 +64,10 @@ def test_unlearn_text_model_writes_loadable_folder(tmp_path, text_model_dir, tex
     assert sorted(p.name for p in output_dir.iterdir() if p.suffix == ".bin") == []
 
     card = ModelCard.load(output_dir / "README.md")
-    assert card.data.base_model == str(text_model_dir)
+    # local paths are not Hub ids: the front matter leaves them out, the body names them
+    assert card.data.base_model is None and card.data.datasets is None
+    assert str(text_model_dir) in card.text
     assert {"hf_deepclean", "machine-unlearning"} <= set(card.data.tags)
-    assert card.data.datasets == ["csv"]
     metric_names = {result.metric_type for result in card.data.eval_results}
     assert {"forget_accuracy", "retain_accuracy", "test_accuracy", "mia_auc", "mia_efficacy"} <= metric_names
 
@@ -172,3 +173,53 @@ def test_config_file_supplies_defaults(tmp_path, text_model_dir, text_csv_files)
     assert recorded["reset_fraction"] == 0.1
     assert recorded["repair_epochs"] == 0
     assert recorded["forget"] == "random:0.1"
+
+
+def test_card_front_matter_names_hub_ids(tmp_path, text_model_dir, text_csv_files):
+    """Re-render the card of a real run as if model and data had come from the Hub."""
+    from hf_deepclean.model_card import render_model_card
+
+    output_dir = tmp_path / "cleaned"
+    args = _text_args(text_model_dir, text_csv_files, output_dir, "--forget", "random:4", "--repair_epochs", "0")
+    assert main(args) == 0
+    config = json.loads((output_dir / "deepclean_config.json").read_text())
+    results = json.loads((output_dir / "deepclean_results.json").read_text())
+    config["arguments"].update(model_name_or_path="my-org/tiny-bert", dataset_name="my-org/reviews", revision="v1")
+    card = ModelCard(str(render_model_card(config, results)))
+    assert card.data.base_model == "my-org/tiny-bert"
+    assert card.data.datasets == ["my-org/reviews"]
+    assert card.data.eval_results[0].dataset_type == "my-org/reviews"
+    assert "`my-org/tiny-bert` (revision `v1`)" in card.text
+
+
+def test_forget_split_and_retain_subsample(tmp_path, image_model_dir):
+    """`split:NAME` forgets a whole split; `--max_retain_samples` bounds the retain Fisher pass."""
+    from conftest import make_image_splits
+    from datasets import DatasetDict
+
+    splits = make_image_splits(n_train=60, n_test=20)
+    extra = make_image_splits(n_train=70, n_test=20)["train"].select(range(60, 70))
+    DatasetDict({"train": splits["train"], "leaked": extra, "test": splits["test"]}).save_to_disk(tmp_path / "data")
+    output_dir = tmp_path / "out"
+    args = [
+        "unlearn",
+        "--model_name_or_path",
+        str(image_model_dir),
+        "--dataset_name",
+        str(tmp_path / "data"),
+        "--forget",
+        "split:leaked",
+        "--max_retain_samples",
+        "25",
+        "--repair_epochs",
+        "0.5",
+        "--output_dir",
+        str(output_dir),
+    ]
+    assert main(args) == 0
+    config = json.loads((output_dir / "deepclean_config.json").read_text())
+    results = json.loads((output_dir / "deepclean_results.json").read_text())
+    assert config["forget"] == {**config["forget"], "split": "leaked", "num_rows": 10, "kind": "split"}
+    assert config["dataset"]["num_rows"]["retain"] == 60
+    assert results["fisher"] == {"forget_samples": 10, "retain_samples": 25}
+    assert results["repair"]["steps"] == 1  # half an epoch of 2 batches of 32
