@@ -10,7 +10,7 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -170,16 +170,25 @@ def _label_names(feature: Any) -> list[str] | None:
     return list(feature.names) if isinstance(feature, ClassLabel) else None
 
 
-def _value_matches(column_values: Sequence[Any], feature: Any, wanted: set[str]) -> np.ndarray:
-    """Rows whose value, or ClassLabel name, is in `wanted` (compared as strings)."""
+def _value_matches(
+    column_values: Sequence[Any], feature: Any, wanted: set[str], label2id: Mapping[str, int] | None = None
+) -> np.ndarray:
+    """Rows whose value is in `wanted`, compared as strings.
+
+    For a ClassLabel column, label names take precedence: when any wanted value is a class name, only names match
+    (so `2` means the class named "2", not id 2, in a 1-5 star rating). For plain integer labels, `label2id` (the
+    model's label names) lets a class be named too.
+    """
     names = _label_names(feature)
-    matches = np.zeros(len(column_values), dtype=bool)
-    for row, value in enumerate(column_values):
-        # ClassLabel stores a missing label as -1, which must not alias the last name
-        named = names is not None and isinstance(value, int) and 0 <= value < len(names) and names[value] in wanted
-        if str(value) in wanted or named:
-            matches[row] = True
-    return matches
+    if names is not None and wanted & set(names):
+        ids = {i for i, name in enumerate(names) if name in wanted}
+        return np.array([value in ids for value in column_values], dtype=bool)
+    # a ClassLabel stores a missing label as -1: never match it through an id
+    direct = np.array([str(value) in wanted and value != -1 for value in column_values], dtype=bool)
+    if names is None and label2id and not direct.any() and wanted & set(label2id):
+        ids = {label2id[name] for name in wanted if name in label2id}
+        return np.array([isinstance(value, int) and value in ids for value in column_values], dtype=bool)
+    return direct
 
 
 @dataclass
@@ -216,6 +225,7 @@ def resolve_forget_set(
     *,
     train_split: str = "train",
     label_column: str | None = None,
+    label2id: Mapping[str, int] | None = None,
     seed: int = 42,
 ) -> ForgetSelection:
     """Find the rows `spec` selects.
@@ -225,13 +235,18 @@ def resolve_forget_set(
         splits: all splits of the dataset; rows are resolved against `splits[train_split]` except for `split:`.
         train_split: the split the model was trained on.
         label_column: the label column, needed by `class:LABEL`.
+        label2id: the model's label names, so that `class:NAME` works on integer label columns.
         seed: seed of `random:` sampling.
+
+    Returns:
+        The selection: split, sorted row indices and their SHA-256.
 
     Raises:
         DeepCleanError: naming the spec when it selects nothing, every training row, or rows that do not exist.
     """
     parsed = parse_forget_spec(spec) if isinstance(spec, str) else spec
-    raw = parsed.raw
+    # errors from here on name the spec without `where:` values or `ids:` files, which may identify people
+    raw = redact_forget_spec(parsed)
     if train_split not in splits:
         raise DeepCleanError(f"--train_split: got {train_split!r}; the dataset has splits {sorted(splits)}.")
     train = splits[train_split]
@@ -277,7 +292,7 @@ def resolve_forget_set(
             if len(found) < len(wanted):
                 raise _spec_error(raw, f"lists {len(wanted) - len(found)} ids that match no row of {column!r}")
         elif parsed.kind == "class":
-            matches = _value_matches(column_values, feature, set(parsed.values))
+            matches = _value_matches(column_values, feature, set(parsed.values), label2id)
             if not matches.any():
                 known = _label_names(feature) or sorted({str(v) for v in column_values})
                 shown = ", ".join(known[:20]) + (", ..." if len(known) > 20 else "")
@@ -430,42 +445,67 @@ def _has_default_label_names(config: PretrainedConfig) -> bool:
     return all(name == f"LABEL_{i}" for i, name in config.id2label.items())
 
 
-def build_label_map(dataset: Dataset, column: str, config: PretrainedConfig) -> dict[Any, int] | None:
-    """Map the dataset's label values to the model's class ids.
+def model_label_names(config: PretrainedConfig) -> dict[str, int] | None:
+    """The model's `label2id`, or `None` when it only has the placeholder names `LABEL_i`."""
+    return None if _has_default_label_names(config) else {str(k): int(v) for k, v in config.label2id.items()}
 
-    Returns `None` when the values are already the model's ids. Label names are matched to the model's
-    `label2id` when the model has real (non `LABEL_i`) names.
+
+def build_label_map(splits: Mapping[str, Dataset], column: str, config: PretrainedConfig) -> dict[Any, int] | None:
+    """Map the label values of every split used to the model's class ids.
+
+    Args:
+        splits: `{split name: dataset}`; the first one (the training split) decides how labels are read, the
+            others must hold only labels that map too.
+        column: the label column.
+        config: the model's config (`num_labels`, `label2id`).
+
+    Returns:
+        `None` when the values are already the model's ids, else `{dataset value: model id}`. ClassLabel names
+        and string labels are matched to the model's `label2id` when the model has real (non `LABEL_i`) names.
 
     Raises:
-        DeepCleanError: naming --label_column when a value has no class in the model.
+        DeepCleanError: naming --label_column and the split when a value has no class in the model.
     """
-    feature = dataset.features[column]
-    values = set(dataset.unique(column))
-    num_labels = config.num_labels
-    names = _label_names(feature)
-    if names is not None and not _has_default_label_names(config):
-        missing = sorted(n for n in names if n not in config.label2id)
+    (first_split, first), *_ = splits.items()
+    names = _label_names(first.features[column])
+    label2id = model_label_names(config)
+    values_per_split = {split: set(dataset.unique(column)) for split, dataset in splits.items()}
+    for split, values in values_per_split.items():
+        if None in values or -1 in values:
+            raise DeepCleanError(f"--label_column: split {split!r} has rows without a label in {column!r}.")
+
+    def ids_in_range(values: set) -> bool:
+        return all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values)
+
+    if names is not None and label2id is not None:
+        missing = sorted(n for n in names if n not in label2id)
         if missing:
             raise DeepCleanError(
                 f"--label_column: labels {missing[:10]} of {column!r} are not among the model's labels "
-                f"{sorted(config.label2id)[:10]}."
+                f"{sorted(label2id)[:10]}."
             )
-        return {i: config.label2id[n] for i, n in enumerate(names)}
-    if all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
-        bad = sorted(v for v in values if not 0 <= v < num_labels)
+        label_map = {i: label2id[n] for i, n in enumerate(names)}
+    elif all(ids_in_range(values) for values in values_per_split.values()):
+        label_map = None
+    elif label2id is None:
+        raise DeepCleanError(
+            f"--label_column: {column!r} holds label names but the model has no names for its "
+            f"{config.num_labels} labels (only LABEL_i); expected integer class ids."
+        )
+    else:
+        label_map = {name: label_id for name, label_id in label2id.items()}
+    for split, values in values_per_split.items():
+        if label_map is None:
+            bad = sorted(v for v in values if not 0 <= v < config.num_labels)
+            expected = f"ids 0..{config.num_labels - 1}"
+        else:
+            bad = sorted((str(v) for v in values if v not in label_map), key=str)
+            expected = f"the model's labels {sorted(label2id or {})[:10]}"
         if bad:
             raise DeepCleanError(
-                f"--label_column: {column!r} holds label ids {bad[:10]} but the model has {num_labels} labels."
+                f"--label_column: split {split!r} holds labels {bad[:10]} in {column!r}; expected {expected}."
             )
-        return None
-    label2id = {str(k): v for k, v in config.label2id.items()}
-    missing = sorted(str(v) for v in values if str(v) not in label2id)
-    if missing or _has_default_label_names(config):
-        raise DeepCleanError(
-            f"--label_column: values {missing[:10] or sorted(map(str, values))[:10]} of {column!r} do not match the "
-            f"model's labels {sorted(label2id)[:10]}."
-        )
-    return {v: label2id[str(v)] for v in values}
+    return label_map
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -479,15 +519,23 @@ class ClassificationCollator:
     Processing happens at batch time so that no preprocessed copy of private data lands in a cache on disk.
     """
 
-    def __init__(self, processor, columns: Columns, label_map: dict[Any, int] | None, max_length: int | None = None):
+    def __init__(
+        self,
+        processor,
+        columns: Columns,
+        label_map: dict[Any, int] | None,
+        max_length: int | None = None,
+        image_mode: str = "RGB",
+    ):
         self.processor = processor
         self.columns = columns
         self.label_map = label_map
         self.max_length = max_length
+        self.image_mode = image_mode
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if self.columns.image is not None:
-            images = [_to_rgb(row[self.columns.image]) for row in rows]
+            images = [_convert_image(row[self.columns.image], self.image_mode) for row in rows]
             batch = dict(self.processor(images, return_tensors="pt"))
         else:
             texts = [row[self.columns.text] for row in rows]
@@ -509,9 +557,10 @@ class ClassificationCollator:
         return batch
 
 
-def _to_rgb(image):
-    if hasattr(image, "convert") and getattr(image, "mode", "RGB") != "RGB":
-        return image.convert("RGB")
+def _convert_image(image, mode: str):
+    """PIL images in the colour mode the model expects (`RGB`, or `L` for one-channel models)."""
+    if hasattr(image, "convert") and getattr(image, "mode", mode) != mode:
+        return image.convert(mode)
     return image
 
 
@@ -548,28 +597,50 @@ class UnlearningData:
 def prepare_unlearning_data(
     data_args: DataArguments, splits: DatasetDict, task: str, model_config: PretrainedConfig, processor, seed: int
 ) -> UnlearningData:
-    """Resolve columns, labels and the forget set; split the training data into forget and retain."""
+    """Resolve columns, labels and the forget set; split the training data into forget and retain.
+
+    Args:
+        data_args: the data arguments (forget spec, splits, columns, lengths).
+        splits: every split of the dataset.
+        task: `text-classification` or `image-classification`.
+        model_config: the model's config, for its labels (and image channels).
+        processor: the tokenizer or image processor the collator applies at batch time.
+        seed: seed of `random:` forget specs.
+
+    Returns:
+        The forget, retain and held-out datasets (only the needed columns), the selection, the collator and a
+        record of the data's identity (names, splits, fingerprints, row counts) for the reports.
+    """
     train = splits[data_args.train_split]
     columns = resolve_columns(train, data_args, task)
+    needed = [c for c in (columns.text, columns.text_pair, columns.image, columns.label) if c]
     selection = resolve_forget_set(
-        data_args.forget, splits, train_split=data_args.train_split, label_column=columns.label, seed=seed
+        data_args.forget,
+        splits,
+        train_split=data_args.train_split,
+        label_column=columns.label,
+        label2id=model_label_names(model_config),
+        seed=seed,
     )
+    eval_split = resolve_eval_split(splits, data_args, selection)
+    used = {data_args.train_split: train}
     if selection.is_separate_split:
-        forget = splits[selection.split]
-        retain = train
-        missing = [c for c in (columns.label, columns.text, columns.image) if c and c not in forget.column_names]
+        used[selection.split] = splits[selection.split]
+    if eval_split is not None:
+        used[eval_split] = splits[eval_split]
+    for name, split in used.items():
+        missing = [c for c in needed if c not in split.column_names]
         if missing:
-            raise DeepCleanError(f"--forget: split {selection.split!r} lacks columns {missing}.")
+            raise DeepCleanError(f"--dataset_name: split {name!r} lacks columns {missing}.")
+    label_map = build_label_map(used, columns.label, model_config)
+    if selection.is_separate_split:
+        forget, retain = splits[selection.split], train
     else:
         forget = train.select(selection.indices)
         forget_rows = set(selection.indices)
         retain = train.select([i for i in range(len(train)) if i not in forget_rows])
-    eval_split = resolve_eval_split(splits, data_args, selection)
-    test = splits[eval_split] if eval_split is not None else None
-    label_map = build_label_map(train, columns.label, model_config)
-    needed = [c for c in (columns.text, columns.text_pair, columns.image, columns.label) if c]
+    test = splits[eval_split].select_columns(needed) if eval_split is not None else None
     forget, retain = forget.select_columns(needed), retain.select_columns(needed)
-    test = test.select_columns(needed) if test is not None else None
     max_length = data_args.max_length
     if columns.text is not None and max_length is None:
         max_length = min(getattr(processor, "model_max_length", 512) or 512, 512)
@@ -595,7 +666,13 @@ def prepare_unlearning_data(
         test=test,
         selection=selection,
         columns=columns,
-        collator=ClassificationCollator(processor, columns, label_map, max_length),
+        collator=ClassificationCollator(
+            processor,
+            columns,
+            label_map,
+            max_length,
+            image_mode="L" if getattr(model_config, "num_channels", 3) == 1 else "RGB",
+        ),
         eval_split=eval_split,
         info=info,
     )

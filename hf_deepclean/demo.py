@@ -118,13 +118,14 @@ def run_demo(
         output_dir: where the cleaned checkpoint goes.
         forget: forget specification against the digits training split.
         epochs: training epochs of the original and of the reference model.
-        work_dir: scratch folder for the trained model and the dataset (replaced on each run).
+        work_dir: scratch folder; its `digits/` and `original/` subfolders are replaced on each run.
         method: DeepClean hyperparameters (the library defaults when omitted).
     """
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     disable_progress_bars()  # the demo's own set-up writes are not worth a bar each
     work = Path(work_dir)
-    shutil.rmtree(work, ignore_errors=True)
+    for own in ("digits", "original"):  # only what an earlier demo run wrote there, never the folder itself
+        shutil.rmtree(work / own, ignore_errors=True)
     splits = build_digits_dataset(seed)
     splits.save_to_disk(str(work / "digits"))
     _, processor = build_digits_model(seed)

@@ -41,6 +41,10 @@ def atomic_output_dir(output_dir: str | os.PathLike, overwrite: bool = False) ->
     path.absolute().parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.absolute().parent))
     try:
+        # mkdtemp makes a private (0700) folder; the result should look like any folder the user creates
+        umask = os.umask(0)
+        os.umask(umask)
+        staging.chmod(0o777 & ~umask)
         yield staging
         old = None
         if path.exists():

@@ -50,6 +50,23 @@ def hub_id_or_none(name: str | None) -> str | None:
     return name
 
 
+def display_name(name: str) -> str:
+    """How the card names a model or dataset: its Hub id, or the folder name of a local path (never its location)."""
+    hub_id = hub_id_or_none(name)
+    if hub_id is not None or name in ("csv", "json", "parquet", "text"):
+        return name
+    return f"{Path(name).name} (local folder)"
+
+
+def metric_split(metric: str, dataset: Mapping[str, Any]) -> str:
+    """The split a metric was measured on: forget rows, retained training rows, or the held-out split."""
+    if metric.startswith("forget_"):
+        return dataset.get("forget_split") or dataset["train_split"]
+    if metric.startswith("retain_"):
+        return dataset["train_split"]
+    return dataset.get("eval_split") or dataset["train_split"]
+
+
 def module_reset_shares(per_parameter: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
     """Aggregate per-parameter reset counts into shares per module (the parameter name without its last part)."""
     counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
@@ -79,14 +96,14 @@ def build_card_data(config: Mapping[str, Any], results: Mapping[str, Any]) -> Mo
     """Front matter: base model, datasets, tags and `model-index` results of the cleaned model."""
     args, dataset = config["arguments"], config["dataset"]
     task = config["model"]["task"]
-    split = dataset.get("eval_split") or dataset["train_split"]
+    dataset_id = hub_id_or_none(args["dataset_name"])
     eval_results = [
         EvalResult(
             task_type=task,
-            dataset_type=args["dataset_name"],
-            dataset_name=args["dataset_name"],
+            dataset_type=dataset_id or Path(args["dataset_name"]).name,
+            dataset_name=display_name(args["dataset_name"]),
             dataset_config=args.get("dataset_config_name"),
-            dataset_split=split,
+            dataset_split=metric_split(name, dataset),
             metric_type=name,
             metric_name=name,
             metric_value=round(float(value), 6),
@@ -94,8 +111,7 @@ def build_card_data(config: Mapping[str, Any], results: Mapping[str, Any]) -> Mo
         for name, value in results["metrics"]["after"].items()
         if name in TABLE_METRICS
     ]
-    # The Hub only accepts repo ids in `base_model`/`datasets`; local paths are named in the card's body instead.
-    dataset_id = hub_id_or_none(args["dataset_name"])
+    # The Hub only accepts repo ids in `base_model`/`datasets`; local folders are named in the card's body instead.
     return ModelCardData(
         base_model=hub_id_or_none(args["model_name_or_path"]),
         datasets=[dataset_id] if dataset_id else None,
@@ -120,10 +136,10 @@ def render_model_card(config: Mapping[str, Any], results: Mapping[str, Any]) -> 
         card_data,
         template_path=str(template_path()),
         model_name=card_data.model_name,
-        base_model=args["model_name_or_path"],
+        base_model=display_name(args["model_name_or_path"]),
         base_revision=args["revision"],
         task=config["model"]["task"],
-        dataset_name=args["dataset_name"],
+        dataset_name=display_name(args["dataset_name"]),
         dataset_config_name=args.get("dataset_config_name"),
         train_split=dataset["train_split"],
         train_rows=dataset["num_rows"]["train"],

@@ -44,7 +44,7 @@ def train_model(
             `True` elements change.
 
     Returns:
-        `{"steps": ..., "final_loss": ...}`.
+        `{"steps": ..., "final_loss": ...}` (`final_loss` is `None` when no step was taken).
     """
     unwrapped = accelerator.unwrap_model(model)
     named = dict(unwrapped.named_parameters())
@@ -55,7 +55,7 @@ def train_model(
     steps_per_epoch = len(dataloader)
     total_steps = math.ceil(epochs * steps_per_epoch)
     if total_steps == 0 or not trainable:
-        return {"steps": 0, "final_loss": float("nan")}
+        return {"steps": 0, "final_loss": None}
 
     saved_requires_grad = {name: p.requires_grad for name, p in named.items()}
     hooks, anchors, device_masks = [], {}, {}
@@ -77,7 +77,12 @@ def train_model(
     )
     optimizer, dataloader, scheduler = accelerator.prepare(optimizer, dataloader, scheduler)
     model.train()
-    step, loss_value = 0, float("nan")
+    if masks is not None:
+        # running statistics (BatchNorm) are saved with the weights: a masked run must not move them either
+        for module in unwrapped.modules():
+            if getattr(module, "track_running_stats", False):
+                module.eval()
+    step, loss_value = 0, None
     progress = tqdm(total=total_steps, desc=desc, disable=not accelerator.is_local_main_process, leave=False)
     try:
         while step < total_steps:

@@ -7,6 +7,7 @@ load -> evaluate before -> Fisher(forget), Fisher(retain) -> select + reset -> r
 from __future__ import annotations
 
 import json
+import math
 import platform
 import time
 from collections.abc import Iterator
@@ -121,7 +122,6 @@ class DeepCleanUnlearner:
         self.task: str | None = None
         self.data: UnlearningData | None = None
         self.timer = StageTimer()
-        self.losses: dict[str, Any] = {}
 
     # -- stages --------------------------------------------------------------------------------------------------
 
@@ -198,34 +198,26 @@ class DeepCleanUnlearner:
         with timer("load"):
             self.load()
         with timer("evaluate_before"):
-            metrics_before, losses_before = evaluate_unlearning(
+            metrics_before, _ = evaluate_unlearning(
                 self.model, self.evaluation_dataloaders(), self.accelerator, prefix="before "
             )
         unwrapped = self.accelerator.unwrap_model(self.model)
         params = get_parameters_in_scope(unwrapped, method.scope)
         retain_fisher_loader = self.dataloader("retain", max_rows=self.data_args.max_retain_samples)
-        with timer("fisher_forget"):
-            fisher_forget = compute_fisher_diagonal(
-                self.model,
-                self.dataloader("forget"),
-                params=params,
-                fisher_type=method.fisher_type,
-                accelerator=self.accelerator,
-                seed=self.output_args.seed,
-                desc="Fisher forget",
-            )
-        with timer("fisher_retain"):
-            fisher_retain = compute_fisher_diagonal(
-                self.model,
-                retain_fisher_loader,
-                params=params,
-                fisher_type=method.fisher_type,
-                accelerator=self.accelerator,
-                seed=self.output_args.seed,
-                desc="Fisher retain",
-            )
+        fisher = {}
+        for split, loader in (("forget", self.dataloader("forget")), ("retain", retain_fisher_loader)):
+            with timer(f"fisher_{split}"):
+                fisher[split] = compute_fisher_diagonal(
+                    self.model,
+                    loader,
+                    params=params,
+                    fisher_type=method.fisher_type,
+                    accelerator=self.accelerator,
+                    seed=self.output_args.seed,
+                    desc=f"Fisher {split}",
+                )
         with timer("select_and_reset"):
-            ratios = compute_fisher_ratio(fisher_forget, fisher_retain, method.eps)
+            ratios = compute_fisher_ratio(fisher["forget"], fisher["retain"], method.eps)
             masks = select_weights_to_reset(
                 ratios,
                 gamma=method.gamma,
@@ -253,7 +245,7 @@ class DeepCleanUnlearner:
                 max_grad_norm=method.max_grad_norm,
             )
         with timer("evaluate_after"):
-            metrics_after, losses_after = evaluate_unlearning(
+            metrics_after, _ = evaluate_unlearning(
                 self.model, self.evaluation_dataloaders(), self.accelerator, prefix="after "
             )
         timings = dict(timer.seconds)
@@ -274,7 +266,6 @@ class DeepCleanUnlearner:
             "repair": repair,
             "timings": timings,
         }
-        self.losses = {"before": losses_before, "after": losses_after}
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             with timer("save"):
@@ -319,14 +310,28 @@ class DeepCleanUnlearner:
         with atomic_output_dir(self.output_args.output_dir, self.output_args.overwrite_output_dir) as staging:
             model.save_pretrained(staging)
             self.processor.save_pretrained(staging)
-            (staging / CONFIG_NAME).write_text(json.dumps(record, indent=2, default=str) + "\n")
-            (staging / RESULTS_NAME).write_text(json.dumps(results, indent=2, default=_json_default) + "\n")
+            (staging / CONFIG_NAME).write_text(to_json(record))
+            (staging / RESULTS_NAME).write_text(to_json(results))
             render_model_card(record, results).save(staging / "README.md")
         logger.info(f"Saved the cleaned model to {self.output_args.output_dir}", main_process_only=True)
         return Path(self.output_args.output_dir)
 
 
-def _json_default(value: Any) -> Any:
+def _json_ready(value: Any) -> Any:
+    """Plain JSON values: tensors become lists, non-finite floats `null` (strict parsers reject NaN)."""
+    if isinstance(value, dict):
+        return {str(k): _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
     if isinstance(value, torch.Tensor):
-        return value.tolist()
+        return _json_ready(value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
     return str(value)
+
+
+def to_json(value: Any) -> str:
+    """Strict JSON text of a report record."""
+    return json.dumps(_json_ready(value), indent=2, allow_nan=False) + "\n"

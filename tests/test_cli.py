@@ -66,7 +66,10 @@ def test_unlearn_text_model_writes_loadable_folder(tmp_path, text_model_dir, tex
     card = ModelCard.load(output_dir / "README.md")
     # local paths are not Hub ids: the front matter leaves them out, the body names them
     assert card.data.base_model is None and card.data.datasets is None
-    assert str(text_model_dir) in card.text
+    assert f"{text_model_dir.name} (local folder)" in card.text and str(text_model_dir) not in card.text
+    splits = {result.metric_type: result.dataset_split for result in card.data.eval_results}
+    assert splits["forget_accuracy"] == splits["retain_accuracy"] == "train"
+    assert splits["test_accuracy"] == splits["mia_auc"] == "test"
     assert {"hf_deepclean", "machine-unlearning"} <= set(card.data.tags)
     metric_names = {result.metric_type for result in card.data.eval_results}
     assert {"forget_accuracy", "retain_accuracy", "test_accuracy", "mia_auc", "mia_efficacy"} <= metric_names
@@ -142,7 +145,8 @@ def test_user_error_leaves_nothing_behind(tmp_path, text_model_dir, text_csv_fil
     args = _text_args(text_model_dir, text_csv_files, output_dir, "--forget", "where:id==no-such-id")
     assert main(args) == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert error.startswith("hf-deepclean unlearn: error: --forget:") and "where:id==no-such-id" in error
+    assert error.startswith("hf-deepclean unlearn: error: --forget: 'where:id == <redacted>' selects no rows")
+    assert "no-such-id" not in error
     assert list(tmp_path.iterdir()) == []
 
 
@@ -189,7 +193,7 @@ def test_card_front_matter_names_hub_ids(tmp_path, text_model_dir, text_csv_file
     assert card.data.base_model == "my-org/tiny-bert"
     assert card.data.datasets == ["my-org/reviews"]
     assert card.data.eval_results[0].dataset_type == "my-org/reviews"
-    assert "`my-org/tiny-bert` (revision `v1`)" in card.text
+    assert "my-org/tiny-bert (revision `v1`)" in card.text
 
 
 def test_forget_split_and_retain_subsample(tmp_path, image_model_dir):
@@ -223,3 +227,117 @@ def test_forget_split_and_retain_subsample(tmp_path, image_model_dir):
     assert config["dataset"]["num_rows"]["retain"] == 60
     assert results["fisher"] == {"forget_samples": 10, "retain_samples": 25}
     assert results["repair"]["steps"] == 1  # half an epoch of 2 batches of 32
+
+
+def _image_args(model_dir, dataset_dir, output_dir, *extra):
+    return [
+        "unlearn",
+        "--model_name_or_path",
+        str(model_dir),
+        "--dataset_name",
+        str(dataset_dir),
+        "--forget",
+        "class:3",
+        "--output_dir",
+        str(output_dir),
+        *extra,
+    ]
+
+
+def test_batchnorm_statistics_stay_unchanged(tmp_path, image_dataset_dir):
+    """A CNN with BatchNorm: running statistics are saved weights too, so the masked repair must not move them."""
+    from transformers import ResNetConfig, ResNetForImageClassification, ViTImageProcessor
+
+    model_dir = tmp_path / "tiny-resnet"
+    config = ResNetConfig(
+        num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=10
+    )
+    ResNetForImageClassification(config).save_pretrained(model_dir)
+    ViTImageProcessor(do_resize=False, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(model_dir)
+    output_dir = tmp_path / "cleaned"
+    assert main(_image_args(model_dir, image_dataset_dir, output_dir, "--repair_epochs", "2")) == 0
+    before, after = load_file(model_dir / "model.safetensors"), load_file(output_dir / "model.safetensors")
+    running = [k for k in before if "running_" in k or "num_batches_tracked" in k]
+    assert running and all(torch.equal(before[k], after[k]) for k in running)
+    reset = json.loads((output_dir / "deepclean_results.json").read_text())["reset"]["per_parameter"]["__total__"]
+    assert 0 < _changed_elements(model_dir, output_dir) <= reset["reset"]
+
+
+def test_one_channel_image_model(tmp_path, image_dataset_dir):
+    """RGB dataset images are converted to the one channel a grayscale model expects."""
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    model_dir = tmp_path / "gray-vit"
+    config = ViTConfig(
+        image_size=8, patch_size=4, num_channels=1, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, num_labels=10, architectures=["ViTForImageClassification"],
+    )  # fmt: skip
+    ViTForImageClassification(config).save_pretrained(model_dir)
+    ViTImageProcessor(do_resize=False, image_mean=[0.5], image_std=[0.5]).save_pretrained(model_dir)
+    assert main(_image_args(model_dir, image_dataset_dir, tmp_path / "out", "--repair_epochs", "0.5")) == 0
+
+
+def test_no_repair_and_no_eval_split_write_strict_json(tmp_path, text_model_dir, text_csv_files):
+    """`--repair_epochs 0` (no loss to report) and a train-only dataset still give strictly valid reports."""
+    output_dir = tmp_path / "out"
+    args = _text_args(text_model_dir, text_csv_files, output_dir, "--forget", "random:5", "--repair_epochs", "0")
+    args[args.index(f"test={text_csv_files / 'test.csv'}")] = f"train={text_csv_files / 'test.csv'}"
+    assert main(args) == 0
+
+    def refuse_constant(name):
+        raise AssertionError(f"non-standard JSON constant {name}")
+
+    results = json.loads((output_dir / "deepclean_results.json").read_text(), parse_constant=refuse_constant)
+    assert results["repair"] == {"steps": 0, "final_loss": None}
+    assert "mia_auc" not in results["metrics"]["after"] and "test_accuracy" not in results["metrics"]["after"]
+    card = ModelCard.load(output_dir / "README.md")
+    assert "No held-out split was given" in card.text and "mia_efficacy`:" not in card.text
+    assert oct(output_dir.stat().st_mode & 0o777) == oct(0o777 & ~_umask())
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--eval_split", "validation"], "--eval_split: got 'validation'"),
+        (["--eval_split", "train"], "expected a held-out split"),
+        (["--label_column", "id"], "--label_column: split 'train' holds labels"),
+        (["--text_column", "nope"], "--text_column: got 'nope'"),
+    ],
+)
+def test_bad_split_and_column_arguments(tmp_path, text_model_dir, text_csv_files, capsys, flags, message):
+    args = _text_args(text_model_dir, text_csv_files, tmp_path / "out", "--forget", "random:5", *flags)
+    assert main(args) == 2
+    assert message in capsys.readouterr().err.splitlines()[-1]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_python_api_with_json_data_and_string_labels(tmp_path, text_model_dir):
+    """The exported API on a `json` dataset whose labels are the model's label names."""
+    from conftest import make_reviews
+
+    from hf_deepclean import DataArguments, DeepCleanConfig, DeepCleanUnlearner, ModelArguments, OutputArguments
+
+    for split, n, seed in (("train", 40, 3), ("test", 12, 4)):
+        rows = [{**row, "label": ["neg", "pos"][row["label"]]} for row in make_reviews(n, seed)]
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    results = DeepCleanUnlearner(
+        DeepCleanConfig(reset_fraction=0.1, repair_epochs=1, per_device_batch_size=8),
+        ModelArguments(str(text_model_dir)),
+        DataArguments(
+            "json",
+            forget="class:pos",
+            data_files=[f"train={tmp_path / 'train.jsonl'}", f"test={tmp_path / 'test.jsonl'}"],
+        ),
+        OutputArguments(str(tmp_path / "out")),
+    ).run()
+    assert set(results["metrics"]["before"]) >= {"forget_accuracy", "test_accuracy", "mia_auc", "mia_efficacy"}
+    config = json.loads((tmp_path / "out" / "deepclean_config.json").read_text())
+    assert config["forget"]["num_rows"] == results["fisher"]["forget_samples"] > 0

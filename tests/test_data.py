@@ -280,9 +280,17 @@ def test_where_with_an_empty_value_is_malformed(spec):
     ],
 )
 def test_unsatisfiable_specs_raise_naming_the_spec(spec):
+    """The error names the spec as it may be logged: `where:` values and `ids:` files are redacted."""
     with pytest.raises(DeepCleanError) as error:
         resolve(spec)
-    assert spec in str(error.value)
+    message = str(error.value)
+    assert message.startswith("--forget: ")
+    assert redact_forget_spec(spec) in message
+    if spec.startswith(("where:", "ids:")):
+        value = spec.split("==")[-1].split("!=")[-1].split(" in ")[-1].split(":")[-1]
+        assert value not in message.split("accepted forms")[0]
+    else:
+        assert spec in message
 
 
 def test_class_without_a_label_column_raises():
@@ -329,7 +337,7 @@ def test_unreadable_files_raise_naming_the_spec(tmp_path):
     for spec in (f"indices:{tmp_path / 'missing.txt'}", f"ids:user:{tmp_path / 'missing.txt'}", f"indices:{tmp_path}"):
         with pytest.raises(DeepCleanError) as error:
             resolve(spec)
-        assert spec in str(error.value)
+        assert redact_forget_spec(spec) in str(error.value)
     binary = tmp_path / "rows.bin"
     binary.write_bytes(b"\xff\xfe\x00\x81")
     with pytest.raises(DeepCleanError, match="cannot be read"):
@@ -456,40 +464,75 @@ def test_classlabel_names_map_to_the_models_label2id():
         {"label": [0, 1, 2]}, features=Features({"label": ClassLabel(names=["cat", "dog", "bird"])})
     )
     config = named_config({0: "bird", 1: "cat", 2: "dog"})
-    assert build_label_map(dataset, "label", config) == {0: 1, 1: 2, 2: 0}
+    assert build_label_map({"train": dataset}, "label", config) == {0: 1, 1: 2, 2: 0}
 
 
 def test_classlabel_names_the_model_lacks_raise():
     dataset = Dataset.from_dict({"label": [0, 1]}, features=Features({"label": ClassLabel(names=["cat", "fish"])}))
     with pytest.raises(DeepCleanError, match=r"^--label_column: labels \['fish'\]"):
-        build_label_map(dataset, "label", named_config({0: "cat", 1: "dog"}))
+        build_label_map({"train": dataset}, "label", named_config({0: "cat", 1: "dog"}))
 
 
 def test_int_labels_in_range_need_no_map():
     dataset = Dataset.from_dict({"label": [0, 2, 1, 2]})
-    assert build_label_map(dataset, "label", PretrainedConfig(num_labels=3)) is None
+    assert build_label_map({"train": dataset}, "label", PretrainedConfig(num_labels=3)) is None
     classlabel = dataset.cast_column("label", ClassLabel(names=["a", "b", "c"]))
-    assert build_label_map(classlabel, "label", PretrainedConfig(num_labels=3)) is None
+    assert build_label_map({"train": classlabel}, "label", PretrainedConfig(num_labels=3)) is None
 
 
-@pytest.mark.parametrize("values", [[0, 1, 3], [0, -1]])
-def test_int_labels_out_of_range_raise(values):
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [([0, 1, 3], r"split 'train' holds labels \[3\]"), ([0, -1], "split 'train' has rows without a label")],
+)
+def test_int_labels_out_of_range_raise(values, message):
     dataset = Dataset.from_dict({"label": values})
-    with pytest.raises(DeepCleanError, match="^--label_column: 'label' holds label ids"):
-        build_label_map(dataset, "label", PretrainedConfig(num_labels=3))
+    with pytest.raises(DeepCleanError, match=f"^--label_column: {message}"):
+        build_label_map({"train": dataset}, "label", PretrainedConfig(num_labels=3))
+
+
+def test_labels_of_every_split_used_are_checked():
+    train = Dataset.from_dict({"mood": ["neg", "pos"]})
+    config = named_config({0: "neg", 1: "pos"})
+    with pytest.raises(DeepCleanError, match=r"^--label_column: split 'test' holds labels \['neu'\]"):
+        build_label_map({"train": train, "test": Dataset.from_dict({"mood": ["pos", "neu"]})}, "mood", config)
+    with pytest.raises(DeepCleanError, match="^--label_column: split 'test' has rows without a label"):
+        build_label_map({"train": train, "test": Dataset.from_dict({"mood": ["pos", None]})}, "mood", config)
+
+
+def test_missing_classlabel_value_is_refused_with_named_model_labels():
+    features = Features({"label": ClassLabel(names=["cat", "dog"])})
+    dataset = Dataset.from_dict({"label": [0, 1, -1]}, features=features)
+    with pytest.raises(DeepCleanError, match="has rows without a label"):
+        build_label_map({"train": dataset}, "label", named_config({0: "cat", 1: "dog"}))
+
+
+def test_numeric_class_names_take_precedence_over_ids():
+    """In a 1-5 star rating, `class:2` is the class named "2" (id 1), not id 2."""
+    features = Features({"label": ClassLabel(names=["1", "2", "3", "4", "5"])})
+    dataset = Dataset.from_dict({"label": [0, 1, 2, 3, 4, 1, 2]}, features=features)
+    assert resolve_forget_set("class:2", DatasetDict(train=dataset), label_column="label").indices == [1, 5]
+
+
+def test_class_by_model_label_name_on_integer_labels():
+    dataset = Dataset.from_dict({"label": [0, 1, 1, 0, 1]})
+    splits = DatasetDict(train=dataset)
+    selection = resolve_forget_set("class:pos", splits, label_column="label", label2id={"neg": 0, "pos": 1})
+    assert selection.indices == [1, 2, 4]
+    with pytest.raises(DeepCleanError, match="unknown label"):
+        resolve_forget_set("class:pos", splits, label_column="label")
 
 
 def test_string_labels_map_through_label2id():
     dataset = Dataset.from_dict({"mood": ["neg", "pos", "pos"]})
-    assert build_label_map(dataset, "mood", named_config({0: "pos", 1: "neg"})) == {"pos": 0, "neg": 1}
+    assert build_label_map({"train": dataset}, "mood", named_config({0: "pos", 1: "neg"})) == {"pos": 0, "neg": 1}
 
 
 def test_string_labels_the_model_lacks_raise():
     dataset = Dataset.from_dict({"mood": ["neg", "meh"]})
-    with pytest.raises(DeepCleanError, match=r"^--label_column: values \['meh'\]"):
-        build_label_map(dataset, "mood", named_config({0: "pos", 1: "neg"}))
+    with pytest.raises(DeepCleanError, match=r"^--label_column: split 'train' holds labels \['meh'\]"):
+        build_label_map({"train": dataset}, "mood", named_config({0: "pos", 1: "neg"}))
     with pytest.raises(DeepCleanError, match="^--label_column"):
-        build_label_map(dataset, "mood", PretrainedConfig(num_labels=2))
+        build_label_map({"train": dataset}, "mood", PretrainedConfig(num_labels=2))
 
 
 def test_bert_config_label_names_are_used():
@@ -497,7 +540,7 @@ def test_bert_config_label_names_are_used():
 
     dataset = Dataset.from_dict({"label": [0, 1]}, features=Features({"label": ClassLabel(names=["pos", "neg"])}))
     config = BertConfig(id2label={0: "neg", 1: "pos"}, label2id={"neg": 0, "pos": 1})
-    assert build_label_map(dataset, "label", config) == {0: 1, 1: 0}
+    assert build_label_map({"train": dataset}, "label", config) == {0: 1, 1: 0}
 
 
 # --------------------------------------------------------------------------------------------------------------
