@@ -16,6 +16,16 @@ from .errors import DeepCleanError
 
 
 TASKS = ("text-classification", "image-classification")
+# transformers schedules that need no arguments beyond warm-up and step counts
+SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+)
 
 
 def _check_fraction(name: str, value: float | None) -> None:
@@ -176,7 +186,9 @@ class DeepCleanConfig:
     learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the repair."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (acts on selected elements only)."})
     warmup_ratio: float = field(default=0.0, metadata={"help": "Share of repair steps with linear warm-up."})
-    lr_scheduler_type: str = field(default="linear", metadata={"help": "Schedule of the repair learning rate."})
+    lr_scheduler_type: str = field(
+        default="linear", metadata={"help": "Schedule of the repair learning rate.", "choices": SCHEDULERS}
+    )
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping of the repair (0 disables)."})
     per_device_batch_size: int = field(
         default=32, metadata={"help": "Batch size per process for the Fisher passes, repair and evaluation."}
@@ -186,6 +198,7 @@ class DeepCleanConfig:
         _check_choice("fisher_type", self.fisher_type, ("empirical", "true"))
         _check_choice("scope", self.scope, ("all",))
         _check_choice("reset", self.reset, ("init", "zero"))
+        _check_choice("lr_scheduler_type", self.lr_scheduler_type, SCHEDULERS)
         _check_positive("gamma", self.gamma)
         _check_fraction("reset_fraction", self.reset_fraction)
         _check_fraction("max_reset_fraction", self.max_reset_fraction)

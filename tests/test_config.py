@@ -52,6 +52,7 @@ def test_defaults_with_required_values_are_valid(cls):
         (DeepCleanConfig, "max_reset_fraction", 2),
         (DeepCleanConfig, "max_reset_fraction", 0),
         (DeepCleanConfig, "reset", "ones"),
+        (DeepCleanConfig, "lr_scheduler_type", "reduce_lr_on_plateau"),
         (DeepCleanConfig, "fisher_type", "x"),
         (DeepCleanConfig, "scope", "lora"),
         (DeepCleanConfig, "eps", 0.0),
