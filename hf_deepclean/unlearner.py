@@ -21,6 +21,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
+from datasets import Image
 from torch import nn
 
 from .config import DataArguments, DeepCleanConfig, ModelArguments, OutputArguments, arguments_to_dict
@@ -128,11 +129,12 @@ class DeepCleanUnlearner:
     def load(self) -> None:
         """Load the model, its processor and the data; resolve the forget set."""
         parse_forget_spec(self.data_args.forget)  # fail on a malformed spec before loading anything heavy
+        self.accelerator = self.accelerator or Accelerator()
         model_config = load_model_config(self.model_args)
         splits = load_dataset_splits(self.data_args)
         train = splits[self.data_args.train_split]
-        has_image = any(type(f).__name__ == "Image" for f in train.features.values()) or (
-            self.data_args.image_column is not None
+        has_image = self.data_args.image_column is not None or any(
+            isinstance(feature, Image) for feature in train.features.values()
         )
         self.task = infer_task(model_config, self.model_args.task, has_image_column=has_image)
         self.processor = load_processor(self.model_args, self.task)
@@ -185,8 +187,7 @@ class DeepCleanUnlearner:
             statistics, Fisher sample counts, repair summary and timings.
         """
         check_output_dir(self.output_args.output_dir, self.output_args.overwrite_output_dir)
-        if self.accelerator is None:
-            self.accelerator = Accelerator()
+        self.accelerator = self.accelerator or Accelerator()
         if self.accelerator.num_processes > 1:
             raise DeepCleanError(
                 f"accelerate: got {self.accelerator.num_processes} processes; this version runs on one process."
