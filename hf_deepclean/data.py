@@ -450,6 +450,10 @@ def model_label_names(config: PretrainedConfig) -> dict[str, int] | None:
     return None if _has_default_label_names(config) else {str(k): int(v) for k, v in config.label2id.items()}
 
 
+def _are_integers(values: set) -> bool:
+    return all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values)
+
+
 def build_label_map(splits: Mapping[str, Dataset], column: str, config: PretrainedConfig) -> dict[Any, int] | None:
     """Map the label values of every split used to the model's class ids.
 
@@ -466,16 +470,12 @@ def build_label_map(splits: Mapping[str, Dataset], column: str, config: Pretrain
     Raises:
         DeepCleanError: naming --label_column and the split when a value has no class in the model.
     """
-    (first_split, first), *_ = splits.items()
-    names = _label_names(first.features[column])
+    names = _label_names(next(iter(splits.values())).features[column])
     label2id = model_label_names(config)
     values_per_split = {split: set(dataset.unique(column)) for split, dataset in splits.items()}
     for split, values in values_per_split.items():
         if None in values or -1 in values:
             raise DeepCleanError(f"--label_column: split {split!r} has rows without a label in {column!r}.")
-
-    def ids_in_range(values: set) -> bool:
-        return all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values)
 
     if names is not None and label2id is not None:
         missing = sorted(n for n in names if n not in label2id)
@@ -485,7 +485,7 @@ def build_label_map(splits: Mapping[str, Dataset], column: str, config: Pretrain
                 f"{sorted(label2id)[:10]}."
             )
         label_map = {i: label2id[n] for i, n in enumerate(names)}
-    elif all(ids_in_range(values) for values in values_per_split.values()):
+    elif all(_are_integers(values) for values in values_per_split.values()):
         label_map = None
     elif label2id is None:
         raise DeepCleanError(
@@ -493,7 +493,7 @@ def build_label_map(splits: Mapping[str, Dataset], column: str, config: Pretrain
             f"{config.num_labels} labels (only LABEL_i); expected integer class ids."
         )
     else:
-        label_map = {name: label_id for name, label_id in label2id.items()}
+        label_map = dict(label2id)
     for split, values in values_per_split.items():
         if label_map is None:
             bad = sorted(v for v in values if not 0 <= v < config.num_labels)

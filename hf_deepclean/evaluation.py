@@ -90,15 +90,17 @@ def membership_inference_efficacy(
 
 def evaluate_unlearning(
     model: nn.Module, dataloaders: Mapping[str, DataLoader], accelerator: Accelerator, prefix: str = ""
-) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+) -> dict[str, float]:
     """Accuracy and loss on every split given, and both attacks when a `test` loader is given.
 
     Args:
+        model: the classifier to evaluate.
         dataloaders: `{"forget": ..., "retain": ..., "test": ...}` (test optional).
+        accelerator: the run's Accelerator.
+        prefix: progress-bar label prefix.
 
     Returns:
-        `(metrics, forget_and_test_losses)`; the second holds per-sample losses of the forget and test splits
-        (for plots), never any sample content.
+        `{split}_accuracy` and `{split}_loss` per split, plus `mia_auc` and `mia_efficacy` with a test split.
     """
     outputs = {
         split: compute_sample_outputs(model, loader, accelerator, desc=f"{prefix}{split}".strip())
@@ -111,8 +113,7 @@ def evaluate_unlearning(
     if "test" in outputs and len(outputs["test"]["loss"]) and len(outputs["forget"]["loss"]):
         metrics["mia_auc"] = membership_inference_auc(outputs["forget"]["loss"], outputs["test"]["loss"])
         metrics["mia_efficacy"] = membership_inference_efficacy(outputs["retain"], outputs["test"], outputs["forget"])
-    losses = {split: outputs[split]["loss"] for split in ("forget", "test") if split in outputs}
-    return metrics, losses
+    return metrics
 
 
 def average_gap(metrics: Mapping[str, float], reference: Mapping[str, float]) -> float:

@@ -16,6 +16,8 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
+from .data import FILE_BUILDERS
+
 
 TEMPLATE_NAME = "deepclean_template.md"
 CARD_TAGS = ["hf_deepclean", "machine-unlearning"]
@@ -41,7 +43,7 @@ def template_path() -> Path:
 
 def hub_id_or_none(name: str | None) -> str | None:
     """`name` if it can be a Hub repo id, else `None` (local folders and file builders such as `csv` are not)."""
-    if not name or Path(name).exists() or name in ("csv", "json", "parquet", "text"):
+    if not name or Path(name).exists() or name in FILE_BUILDERS:
         return None
     try:
         validate_repo_id(name)
@@ -52,8 +54,7 @@ def hub_id_or_none(name: str | None) -> str | None:
 
 def display_name(name: str) -> str:
     """How the card names a model or dataset: its Hub id, or the folder name of a local path (never its location)."""
-    hub_id = hub_id_or_none(name)
-    if hub_id is not None or name in ("csv", "json", "parquet", "text"):
+    if hub_id_or_none(name) is not None or name in FILE_BUILDERS:
         return name
     return f"{Path(name).name} (local folder)"
 

@@ -172,10 +172,9 @@ class DeepCleanUnlearner:
 
     def evaluate(self, model: nn.Module | None = None, prefix: str = "") -> dict[str, float]:
         """Metrics of `model` (default: the model being cleaned) on the forget, retain and held-out splits."""
-        metrics, _ = evaluate_unlearning(
+        return evaluate_unlearning(
             model if model is not None else self.model, self.evaluation_dataloaders(), self.accelerator, prefix
         )
-        return metrics
 
     # -- pipeline ------------------------------------------------------------------------------------------------
 
@@ -199,9 +198,7 @@ class DeepCleanUnlearner:
         with timer("load"):
             self.load()
         with timer("evaluate_before"):
-            metrics_before, _ = evaluate_unlearning(
-                self.model, self.evaluation_dataloaders(), self.accelerator, prefix="before "
-            )
+            metrics_before = self.evaluate(prefix="before ")
         unwrapped = self.accelerator.unwrap_model(self.model)
         params = get_parameters_in_scope(unwrapped, method.scope)
         retain_fisher_loader = self.dataloader("retain", max_rows=self.data_args.max_retain_samples)
@@ -246,9 +243,7 @@ class DeepCleanUnlearner:
                 max_grad_norm=method.max_grad_norm,
             )
         with timer("evaluate_after"):
-            metrics_after, _ = evaluate_unlearning(
-                self.model, self.evaluation_dataloaders(), self.accelerator, prefix="after "
-            )
+            metrics_after = self.evaluate(prefix="after ")
         timings = dict(timer.seconds)
         timings["unlearning"] = sum(
             timings[stage] for stage in ("fisher_forget", "fisher_retain", "select_and_reset", "repair")
