@@ -35,13 +35,23 @@ def compute_sample_outputs(
 ) -> dict[str, np.ndarray]:
     """Per-sample loss, correctness, predictive entropy and max probability of a classifier.
 
+    The dataloader is sharded across processes by Accelerate and the outputs gathered with
+    `gather_for_metrics`, so every process gets each sample exactly once (the padding Accelerate adds to even out
+    the last batch is dropped).
+
+    Args:
+        model: the classifier (possibly wrapped by `accelerator.prepare`).
+        dataloader: a plain (unprepared) DataLoader of dict batches with `labels`.
+        accelerator: the run's Accelerator.
+        desc: progress-bar label.
+
     Returns:
-        `{"loss", "correct", "entropy", "max_prob"}`, one float entry per sample, in dataloader order.
+        `{"loss", "correct", "entropy", "max_prob"}`, one float entry per sample of the whole dataset.
     """
     model.eval()
     columns: dict[str, list[torch.Tensor]] = {"loss": [], "correct": [], "entropy": [], "max_prob": []}
-    for batch in tqdm(dataloader, desc=desc, disable=not accelerator.is_local_main_process, leave=False):
-        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+    loader = accelerator.prepare_data_loader(dataloader, device_placement=True)
+    for batch in tqdm(loader, desc=desc, disable=not accelerator.is_local_main_process, leave=False):
         labels = batch.pop("labels")
         logits = model(**batch).logits.float()
         log_probs = torch.log_softmax(logits, dim=-1)
@@ -52,7 +62,7 @@ def compute_sample_outputs(
             "entropy": -(probs * log_probs).sum(-1),
             "max_prob": probs.max(-1).values,
         }
-        for key, value in values.items():
+        for key, value in accelerator.gather_for_metrics(values).items():
             columns[key].append(value.cpu())
     return {key: torch.cat(parts).numpy() if parts else np.zeros(0) for key, parts in columns.items()}
 
@@ -122,3 +132,30 @@ def average_gap(metrics: Mapping[str, float], reference: Mapping[str, float]) ->
     if not keys:
         return float("nan")
     return float(np.mean([abs(metrics[key] - reference[key]) * 100 for key in keys]))
+
+
+def compare_to_reference(metrics: Mapping[str, float], reference: Mapping[str, float]) -> dict[str, float]:
+    """Per-metric differences to a reference (usually retrained) model, and `avg_gap`.
+
+    Args:
+        metrics: the metrics of the model under test (`evaluate_unlearning` output).
+        reference: the same metrics of the reference model.
+
+    Returns:
+        `{"{metric}_diff": metrics - reference}` for every metric both have (signed, in the metric's own unit),
+        plus `avg_gap` (percentage points, see `average_gap`).
+    """
+    comparison = {f"{key}_diff": float(metrics[key] - reference[key]) for key in metrics if key in reference}
+    comparison["avg_gap"] = average_gap(metrics, reference)
+    return comparison
+
+
+def gap_closed(avg_gap: float, original_avg_gap: float) -> float:
+    """`1 - avg_gap / original_avg_gap`: the share of the original model's gap to the reference that a method closed.
+
+    1 means the method matches the reference, 0 that it is as far away as doing nothing, negative that it moved
+    further away. NaN when the original has no gap to close.
+    """
+    if not original_avg_gap or not np.isfinite(original_avg_gap):
+        return float("nan")
+    return float(1.0 - avg_gap / original_avg_gap)

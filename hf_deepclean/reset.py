@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from accelerate import Accelerator
+from datasets import Dataset
 from torch import nn
 from torch.utils.data import DataLoader
 
+from .config import SELECTION_SCOPES
+from .data import subsample
 from .errors import DeepCleanError
+from .evaluation import compute_sample_outputs, membership_inference_auc
 from .fisher import FisherDiagonal
 from .training import train_model
 
@@ -35,6 +39,7 @@ def select_weights_to_reset(
     gamma: float | None = None,
     reset_fraction: float | None = None,
     max_reset_fraction: float = 1.0,
+    selection_scope: str = "global",
 ) -> ResetMasks:
     """Choose the elements to reset.
 
@@ -44,6 +49,9 @@ def select_weights_to_reset(
         reset_fraction: otherwise, select the `reset_fraction` share of all elements with the largest ratio.
         max_reset_fraction: never select more than this share; when the rule asks for more, the elements with
             the largest ratios are kept and a warning is logged.
+        selection_scope: for `reset_fraction`, rank elements over the whole model (`global`) or take the top share
+            of every parameter tensor separately (`per_parameter`, so every layer gets reset a little). `gamma` is
+            an elementwise threshold and ignores it.
 
     Elements with a ratio of 0 (no Fisher information on the forget set) are never selected. A fraction rule
     selects exactly the requested number of elements; ties at its threshold are broken by `torch.topk`
@@ -57,7 +65,12 @@ def select_weights_to_reset(
     """
     if gamma is None and reset_fraction is None:
         raise DeepCleanError("--gamma/--reset_fraction: got neither; expected one of them.")
+    if selection_scope not in SELECTION_SCOPES:
+        raise DeepCleanError(
+            f"--selection_scope: got {selection_scope!r}; expected one of {', '.join(SELECTION_SCOPES)}."
+        )
     names = list(ratios)
+    sizes = [ratios[name].numel() for name in names]
     flat = torch.cat([ratios[name].detach().reshape(-1).float() for name in names])
     total = flat.numel()
     cap = round(max_reset_fraction * total)
@@ -69,6 +82,10 @@ def select_weights_to_reset(
                 f"--max_reset_fraction={max_reset_fraction:g}; keeping the top {cap} by ratio."
             )
             selected = _top_k_mask(flat, cap)
+    elif selection_scope == "per_parameter":
+        selected = torch.cat([_top_k_mask(part, round(reset_fraction * part.numel())) for part in flat.split(sizes)])
+        if int(selected.sum()) > cap:
+            selected = _top_k_mask(torch.where(selected, flat, torch.zeros_like(flat)), cap)
     else:
         k = min(round(reset_fraction * total), cap)
         positive = int((flat > 0).sum())
@@ -149,8 +166,12 @@ def repair_selected_weights(
     warmup_ratio: float = 0.0,
     lr_scheduler_type: str = "linear",
     max_grad_norm: float = 1.0,
+    should_stop: Callable[[int], bool] | None = None,
 ) -> dict[str, float]:
-    """Fine-tune only the selected elements on retained data; every other element stays bit-for-bit equal."""
+    """Fine-tune only the selected elements on retained data; every other element stays bit-for-bit equal.
+
+    `should_stop` (e.g. a `RepairMonitor`) is asked after every step whether to end the repair early.
+    """
     return train_model(
         model,
         dataloader,
@@ -162,5 +183,96 @@ def repair_selected_weights(
         lr_scheduler_type=lr_scheduler_type,
         max_grad_norm=max_grad_norm,
         masks=masks,
+        should_stop=should_stop,
         desc="Repair",
+    )
+
+
+class RepairMonitor:
+    """Early stopping of the repair: stop once retain accuracy has recovered and the forget rows look held out.
+
+    Every `check_every` steps the model is evaluated on small fixed samples of the forget, retain and held-out
+    rows. The repair stops at the first check where both hold:
+    - retain accuracy >= `target_retain_accuracy` (the original model's, less a tolerance), and
+    - the loss-threshold attack no longer tells forget rows from held-out rows better than chance:
+      `mia_auc(forget vs held-out) <= 0.5 + auc_margin`.
+    The repair on retain rows pulls forget rows that resemble retain rows back towards "member", so stopping as
+    soon as the model is repaired keeps what the reset forgot.
+
+    Args:
+        model: the model being repaired.
+        dataloaders: `{"forget", "retain", "test"}` loaders of the monitoring samples.
+        accelerator: the run's Accelerator.
+        target_retain_accuracy: retain accuracy that counts as recovered.
+        check_every: steps between checks.
+        auc_margin: tolerance of the attack criterion.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        dataloaders: Mapping[str, DataLoader],
+        accelerator: Accelerator,
+        *,
+        target_retain_accuracy: float,
+        check_every: int,
+        auc_margin: float = 0.05,
+    ):
+        self.model = model
+        self.dataloaders = dataloaders
+        self.accelerator = accelerator
+        self.target_retain_accuracy = target_retain_accuracy
+        self.check_every = max(1, check_every)
+        self.auc_margin = auc_margin
+        self.history: list[dict[str, float]] = []
+
+    def __call__(self, step: int) -> bool:
+        if step % self.check_every:
+            return False
+        outputs = {
+            split: compute_sample_outputs(self.model, loader, self.accelerator, desc=f"Monitor {split}")
+            for split, loader in self.dataloaders.items()
+        }
+        retain_accuracy = float(outputs["retain"]["correct"].mean())
+        auc = membership_inference_auc(outputs["forget"]["loss"], outputs["test"]["loss"])
+        self.history.append({"step": step, "retain_accuracy": retain_accuracy, "mia_auc": auc})
+        return retain_accuracy >= self.target_retain_accuracy and auc <= 0.5 + self.auc_margin
+
+
+MONITOR_ROWS = 256
+
+
+def build_repair_monitor(
+    model: nn.Module,
+    *,
+    original_model: nn.Module,
+    rows: Mapping[str, Dataset],
+    loader: Callable[[Dataset], DataLoader],
+    accelerator: Accelerator,
+    tolerance: float,
+    steps_per_epoch: int,
+    seed: int,
+) -> RepairMonitor:
+    """A `RepairMonitor` on seeded samples of at most 256 forget/retain/held-out rows, checking 4 times an epoch.
+
+    The recovery target is the original model's accuracy on the retain sample, less `tolerance`.
+
+    Args:
+        model: the model being repaired.
+        original_model: the model before the reset.
+        rows: `{"forget", "retain", "test"}` datasets.
+        loader: makes an (unshuffled) dataloader of a dataset.
+        accelerator: the run's Accelerator.
+        tolerance: how far below the original's retain accuracy still counts as recovered.
+        steps_per_epoch: repair steps per epoch.
+        seed: seed of the samples.
+    """
+    loaders = {split: loader(subsample(dataset, MONITOR_ROWS, seed)) for split, dataset in rows.items()}
+    original = compute_sample_outputs(original_model, loaders["retain"], accelerator, desc="Monitor retain")
+    return RepairMonitor(
+        model,
+        loaders,
+        accelerator,
+        target_retain_accuracy=float(original["correct"].mean()) - tolerance,
+        check_every=max(1, steps_per_epoch // 4),
     )

@@ -10,7 +10,7 @@ numerical noise): unselected elements stay bit-for-bit equal to their values bef
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from accelerate import Accelerator
@@ -32,6 +32,7 @@ def train_model(
     lr_scheduler_type: str = "linear",
     max_grad_norm: float = 1.0,
     masks: Mapping[str, torch.Tensor] | None = None,
+    should_stop: Callable[[int], bool] | None = None,
     desc: str = "Train",
 ) -> dict[str, float]:
     """Train `model` with AdamW for `epochs` passes over `dataloader` (fractions of an epoch allowed).
@@ -42,9 +43,11 @@ def train_model(
         accelerator: the run's Accelerator.
         masks: `{parameter name: bool tensor}`; when given, only parameters named here train, and only their
             `True` elements change.
+        should_stop: called with the number of steps taken after every optimizer step; training ends early when
+            it returns True (early stopping). The model is in train mode again when it returns.
 
     Returns:
-        `{"steps": ..., "final_loss": ...}` (`final_loss` is `None` when no step was taken).
+        `{"steps": ..., "final_loss": ..., "stopped_early": ...}` (`final_loss` is `None` when no step was taken).
     """
     unwrapped = accelerator.unwrap_model(model)
     named = dict(unwrapped.named_parameters())
@@ -55,7 +58,7 @@ def train_model(
     steps_per_epoch = len(dataloader)
     total_steps = math.ceil(epochs * steps_per_epoch)
     if total_steps == 0 or not trainable:
-        return {"steps": 0, "final_loss": None}
+        return {"steps": 0, "final_loss": None, "stopped_early": False}
 
     saved_requires_grad = {name: p.requires_grad for name, p in named.items()}
     hooks, anchors, device_masks = [], {}, {}
@@ -76,13 +79,8 @@ def train_model(
         num_training_steps=total_steps,
     )
     optimizer, dataloader, scheduler = accelerator.prepare(optimizer, dataloader, scheduler)
-    model.train()
-    if masks is not None:
-        # running statistics (BatchNorm) are saved with the weights: a masked run must not move them either
-        for module in unwrapped.modules():
-            if getattr(module, "track_running_stats", False):
-                module.eval()
-    step, loss_value = 0, None
+    _set_train_mode(unwrapped, frozen_statistics=masks is not None)
+    step, loss_value, stopped_early = 0, None, False
     progress = tqdm(total=total_steps, desc=desc, disable=not accelerator.is_local_main_process, leave=False)
     try:
         while step < total_steps:
@@ -102,8 +100,13 @@ def train_model(
                 step += 1
                 progress.update(1)
                 progress.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
-                if step >= total_steps:
+                if should_stop is not None and step < total_steps:
+                    stopped_early = bool(should_stop(step))
+                    _set_train_mode(unwrapped, frozen_statistics=masks is not None)
+                if step >= total_steps or stopped_early:
                     break
+            if stopped_early:
+                break
     finally:
         progress.close()
         for hook in hooks:
@@ -112,4 +115,13 @@ def train_model(
             p.requires_grad_(saved_requires_grad[name])
         model.eval()
         accelerator.free_memory()
-    return {"steps": step, "final_loss": loss_value}
+    return {"steps": step, "final_loss": loss_value, "stopped_early": stopped_early}
+
+
+def _set_train_mode(model: nn.Module, *, frozen_statistics: bool) -> None:
+    model.train()
+    if frozen_statistics:
+        # running statistics (BatchNorm) are saved with the weights: a masked run must not move them either
+        for module in model.modules():
+            if getattr(module, "track_running_stats", False):
+                module.eval()

@@ -41,6 +41,8 @@ from .hub import atomic_output_dir, check_output_dir
 from .model_card import module_reset_shares, render_model_card
 from .modeling import get_parameters_in_scope, infer_task, load_model, load_model_config, load_processor
 from .reset import (
+    RepairMonitor,
+    build_repair_monitor,
     compute_fisher_ratio,
     repair_selected_weights,
     reset_selected_weights,
@@ -176,6 +178,22 @@ class DeepCleanUnlearner:
             model if model is not None else self.model, self.evaluation_dataloaders(), self.accelerator, prefix
         )
 
+    def repair_monitor(self, steps_per_epoch: int) -> RepairMonitor:
+        """Early stopping of the repair (`--early_stopping`); build it before the reset, as its recovery target is
+        the current model's retain accuracy."""
+        if self.data.test is None:
+            raise DeepCleanError("--early_stopping: needs a held-out split (--eval_split); the dataset has none.")
+        return build_repair_monitor(
+            self.model,
+            original_model=self.model,
+            rows={"forget": self.data.forget, "retain": self.data.retain, "test": self.data.test},
+            loader=lambda rows: make_dataloader(rows, self.data.collator, self.config.per_device_batch_size),
+            accelerator=self.accelerator,
+            tolerance=self.config.early_stopping_tolerance,
+            steps_per_epoch=steps_per_epoch,
+            seed=self.output_args.seed,
+        )
+
     # -- pipeline ------------------------------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
@@ -214,6 +232,9 @@ class DeepCleanUnlearner:
                     seed=self.output_args.seed,
                     desc=f"Fisher {split}",
                 )
+        repair_loader = self.dataloader("retain", shuffle=True)
+        # built before the reset: the recovery target is the original model's retain accuracy
+        monitor = self.repair_monitor(len(repair_loader)) if method.early_stopping else None
         with timer("select_and_reset"):
             ratios = compute_fisher_ratio(fisher["forget"], fisher["retain"], method.eps)
             masks = select_weights_to_reset(
@@ -221,6 +242,7 @@ class DeepCleanUnlearner:
                 gamma=method.gamma,
                 reset_fraction=method.reset_fraction,
                 max_reset_fraction=method.max_reset_fraction,
+                selection_scope=method.selection_scope,
             )
             reset_selected_weights(unwrapped, masks, reset=method.reset, seed=self.output_args.seed)
         stats = reset_statistics(masks)
@@ -233,7 +255,7 @@ class DeepCleanUnlearner:
             repair = repair_selected_weights(
                 self.model,
                 masks,
-                self.dataloader("retain", shuffle=True),
+                repair_loader,
                 self.accelerator,
                 epochs=method.repair_epochs,
                 learning_rate=method.learning_rate,
@@ -241,6 +263,7 @@ class DeepCleanUnlearner:
                 warmup_ratio=method.warmup_ratio,
                 lr_scheduler_type=method.lr_scheduler_type,
                 max_grad_norm=method.max_grad_norm,
+                should_stop=monitor,
             )
         with timer("evaluate_after"):
             metrics_after = self.evaluate(prefix="after ")
