@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -112,7 +113,10 @@ class UnlearningInputs:
         held_out: held-out rows, used by DeepClean's early stopping only.
         initial_state: the model's weights before training (needed by `retrain`).
         training: the schedule that trained the model (needed by `retrain`).
-        cache_fisher: reuse Fisher sums across methods (for sweeps; timings then no longer include them).
+
+    Fisher sums of the trained model are computed once and shared by the methods that need them; a method that
+    reuses sums another method computed is charged their computing time in `charged_seconds`, so each method's
+    time (its wall time plus its charge) is what it would take on its own.
     """
 
     model: nn.Module
@@ -125,7 +129,7 @@ class UnlearningInputs:
     held_out: Dataset | None = None
     initial_state: Mapping[str, torch.Tensor] | None = None
     training: TrainingSchedule | None = None
-    cache_fisher: bool = False
+    charged_seconds: float = 0.0
     _fisher_cache: dict = field(default_factory=dict, repr=False)
 
     def loader(self, rows: Dataset, *, shuffle: bool = False, batch_size: int | None = None) -> DataLoader:
@@ -139,8 +143,11 @@ class UnlearningInputs:
         """Sums of squared per-sample gradients of the trained model over `forget` or `retain`, and the count."""
         key = (split, fisher_type)
         if key in self._fisher_cache:
-            return self._fisher_cache[key]
+            result, seconds = self._fisher_cache[key]
+            self.charged_seconds += seconds
+            return result
         model = self.accelerator.unwrap_model(self.model)
+        start = time.perf_counter()
         result = accumulate_fisher_sums(
             model,
             self.loader(getattr(self, split)),
@@ -150,8 +157,7 @@ class UnlearningInputs:
             seed=self.seed,
             desc=f"Fisher {split}",
         )
-        if self.cache_fisher:
-            self._fisher_cache[key] = result
+        self._fisher_cache[key] = (result, time.perf_counter() - start)
         return result
 
     def fisher(self, split: str, fisher_type: str = "empirical") -> FisherDiagonal:

@@ -1,4 +1,4 @@
-"""`hf-deepclean` command line: `unlearn` and `demo`.
+"""`hf-deepclean` command line: `unlearn`, `evaluate`, `benchmark` and `demo`.
 
 User errors (`DeepCleanError`) print one line on stderr and exit non-zero without a traceback; `--debug` shows it.
 """
@@ -21,6 +21,8 @@ from .errors import DeepCleanError
 
 COMMANDS = {
     "unlearn": "Make a model forget rows of its training data (DeepClean) and write the cleaned checkpoint.",
+    "evaluate": "Measure how much a model remembers of the forget set, optionally against a retrained reference.",
+    "benchmark": "Compare DeepClean with baselines and retraining on built-in scenarios (tables, JSON, plots).",
     "demo": "Train a small digits classifier, unlearn one class from it and compare with retraining (offline).",
 }
 PROG = "hf-deepclean"
@@ -49,8 +51,8 @@ class _ArgumentParser(HfArgumentParser):
         raise DeepCleanError(message)
 
 
-def unlearn_parser() -> HfArgumentParser:
-    parser = _ArgumentParser(ARGUMENT_CLASSES, prog=f"{PROG} unlearn", description=COMMANDS["unlearn"])
+def unlearn_parser(command: str = "unlearn", dataclass_types=ARGUMENT_CLASSES) -> HfArgumentParser:
+    parser = _ArgumentParser(dataclass_types, prog=f"{PROG} {command}", description=COMMANDS[command])
     parser.add_argument(
         "--config",
         default=None,
@@ -78,13 +80,14 @@ def _load_yaml_defaults(path: str, parser: argparse.ArgumentParser) -> dict[str,
     return values
 
 
-def parse_unlearn_args(argv: Sequence[str]):
-    """Parse `unlearn` arguments: `--config FILE` values first, then command-line flags on top.
+def parse_unlearn_args(argv: Sequence[str], command: str = "unlearn", dataclass_types=ARGUMENT_CLASSES):
+    """Parse a command's arguments: `--config FILE` values first, then command-line flags on top.
 
     Returns:
-        `(model_args, data_args, deepclean_config, output_args, debug)`.
+        One instance per dataclass type (for `unlearn`: `(model_args, data_args, deepclean_config,
+        output_args)`), then `debug`.
     """
-    parser = unlearn_parser()
+    parser = unlearn_parser(command, dataclass_types)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
     known, _ = pre.parse_known_args(argv)
@@ -99,7 +102,7 @@ def parse_unlearn_args(argv: Sequence[str]):
         args=list(argv), return_remaining_strings=True
     )
     if remaining:
-        raise DeepCleanError(f"unrecognized arguments: {' '.join(remaining)}; see `{PROG} unlearn --help`.")
+        raise DeepCleanError(f"unrecognized arguments: {' '.join(remaining)}; see `{PROG} {command} --help`.")
     return (*arguments, namespace.debug)
 
 
@@ -122,7 +125,38 @@ def run_demo(argv: Sequence[str]) -> int:
     return run_demo_from_args(parser.parse_args(list(argv)))
 
 
-RUNNERS = {"unlearn": run_unlearn, "demo": run_demo}
+def run_evaluate(argv: Sequence[str]) -> int:
+    from .assessment import EvaluationArguments, evaluate_forgetting
+    from .config import DataArguments, ModelArguments
+    from .unlearner import to_json
+
+    model_args, data_args, eval_args, _ = parse_unlearn_args(
+        argv, "evaluate", (ModelArguments, DataArguments, EvaluationArguments)
+    )
+    results = evaluate_forgetting(model_args, data_args, eval_args)
+    text = to_json(results)
+    print(text, end="")
+    if eval_args.output_file:
+        with open(eval_args.output_file, "w", encoding="utf-8") as handle:
+            handle.write(text)
+    return 0
+
+
+def run_benchmark(argv: Sequence[str]) -> int:
+    from .baselines import BaselineConfig
+    from .benchmark import BenchmarkArguments, benchmark_main, format_benchmark_tables
+    from .config import DeepCleanConfig
+
+    args, method, baselines, _ = parse_unlearn_args(
+        argv, "benchmark", (BenchmarkArguments, DeepCleanConfig, BaselineConfig)
+    )
+    results = benchmark_main(args, method, baselines)
+    print(format_benchmark_tables(results), end="")
+    print(f"Benchmark report written to {args.output_dir}")
+    return 0
+
+
+RUNNERS = {"unlearn": run_unlearn, "evaluate": run_evaluate, "benchmark": run_benchmark, "demo": run_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
