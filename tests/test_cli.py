@@ -288,7 +288,7 @@ def test_no_repair_and_no_eval_split_write_strict_json(tmp_path, text_model_dir,
         raise AssertionError(f"non-standard JSON constant {name}")
 
     results = json.loads((output_dir / "deepclean_results.json").read_text(), parse_constant=refuse_constant)
-    assert results["repair"] == {"steps": 0, "final_loss": None}
+    assert results["repair"] == {"steps": 0, "final_loss": None, "stopped_early": False}
     assert "mia_auc" not in results["metrics"]["after"] and "test_accuracy" not in results["metrics"]["after"]
     card = ModelCard.load(output_dir / "README.md")
     assert "No held-out split was given" in card.text and "mia_efficacy`:" not in card.text

@@ -1,0 +1,177 @@
+"""Benchmark scenarios, a small end-to-end benchmark run, and the `evaluate` / `benchmark` commands."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+from hf_deepclean.benchmark import BenchmarkArguments, build_digits_scenario, method_config, summarize
+from hf_deepclean.cli import main
+from hf_deepclean.config import DeepCleanConfig
+from hf_deepclean.errors import DeepCleanError
+from hf_deepclean.reset import select_weights_to_reset
+from hf_deepclean.training import train_model
+
+
+def test_digits_scenarios_forget_what_they_say():
+    random = build_digits_scenario("digits_random", seed=0)
+    assert len(random.forget_indices) == round(0.1 * len(random.train))
+    classes = build_digits_scenario("digits_class", seed=0)
+    labels = classes.train["label"]
+    assert {labels[i] for i in classes.forget_indices} == {3} and labels.count(3) == len(classes.forget_indices)
+    clean = build_digits_scenario("digits_random", seed=0).train["label"]
+    noisy = build_digits_scenario("digits_mislabelled", seed=0)
+    changed = [i for i, (a, b) in enumerate(zip(clean, noisy.train["label"])) if a != b]
+    # exactly the forget rows carry a wrong label, and nothing else changed
+    assert changed == noisy.forget_indices and len(changed) == round(0.05 * len(clean))
+    forget, retain = noisy.split_rows()
+    assert len(forget) + len(retain) == len(noisy.train)
+
+
+def test_method_names_and_presets():
+    assert method_config("ssd", DeepCleanConfig()) == ("ssd", DeepCleanConfig())
+    function, config = method_config("deepclean_paper", DeepCleanConfig())
+    assert function == "deepclean" and config.reset == "zero" and config.gamma == 10.0
+    with pytest.raises(DeepCleanError, match="--methods: got 'magic'"):
+        method_config("magic", DeepCleanConfig())
+    with pytest.raises(DeepCleanError, match="--scenarios: got 'mnist'"):
+        BenchmarkArguments(scenarios=["mnist"])
+    with pytest.raises(DeepCleanError, match="--preset: got 'fast'"):
+        DeepCleanConfig.from_preset("fast")
+
+
+def test_summary_means_and_gap_closed():
+    runs = [
+        {
+            "scenario": "s",
+            "seed": seed,
+            "method": "m",
+            "seconds": 2.0 * (seed + 1),
+            "metrics": {"forget_accuracy": acc},
+            "avg_gap": gap,
+            "gap_closed": closed,
+            "time_share_of_retrain": 0.1,
+        }
+        for seed, acc, gap, closed in ((0, 0.2, 10.0, 0.5), (1, 0.4, 30.0, 0.7))
+    ]
+    entry = summarize(runs)["s"]["m"]
+    assert entry["seeds"] == 2
+    assert entry["mean"]["forget_accuracy"] == pytest.approx(0.3) and entry["std"]["forget_accuracy"] == pytest.approx(
+        0.1
+    )
+    assert entry["mean"]["avg_gap"] == 20.0 and entry["mean"]["gap_closed"] == pytest.approx(0.6)
+    assert entry["mean"]["seconds"] == 3.0
+
+
+def test_benchmark_command_writes_tables_json_and_plots(tmp_path, capsys):
+    output = tmp_path / "bench"
+    args = [
+        "benchmark",
+        "--output_dir",
+        str(output),
+        "--scenarios",
+        "digits_class",
+        "--seeds",
+        "0",
+        "--epochs",
+        "3",
+        "--max_train_rows",
+        "150",
+        "--methods",
+        "finetune",
+        "ssd",
+        "deepclean",
+        "--repair_epochs",
+        "1",
+    ]
+    assert main(args) == 0
+    results = json.loads((output / "results.json").read_text())
+    methods = results["summary"]["digits_class"]
+    assert list(methods) == ["original", "retrain", "finetune", "ssd", "deepclean"]
+    assert methods["retrain"]["mean"]["avg_gap"] == 0.0 and methods["retrain"]["mean"]["gap_closed"] == 1.0
+    assert methods["original"]["mean"]["gap_closed"] == 0.0
+    for run in results["runs"]:
+        assert run["time_share_of_retrain"] == pytest.approx(run["seconds"] / methods["retrain"]["mean"]["seconds"])
+    table = (output / "results.md").read_text()
+    assert table.count("\n| ") == 6 and "gap_closed" in table
+    assert (output / "plots" / "digits_class.png").read_bytes()[:4] == b"\x89PNG"
+    assert "digits_class" in capsys.readouterr().out
+    # an existing report is not overwritten
+    assert main(args) == 2 and "not empty" in capsys.readouterr().err
+
+
+def test_evaluate_command_against_a_reference(tmp_path, text_model_dir, text_csv_files, capsys):
+    output_file = tmp_path / "metrics.json"
+    data = [
+        "--dataset_name",
+        "csv",
+        "--data_files",
+        f"train={text_csv_files / 'train.csv'}",
+        f"test={text_csv_files / 'test.csv'}",
+        "--forget",
+        "random:0.2",
+    ]
+    args = [
+        "evaluate",
+        "--model_name_or_path",
+        str(text_model_dir),
+        *data,
+        "--reference_model",
+        str(text_model_dir),
+        "--output_file",
+        str(output_file),
+        "--per_device_batch_size",
+        "8",
+    ]
+    assert main(args) == 0
+    results = json.loads(output_file.read_text())
+    assert json.loads(capsys.readouterr().out) == results
+    assert set(results) == {"model", "reference", "comparison"}
+    assert {"forget_accuracy", "retain_loss", "test_accuracy", "mia_auc", "mia_efficacy"} <= set(results["model"])
+    # the same model as its own reference: no gap at all
+    assert results["comparison"]["avg_gap"] == 0.0
+    assert all(value == 0.0 for key, value in results["comparison"].items() if key.endswith("_diff"))
+    assert main(["evaluate", "--model_name_or_path", str(text_model_dir), *data, "--per_device_batch_size", "0"]) == 2
+    assert "--per_device_batch_size: got 0" in capsys.readouterr().err
+
+
+def test_per_parameter_selection_resets_the_same_share_of_every_tensor():
+    generator = torch.Generator().manual_seed(0)
+    # one tensor's ratios dwarf the other's: a global ranking would take only from it
+    ratios = {"big": torch.rand(100, generator=generator) + 100.0, "small": torch.rand(50, generator=generator) + 0.1}
+    masks = select_weights_to_reset(ratios, reset_fraction=0.2, selection_scope="per_parameter")
+    assert int(masks["big"].sum()) == 20 and int(masks["small"].sum()) == 10
+    assert bool(ratios["small"][masks["small"]].min() >= ratios["small"][~masks["small"]].max())
+    global_masks = select_weights_to_reset(ratios, reset_fraction=0.2)
+    assert int(global_masks["big"].sum()) == 30 and int(global_masks["small"].sum()) == 0
+    with pytest.raises(DeepCleanError, match="--selection_scope: got 'layer'"):
+        select_weights_to_reset(ratios, reset_fraction=0.2, selection_scope="layer")
+    with pytest.raises(DeepCleanError, match="--selection_scope: got 'layer'"):
+        DeepCleanConfig(selection_scope="layer")
+
+
+def test_training_stops_when_asked():
+    class Wrapper(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(2, 2)
+
+        def forward(self, inputs, labels):
+            return type("Output", (), {"loss": torch.nn.functional.cross_entropy(self.linear(inputs), labels)})()
+
+    batches = [{"inputs": torch.randn(4, 2), "labels": torch.tensor([0, 1, 0, 1])} for _ in range(5)]
+    calls = []
+
+    def should_stop(step):
+        calls.append(step)
+        return step == 3
+
+    summary = train_model(
+        Wrapper(), batches, Accelerator(cpu=True), epochs=2, learning_rate=0.1, should_stop=should_stop
+    )
+    assert summary["steps"] == 3 and summary["stopped_early"] and calls == [1, 2, 3]
+    summary = train_model(Wrapper(), batches, Accelerator(cpu=True), epochs=2, learning_rate=0.1)
+    assert summary["steps"] == 10 and not summary["stopped_early"]
