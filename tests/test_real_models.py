@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
@@ -55,3 +56,18 @@ def test_unlearn_real_minilm_encoder(tmp_path, text_csv_files):
     assert len(shared) > 90
     changed = sum(int((before[k] != after[k]).sum()) for k in shared)
     assert 0 < changed <= total["reset"]
+
+
+@pytest.mark.slow
+def test_reviews_scenario_forgets_whole_movies():
+    from hf_deepclean.benchmark import build_reviews_scenario
+
+    scenario = build_reviews_scenario("reviews_movies", seed=0, max_rows=600)
+    movies = scenario.train["movie"]
+    forgotten = {movies[i] for i in scenario.forget_indices}
+    assert len(forgotten) == 5
+    # every training review of those movies, and nothing else
+    assert scenario.forget_indices == [i for i, movie in enumerate(movies) if movie in forgotten]
+    assert scenario.model.config.num_labels == 2 and scenario.model.dtype == torch.float32
+    batch = scenario.collator([scenario.train[i] for i in scenario.forget_indices[:4]])
+    assert scenario.model(**batch).logits.shape == (4, 2)
