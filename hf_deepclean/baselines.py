@@ -30,7 +30,8 @@ import itertools
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -96,6 +97,24 @@ class TrainingSchedule:
     warmup_ratio: float = 0.0
     lr_scheduler_type: str = "linear"
     batch_size: int = 32
+    max_grad_norm: float = 1.0
+
+    @classmethod
+    def repair_budget(cls, config: DeepCleanConfig, batch_size: int) -> TrainingSchedule:
+        """DeepClean's repair schedule, which `finetune` and `neggrad_plus` get too."""
+        return cls(
+            epochs=config.repair_epochs,
+            learning_rate=config.learning_rate,
+            weight_decay=config.weight_decay,
+            warmup_ratio=config.warmup_ratio,
+            lr_scheduler_type=config.lr_scheduler_type,
+            batch_size=batch_size,
+            max_grad_norm=config.max_grad_norm,
+        )
+
+    def optimizer_arguments(self) -> dict[str, Any]:
+        """The keyword arguments of `train_model` / `repair_selected_weights` (all but the batch size)."""
+        return {key: value for key, value in asdict(self).items() if key != "batch_size"}
 
 
 @dataclass
@@ -188,26 +207,15 @@ def train_from_state(
         prepared,
         inputs.loader(rows, shuffle=True, batch_size=schedule.batch_size),
         inputs.accelerator,
-        epochs=schedule.epochs,
-        learning_rate=schedule.learning_rate,
-        weight_decay=schedule.weight_decay,
-        warmup_ratio=schedule.warmup_ratio,
-        lr_scheduler_type=schedule.lr_scheduler_type,
         desc=desc,
+        **schedule.optimizer_arguments(),
     )
     return inputs.accelerator.unwrap_model(prepared).eval()
 
 
 def finetune(inputs: UnlearningInputs, config: DeepCleanConfig, baselines: BaselineConfig) -> nn.Module:
     """Fine-tune every weight on the retain rows with DeepClean's repair budget and optimizer settings."""
-    schedule = TrainingSchedule(
-        epochs=config.repair_epochs,
-        learning_rate=config.learning_rate,
-        weight_decay=config.weight_decay,
-        warmup_ratio=config.warmup_ratio,
-        lr_scheduler_type=config.lr_scheduler_type,
-        batch_size=inputs.batch_size,
-    )
+    schedule = TrainingSchedule.repair_budget(config, inputs.batch_size)
     return train_from_state(inputs.copy_model(), inputs.retain, inputs, schedule, desc="Finetune")
 
 
@@ -329,13 +337,8 @@ def deepclean(inputs: UnlearningInputs, config: DeepCleanConfig, baselines: Base
         masks,
         retain_loader,
         inputs.accelerator,
-        epochs=config.repair_epochs,
-        learning_rate=config.learning_rate,
-        weight_decay=config.weight_decay,
-        warmup_ratio=config.warmup_ratio,
-        lr_scheduler_type=config.lr_scheduler_type,
-        max_grad_norm=config.max_grad_norm,
         should_stop=should_stop,
+        **TrainingSchedule.repair_budget(config, inputs.batch_size).optimizer_arguments(),
     )
     return inputs.accelerator.unwrap_model(prepared).eval()
 

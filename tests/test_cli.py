@@ -341,3 +341,28 @@ def test_python_api_with_json_data_and_string_labels(tmp_path, text_model_dir):
     assert set(results["metrics"]["before"]) >= {"forget_accuracy", "test_accuracy", "mia_auc", "mia_efficacy"}
     config = json.loads((tmp_path / "out" / "deepclean_config.json").read_text())
     assert config["forget"]["num_rows"] == results["fisher"]["forget_samples"] > 0
+
+
+def test_early_stopping_and_per_parameter_selection(tmp_path, image_model_dir, image_dataset_dir, capsys):
+    output_dir = tmp_path / "cleaned"
+    flags = [
+        "--repair_epochs",
+        "2",
+        "--early_stopping",
+        "--early_stopping_tolerance",
+        "1",
+        "--selection_scope",
+        "per_parameter",
+        "--reset_fraction",
+        "0.1",
+    ]
+    assert main(_image_args(image_model_dir, image_dataset_dir, output_dir, *flags)) == 0
+    results = json.loads((output_dir / "deepclean_results.json").read_text())
+    # every parameter tensor gets its own 10% (rounded), as long as it has that many positive ratios
+    entries = [entry for name, entry in results["reset"]["per_parameter"].items() if name != "__total__"]
+    assert all(entry["reset"] <= round(0.1 * entry["numel"]) for entry in entries)
+    assert sum(entry["reset"] == round(0.1 * entry["numel"]) for entry in entries) > len(entries) // 2
+    assert set(results["repair"]) == {"steps", "final_loss", "stopped_early"}
+    assert results["repair"]["steps"] <= 2 * 3  # 2 epochs of 3 batches (64 retain rows, batch 32) at most
+    config = json.loads((output_dir / "deepclean_config.json").read_text())["arguments"]
+    assert config["early_stopping"] is True and config["selection_scope"] == "per_parameter"
