@@ -130,8 +130,17 @@ def test_sample_outputs_are_gathered_once_across_two_processes(tmp_path):
         "0",
         str(script),
     ]
-    result = subprocess.run(
-        command, capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"}
-    )
-    lines = sorted(line for line in result.stdout.splitlines() if line.startswith("rank="))
-    assert lines == ["rank=0 of=2 n=7 correct=4", "rank=1 of=2 n=7 correct=4"], result.stderr[-2000:]
+    log = tmp_path / "log.txt"
+    with log.open("w") as handle:
+        subprocess.run(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            timeout=180,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+            check=False,
+        )
+    output = log.read_text()
+    lines = sorted(line for line in output.splitlines() if line.startswith("rank="))
+    assert lines == ["rank=0 of=2 n=7 correct=4", "rank=1 of=2 n=7 correct=4"], output[-2000:]
