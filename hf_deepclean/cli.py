@@ -1,4 +1,4 @@
-"""`hf-deepclean` command line: `unlearn` and `demo`.
+"""`hf-deepclean` command line: `unlearn`, `push` and `demo`.
 
 User errors (`DeepCleanError`) print one line on stderr and exit non-zero without a traceback; `--debug` shows it.
 """
@@ -6,6 +6,7 @@ User errors (`DeepCleanError`) print one line on stderr and exit non-zero withou
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -14,13 +15,15 @@ from typing import Any
 
 import yaml
 from transformers import HfArgumentParser
+from transformers.hf_argparser import string_to_bool
 
-from .config import ARGUMENT_CLASSES
+from .config import ARGUMENT_CLASSES, OutputArguments
 from .errors import DeepCleanError
 
 
 COMMANDS = {
     "unlearn": "Make a model forget rows of its training data (DeepClean) and write the cleaned checkpoint.",
+    "push": "Upload an output folder of `unlearn` to the Hub in one commit (also retries a failed --push_to_hub).",
     "demo": "Train a small digits classifier, unlearn one class from it and compare with retraining (offline).",
 }
 PROG = "hf-deepclean"
@@ -110,6 +113,42 @@ def run_unlearn(argv: Sequence[str]) -> int:
     results = DeepCleanUnlearner(method, model_args, data_args, output_args).run()
     print(json.dumps({"before": results["metrics"]["before"], "after": results["metrics"]["after"]}, indent=2))
     print(f"Cleaned model written to {output_args.output_dir}")
+    if "hub_commit_url" in results:
+        print(f"Pushed to the Hub: {results['hub_commit_url']}")
+    return 0
+
+
+HUB_FIELDS = ("hub_model_id", "hub_private_repo", "hub_revision")
+
+
+def push_parser() -> argparse.ArgumentParser:
+    parser = _ArgumentParser(prog=f"{PROG} push", description=COMMANDS["push"])
+    parser.add_argument("output_dir", help="Output folder written by `hf-deepclean unlearn`.")
+    hub_fields = {f.name: f for f in dataclasses.fields(OutputArguments) if f.name in HUB_FIELDS}
+    for name in HUB_FIELDS:
+        field = hub_fields[name]
+        kwargs = {"type": string_to_bool, "metavar": "{true,false}"} if field.type in (bool, "bool") else {}
+        parser.add_argument(
+            f"--{name}", default=field.default, required=name == "hub_model_id", help=field.metadata["help"], **kwargs
+        )
+    _add_common_flags(parser)
+    return parser
+
+
+def run_push(argv: Sequence[str]) -> int:
+    from .hub import push_output_dir
+
+    namespace = push_parser().parse_args(list(argv))
+    output_args = OutputArguments(
+        namespace.output_dir, push_to_hub=True, **{name: getattr(namespace, name) for name in HUB_FIELDS}
+    )
+    commit = push_output_dir(
+        output_args.output_dir,
+        output_args.hub_model_id,
+        private=output_args.hub_private_repo,
+        revision=output_args.hub_revision,
+    )
+    print(f"Pushed to the Hub: {commit.commit_url}")
     return 0
 
 
@@ -122,7 +161,7 @@ def run_demo(argv: Sequence[str]) -> int:
     return run_demo_from_args(parser.parse_args(list(argv)))
 
 
-RUNNERS = {"unlearn": run_unlearn, "demo": run_demo}
+RUNNERS = {"unlearn": run_unlearn, "push": run_push, "demo": run_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

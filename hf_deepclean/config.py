@@ -9,8 +9,12 @@ and the CLI refuse the same bad values with the same one-line message.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 
 from .errors import DeepCleanError
 
@@ -233,12 +237,37 @@ class OutputArguments:
         default=False, metadata={"help": "Replace an existing non-empty --output_dir (only once the run succeeded)."}
     )
     seed: int = field(default=42, metadata={"help": "Seed for sampling, initialisation and the repair."})
+    push_to_hub: bool = field(
+        default=False, metadata={"help": "Upload the output folder to the Hub as --hub_model_id once it is written."}
+    )
+    hub_model_id: str | None = field(
+        default=None, metadata={"help": "Hub repository to push to, `ORG/NAME` (or `NAME` under your account)."}
+    )
+    hub_private_repo: bool = field(
+        default=True,
+        metadata={"help": "Create the repository as private (default); `--hub_private_repo false` makes it public."},
+    )
+    hub_revision: str | None = field(
+        default=None, metadata={"help": "Branch to push to (created from `main` when missing; default: `main`)."}
+    )
 
     def __post_init__(self):
         if not isinstance(self.output_dir, str) or not self.output_dir.strip():
             raise DeepCleanError(f"--output_dir: got {self.output_dir!r}; expected a folder path.")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise DeepCleanError(f"--seed: got {self.seed!r}; expected an integer.")
+        if self.hub_model_id is not None:
+            try:
+                validate_repo_id(self.hub_model_id)
+            except HFValidationError:
+                raise DeepCleanError(
+                    f"--hub_model_id: got {self.hub_model_id!r}; expected a Hub repository id such as my-org/my-model."
+                ) from None
+        if self.push_to_hub and self.hub_model_id is None:
+            raise DeepCleanError("--hub_model_id: got None; expected ORG/NAME when --push_to_hub is set.")
+        revision = self.hub_revision
+        if revision is not None and (not isinstance(revision, str) or not re.fullmatch(r"[^\s~^:?*\[\\]+", revision)):
+            raise DeepCleanError(f"--hub_revision: got {self.hub_revision!r}; expected a branch name such as main.")
 
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, DeepCleanConfig, OutputArguments)

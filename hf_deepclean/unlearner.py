@@ -1,7 +1,7 @@
 """`DeepCleanUnlearner.run()`: the whole pipeline, top to bottom.
 
 load -> evaluate before -> Fisher(forget), Fisher(retain) -> select + reset -> repair -> evaluate after
--> save folder + card.
+-> save folder + card (with its plots) -> push to the Hub.
 """
 
 from __future__ import annotations
@@ -37,9 +37,10 @@ from .data import (
 from .errors import DeepCleanError
 from .evaluation import evaluate_unlearning
 from .fisher import compute_fisher_diagonal
-from .hub import atomic_output_dir, check_output_dir
-from .model_card import module_reset_shares, render_model_card
+from .hub import CONFIG_NAME, RESULTS_NAME, atomic_output_dir, check_hub_token, check_output_dir, push_output_dir
+from .model_card import module_reset_shares, save_model_card
 from .modeling import get_parameters_in_scope, infer_task, load_model, load_model_config, load_processor
+from .plots import fisher_ratio_histogram, loss_histograms
 from .reset import (
     compute_fisher_ratio,
     repair_selected_weights,
@@ -52,8 +53,6 @@ from .reset import (
 logger = get_logger(__name__)
 
 LIBRARIES = ("hf_deepclean", "torch", "transformers", "datasets", "accelerate", "huggingface_hub", "safetensors")
-CONFIG_NAME = "deepclean_config.json"
-RESULTS_NAME = "deepclean_results.json"
 
 
 def library_versions() -> dict[str, str]:
@@ -170,10 +169,15 @@ class DeepCleanUnlearner:
             loaders["test"] = self.dataloader("test", max_rows=self.data_args.max_eval_samples)
         return loaders
 
-    def evaluate(self, model: nn.Module | None = None, prefix: str = "") -> dict[str, float]:
-        """Metrics of `model` (default: the model being cleaned) on the forget, retain and held-out splits."""
+    def evaluate(self, model: nn.Module | None = None, prefix: str = "", return_outputs: bool = False):
+        """Metrics of `model` (default: the model being cleaned) on the forget, retain and held-out splits; with
+        `return_outputs`, also the per-sample outputs (see `evaluate_unlearning`)."""
         return evaluate_unlearning(
-            model if model is not None else self.model, self.evaluation_dataloaders(), self.accelerator, prefix
+            model if model is not None else self.model,
+            self.evaluation_dataloaders(),
+            self.accelerator,
+            prefix,
+            return_outputs=return_outputs,
         )
 
     # -- pipeline ------------------------------------------------------------------------------------------------
@@ -186,6 +190,8 @@ class DeepCleanUnlearner:
             statistics, Fisher sample counts, repair summary and timings.
         """
         check_output_dir(self.output_args.output_dir, self.output_args.overwrite_output_dir)
+        if self.output_args.push_to_hub:
+            check_hub_token()
         self.accelerator = self.accelerator or Accelerator()
         if self.accelerator.num_processes > 1:
             raise DeepCleanError(
@@ -198,7 +204,7 @@ class DeepCleanUnlearner:
         with timer("load"):
             self.load()
         with timer("evaluate_before"):
-            metrics_before = self.evaluate(prefix="before ")
+            metrics_before, outputs_before = self.evaluate(prefix="before ", return_outputs=True)
         unwrapped = self.accelerator.unwrap_model(self.model)
         params = get_parameters_in_scope(unwrapped, method.scope)
         retain_fisher_loader = self.dataloader("retain", max_rows=self.data_args.max_retain_samples)
@@ -224,6 +230,8 @@ class DeepCleanUnlearner:
             )
             reset_selected_weights(unwrapped, masks, reset=method.reset, seed=self.output_args.seed)
         stats = reset_statistics(masks)
+        ratio_histogram = fisher_ratio_histogram(ratios, masks)  # a compact summary for the card; ratios are freed
+        del ratios
         logger.info(
             f"Reset {stats['__total__']['reset']} of {stats['__total__']['numel']} weights "
             f"({stats['__total__']['share']:.2%}).",
@@ -243,7 +251,7 @@ class DeepCleanUnlearner:
                 max_grad_norm=method.max_grad_norm,
             )
         with timer("evaluate_after"):
-            metrics_after = self.evaluate(prefix="after ")
+            metrics_after, outputs_after = self.evaluate(prefix="after ", return_outputs=True)
         timings = dict(timer.seconds)
         timings["unlearning"] = sum(
             timings[stage] for stage in ("fisher_forget", "fisher_retain", "select_and_reset", "repair")
@@ -261,12 +269,22 @@ class DeepCleanUnlearner:
             },
             "repair": repair,
             "timings": timings,
+            "ratio_histogram": ratio_histogram,
+            "loss_histograms": loss_histograms({"before": outputs_before, "after": outputs_after}),
         }
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             with timer("save"):
                 self.save(results)
             results["timings"]["save"] = timer.seconds["save"]
+            if self.output_args.push_to_hub:
+                commit = push_output_dir(
+                    self.output_args.output_dir,
+                    self.output_args.hub_model_id,
+                    private=self.output_args.hub_private_repo,
+                    revision=self.output_args.hub_revision,
+                )
+                results["hub_commit_url"] = commit.commit_url
         return results
 
     # -- output --------------------------------------------------------------------------------------------------
@@ -308,7 +326,7 @@ class DeepCleanUnlearner:
             self.processor.save_pretrained(staging)
             (staging / CONFIG_NAME).write_text(to_json(record))
             (staging / RESULTS_NAME).write_text(to_json(results))
-            render_model_card(record, results).save(staging / "README.md")
+            save_model_card(staging, record, results)
         logger.info(f"Saved the cleaned model to {self.output_args.output_dir}", main_process_only=True)
         return Path(self.output_args.output_dir)
 
