@@ -8,6 +8,7 @@ passed around, logged or written by this package. A push that fails leaves the l
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -16,13 +17,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from accelerate.logging import get_logger
 from huggingface_hub import CommitInfo, HfApi, get_token
 
 from .errors import DeepCleanError, DeepCleanRunError
 
 
-logger = get_logger(__name__)
+# standard logging: a push runs on the main process only, and `hf-deepclean push` has no Accelerate state at all
+logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "deepclean_config.json"
 RESULTS_NAME = "deepclean_results.json"
@@ -183,5 +184,5 @@ def push_output_dir(
             f"--hub_model_id: could not push to {repo_id!r} ({type(error).__name__}: {_one_line(error)}); the local "
             f"folder {str(folder)!r} is intact, retry with `{retry}`."
         ) from error
-    logger.info(f"Pushed {folder} to {repo_id}: {commit.commit_url}", main_process_only=True)
+    logger.info(f"Pushed {folder} to {repo_id}: {commit.commit_url}")
     return commit
