@@ -147,6 +147,7 @@ def build_card_data(config: Mapping[str, Any], results: Mapping[str, Any]) -> Mo
             dataset_type=dataset_id or Path(args["dataset_name"]).name,
             dataset_name=display_name(args["dataset_name"]),
             dataset_config=args.get("dataset_config_name"),
+            dataset_revision=args.get("dataset_revision"),
             dataset_split=metric_split(name, dataset),
             metric_type=name,
             metric_name=name,
