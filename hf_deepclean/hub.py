@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
@@ -20,6 +21,7 @@ from typing import Any
 from huggingface_hub import CommitInfo, HfApi, get_token
 
 from .errors import DeepCleanError, DeepCleanRunError
+from .model_card import display_name
 
 
 # standard logging: a push runs on the main process only, and `hf-deepclean push` has no Accelerate state at all
@@ -106,8 +108,6 @@ def commit_message(config: Mapping[str, Any], results: Mapping[str, Any]) -> tup
 
     Only counts, the forget hash, settings and metrics appear: never rows, ids or local paths.
     """
-    from .model_card import display_name
-
     args, forget = config["arguments"], config["forget"]
     total = results["reset"]["per_parameter"]["__total__"]
     before, after = results["metrics"]["before"], results["metrics"]["after"]
@@ -175,14 +175,12 @@ def push_output_dir(
             commit_description=description,
         )
     except Exception as error:  # network, auth, server: every failure becomes one line with the way to retry
-        retry = f"hf-deepclean push {folder} --hub_model_id {repo_id}"
-        if revision:
-            retry += f" --hub_revision {revision}"
-        if not private:
-            retry += " --hub_private_repo false"
+        retry = ["hf-deepclean", "push", str(folder), "--hub_model_id", repo_id]
+        retry += ["--hub_revision", revision] if revision else []
+        retry += [] if private else ["--hub_private_repo", "false"]
         raise DeepCleanRunError(
             f"--hub_model_id: could not push to {repo_id!r} ({type(error).__name__}: {_one_line(error)}); the local "
-            f"folder {str(folder)!r} is intact, retry with `{retry}`."
+            f"folder {str(folder)!r} is intact, retry with `{shlex.join(retry)}`."
         ) from error
     logger.info(f"Pushed {folder} to {repo_id}: {commit.commit_url}")
     return commit

@@ -93,7 +93,8 @@ def loss_histograms(
         bins: number of bins.
 
     Returns:
-        `{"bin_edges": [...], "counts": {stage: {split: [...]}}, "means": {stage: {split: float}}}`.
+        `{"bin_edges": [...], "counts": {stage: {split: [...]}}}`; losses below `MIN_LOSS` (a memorised row can
+        reach exactly 0) count in the first bin.
     """
     losses = {}
     for stage, values in outputs.items():
