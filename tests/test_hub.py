@@ -183,6 +183,7 @@ def test_unlearn_by_repo_ids_pushes_one_private_commit(hub_server, cleaned_run, 
     assert "Fisher" in unlearned.stderr or "Reset" in unlearned.stderr  # the logs were captured
     for needle in (CANARY, hub_server.token):
         assert needle not in outputs
+        assert needle not in json.dumps(repo)  # commit messages and descriptions
         assert _files_containing(needle, output_dir, hub_server.files(CLEANED_REPO), Path(report["snapshot"])) == []
     # ...while the seeded dataset on the server does hold it: the search would have found a leak
     assert _files_containing(CANARY, hub_server.files(DATASET_REPO, "v1", "dataset"))

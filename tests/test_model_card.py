@@ -30,6 +30,8 @@ from hf_deepclean.plots import PLOT_FILES, available_plots, fisher_ratio_histogr
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "model_cards" / "example"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# offline and quiet: the build backend (hatchling) comes from the dev extra, nothing is fetched
+PIP = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input", "-q"]
 
 
 def test_card_matches_the_golden_example(tmp_path):
@@ -151,7 +153,7 @@ def test_card_renders_after_a_plain_pip_install(tmp_path):
     """`pip install .` (not editable) into a separate folder: the template ships inside the package."""
     site = tmp_path / "site"
     build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", tmp_path, ROOT],
+        [*PIP, "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-w", tmp_path, ROOT],
         capture_output=True,
         text=True,
         timeout=300,
@@ -163,7 +165,7 @@ def test_card_renders_after_a_plain_pip_install(tmp_path):
     assert "hf_deepclean/model_cards/deepclean_template.md" in names
     assert not any(name.startswith("hf_deepclean/model_cards/example") for name in names)
     install = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", site, wheel],
+        [*PIP, "install", "--no-deps", "--no-index", "--target", site, wheel],
         capture_output=True,
         text=True,
         timeout=300,
