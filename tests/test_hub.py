@@ -44,7 +44,7 @@ import sys
 from datasets import load_from_disk
 from huggingface_hub import HfApi
 
-model_dir, data_dir = sys.argv[1:3]
+model_dir, data_dir, image_model_dir = sys.argv[1:4]
 api = HfApi()
 # The weights stay on branch v1 only: loading `main` fails, so a run that succeeds has honoured --revision v1.
 api.create_repo("org/tiny-bert", private=False)
@@ -55,6 +55,11 @@ api.delete_file("model.safetensors", repo_id="org/tiny-bert", commit_message="dr
 load_from_disk(data_dir).push_to_hub("org/reviews", private=True)
 api.create_branch("org/reviews", branch="v1", repo_type="dataset")
 api.delete_folder("data", repo_id="org/reviews", repo_type="dataset", commit_message="drop the data on main")
+# An image model whose processor exists on v1 only.
+api.create_repo("org/tiny-vit", private=True)
+api.upload_folder(folder_path=image_model_dir, repo_id="org/tiny-vit", commit_message="tiny ViT")
+api.create_branch("org/tiny-vit", branch="v1")
+api.delete_file("preprocessor_config.json", repo_id="org/tiny-vit", commit_message="drop the processor on main")
 """
 
 VERIFY_SCRIPT = """
@@ -63,15 +68,21 @@ import torch
 from huggingface_hub import ModelCard, snapshot_download
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-repo_id, revision, local_dir = sys.argv[1:4]
+repo_id, revision, local_dir, image_repo = sys.argv[1:5]
 folder = snapshot_download(repo_id, revision=revision)
 model = AutoModelForSequenceClassification.from_pretrained(repo_id, revision=revision)
 AutoTokenizer.from_pretrained(repo_id, revision=revision)
 local = AutoModelForSequenceClassification.from_pretrained(local_dir)
 same = all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), local.state_dict().values()))
 card = ModelCard.load(repo_id)
+# hf_deepclean's own loaders, by repo id and revision, for an image model and its processor
+from hf_deepclean.config import ModelArguments
+from hf_deepclean.modeling import load_model, load_processor
+image_args = ModelArguments(image_repo, revision="v1")
+processor = type(load_processor(image_args, "image-classification")).__name__
+image_model = type(load_model(image_args, "image-classification")).__name__
 print(json.dumps({"snapshot": folder, "same_weights": same, "num_labels": model.config.num_labels,
-                  "card": card.data.to_dict()}))
+                  "card": card.data.to_dict(), "image": [image_model, processor]}))
 """
 
 
@@ -109,11 +120,12 @@ def _reviews_with_canary() -> DatasetDict:
 
 
 @pytest.fixture(scope="module")
-def cleaned_run(hub_server, text_model_dir, tmp_path_factory):
+def cleaned_run(hub_server, text_model_dir, image_model_dir, tmp_path_factory):
     """Seed a model and a dataset repo, then `hf-deepclean unlearn` them by repo id with `--push_to_hub`."""
     work = tmp_path_factory.mktemp("hub-run")
     _reviews_with_canary().save_to_disk(str(work / "reviews"))
-    seeded = _run([sys.executable, "-c", SEED_SCRIPT, str(text_model_dir), str(work / "reviews")], hub_server.env())
+    seed_args = [sys.executable, "-c", SEED_SCRIPT, str(text_model_dir), str(work / "reviews"), str(image_model_dir)]
+    seeded = _run(seed_args, hub_server.env())
     assert seeded.returncode == 0, seeded.stderr[-3000:]
     shutil.rmtree(work / "reviews")  # the rows with the canary now live on the server only
     ids_file = work / "deletion_request.txt"
@@ -167,10 +179,12 @@ def test_unlearn_by_repo_ids_pushes_one_private_commit(hub_server, cleaned_run, 
     assert {"deepclean_fisher_ratios.png", "deepclean_reset_per_module.png", "deepclean_losses.png"} <= set(pushed)
 
     # a fresh client downloads it and reloads the very same weights; the card's front matter names the repos
-    verified = _run([sys.executable, "-c", VERIFY_SCRIPT, CLEANED_REPO, "main", str(output_dir)], hub_server.env())
+    verify_args = [sys.executable, "-c", VERIFY_SCRIPT, CLEANED_REPO, "main", str(output_dir), "org/tiny-vit"]
+    verified = _run(verify_args, hub_server.env())
     assert verified.returncode == 0, verified.stderr[-3000:]
     report = json.loads(verified.stdout.strip().splitlines()[-1])
     assert report["same_weights"] is True and report["num_labels"] == 2
+    assert report["image"][0] == "ViTForImageClassification" and report["image"][1].startswith("ViTImageProcessor")
     card = report["card"]
     assert card["base_model"] == MODEL_REPO and card["datasets"] == [DATASET_REPO]
     assert {"hf_deepclean", "machine-unlearning"} <= set(card["tags"])
