@@ -20,6 +20,8 @@ from .errors import DeepCleanError
 
 
 TASKS = ("text-classification", "image-classification")
+# `datasets` builders that read local files given with --data_files (a --dataset_name, but never a Hub id)
+FILE_BUILDERS = ("csv", "json", "parquet", "text")
 # transformers schedules that need no arguments beyond warm-up and step counts
 SCHEDULERS = (
     "linear",

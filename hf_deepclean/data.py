@@ -20,11 +20,10 @@ from datasets import ClassLabel, Dataset, DatasetDict, Image, Value, load_datase
 from torch.utils.data import DataLoader
 from transformers import PretrainedConfig
 
-from .config import DataArguments
+from .config import FILE_BUILDERS, DataArguments
 from .errors import DeepCleanError
 
 
-FILE_BUILDERS = ("csv", "json", "parquet", "text")
 TEXT_COLUMN_NAMES = ("text", "sentence", "content", "review", "document")
 IMAGE_COLUMN_NAMES = ("image", "img")
 LABEL_COLUMN_NAMES = ("label", "labels")

@@ -18,8 +18,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from .config import DeepCleanConfig
-from .data import FILE_BUILDERS
+from .config import FILE_BUILDERS, DeepCleanConfig
 from .plots import available_plots, save_plots
 
 

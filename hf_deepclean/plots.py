@@ -14,10 +14,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
+
+
+if TYPE_CHECKING:
+    import torch
 
 
 RATIO_BINS = 60
@@ -47,6 +50,8 @@ def fisher_ratio_histogram(
         ratio of 0 (no Fisher information on the forget set), which have no logarithm; `threshold` is the
         smallest ratio among the selected elements (`None` when nothing was selected).
     """
+    import torch  # here, not at the top: rendering a card (`hf-deepclean push`) does not need torch
+
     low, high, zeros, total = math.inf, -math.inf, 0, 0
     for ratio in ratios.values():
         positive = ratio[ratio > 0]
