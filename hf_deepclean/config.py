@@ -69,11 +69,20 @@ class ModelArguments:
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow custom modelling code from the model repository (off by default)."}
     )
+    adapter_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "A peft adapter (Hub id or local folder) to load onto the model; see --scope adapter."},
+    )
+    adapter_revision: str = field(default="main", metadata={"help": "Branch, tag or commit of the adapter."})
 
     def __post_init__(self):
         if not isinstance(self.model_name_or_path, str) or not self.model_name_or_path.strip():
             raise DeepCleanError(
                 f"--model_name_or_path: got {self.model_name_or_path!r}; expected a Hub id or a local folder."
+            )
+        if self.adapter_name_or_path is not None and not str(self.adapter_name_or_path).strip():
+            raise DeepCleanError(
+                f"--adapter_name_or_path: got {self.adapter_name_or_path!r}; expected a Hub id or a local folder."
             )
         _check_choice("task", self.task, ("auto", *TASKS))
 
@@ -158,7 +167,26 @@ class DeepCleanConfig:
         },
     )
     scope: str = field(
-        default="all", metadata={"help": "Parameters to consider: `all` trainable parameters.", "choices": ("all",)}
+        default="all",
+        metadata={
+            "help": "Parameters to compute, select and reset: `all` trainable parameters, or `adapter`: only the "
+            "weights of the peft adapter (--adapter_name_or_path); base weights then stay unchanged.",
+            "choices": ("all", "adapter"),
+        },
+    )
+    fisher_chunk_memory_mb: float = field(
+        default=256.0,
+        metadata={
+            "help": "Bound (MiB) on the per-sample gradients the Fisher engine holds at once for one layer (and on "
+            "the per-sample stash of a tied parameter); lower it to save memory at some speed."
+        },
+    )
+    fisher_cache: str | None = field(
+        default=None,
+        metadata={
+            "help": "Fisher sums of the full training split written by `hf-deepclean fisher`: the retain Fisher is "
+            "derived from it and one pass over the forget set, instead of a pass over the retain set."
+        },
     )
     gamma: float | None = field(
         default=None,
@@ -196,7 +224,11 @@ class DeepCleanConfig:
 
     def __post_init__(self):
         _check_choice("fisher_type", self.fisher_type, ("empirical", "true"))
-        _check_choice("scope", self.scope, ("all",))
+        _check_choice("scope", self.scope, ("all", "adapter"))
+        if not (isinstance(self.fisher_chunk_memory_mb, int | float) and 0 < self.fisher_chunk_memory_mb < math.inf):
+            raise DeepCleanError(
+                f"--fisher_chunk_memory_mb: got {self.fisher_chunk_memory_mb!r}; expected a number of MiB > 0."
+            )
         _check_choice("reset", self.reset, ("init", "zero"))
         _check_choice("lr_scheduler_type", self.lr_scheduler_type, SCHEDULERS)
         _check_positive("gamma", self.gamma)

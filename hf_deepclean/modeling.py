@@ -98,6 +98,31 @@ def load_model(model_args: ModelArguments, task: str, config: PretrainedConfig |
     return model.eval()
 
 
+def load_adapter(model: nn.Module, model_args: ModelArguments) -> nn.Module:
+    """Load the peft adapter named by `--adapter_name_or_path` onto `model`, trainable (for the repair).
+
+    Returns:
+        The `PeftModel`; `model` itself when no adapter is asked for.
+    """
+    if model_args.adapter_name_or_path is None:
+        return model
+    from peft import PeftModel
+
+    try:
+        adapted = PeftModel.from_pretrained(
+            model,
+            model_args.adapter_name_or_path,
+            revision=model_args.adapter_revision,
+            is_trainable=True,
+        )
+    except (OSError, ValueError, KeyError) as error:
+        raise DeepCleanError(
+            f"--adapter_name_or_path: could not load {model_args.adapter_name_or_path!r}: {_first_line(error)}; "
+            "expected a peft adapter folder or Hub id (adapter_config.json and adapter weights)."
+        ) from error
+    return adapted.eval()
+
+
 SCOPES = ("all", "adapter")
 
 

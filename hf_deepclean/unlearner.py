@@ -39,7 +39,14 @@ from .evaluation import evaluate_unlearning
 from .fisher import compute_fisher_diagonal
 from .hub import atomic_output_dir, check_output_dir
 from .model_card import module_reset_shares, render_model_card
-from .modeling import get_parameters_in_scope, infer_task, load_model, load_model_config, load_processor
+from .modeling import (
+    get_parameters_in_scope,
+    infer_task,
+    load_adapter,
+    load_model,
+    load_model_config,
+    load_processor,
+)
 from .reset import (
     compute_fisher_ratio,
     repair_selected_weights,
@@ -142,7 +149,7 @@ class DeepCleanUnlearner:
         self.data = prepare_unlearning_data(
             self.data_args, splits, self.task, model_config, self.processor, seed=self.output_args.seed
         )
-        model = load_model(self.model_args, self.task, model_config)
+        model = load_adapter(load_model(self.model_args, self.task, model_config), self.model_args)
         self.model = self.accelerator.prepare_model(model, evaluation_mode=True)
         logger.info(
             f"Forget set: {self.data.selection.num_rows} rows of split {self.data.selection.split!r}; retain set: "
@@ -213,6 +220,7 @@ class DeepCleanUnlearner:
                     accelerator=self.accelerator,
                     seed=self.output_args.seed,
                     desc=f"Fisher {split}",
+                    chunk_memory_mb=method.fisher_chunk_memory_mb,
                 )
         with timer("select_and_reset"):
             ratios = compute_fisher_ratio(fisher["forget"], fisher["retain"], method.eps)

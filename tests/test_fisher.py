@@ -417,3 +417,34 @@ def test_bf16_autocast_accumulates_in_float32(bert, reviews, bert_fisher):
     # bf16 keeps ~3 significant digits: the large entries agree to a few percent
     weight = "classifier.weight"
     assert relative_error(fisher[weight], bert_fisher[weight]) < 0.1
+
+
+def test_two_processes_match_one(tmp_path):
+    """`torchrun --nproc_per_node 2` on CPU (gloo): per-rank sums, one SUM reduce, the repeats Accelerate adds
+    to even out the last batches not counted; equal to one process."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from fisher_worker import review_loader
+    from safetensors.torch import load_file
+
+    from hf_deepclean.fisher import accumulate_fisher_sums
+
+    output = tmp_path / "fisher.safetensors"
+    tests_dir = Path(__file__).parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests_dir), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    result = subprocess.run(
+        [*command, str(tests_dir / "fisher_worker.py"), str(output)], env=env, capture_output=True, text=True
+    )
+    assert output.exists(), result.stderr[-3000:]
+    two = load_file(output)
+    assert float(two.pop("__processes__")) == 2.0
+    assert float(two.pop("__count__")) == 13.0  # 16 samples were run: 3 repeats dropped
+
+    model, tokenizer = build_tiny_bert()
+    one, count = accumulate_fisher_sums(model, review_loader(tokenizer))
+    assert count == 13
+    assert_fisher_close(two, one, rtol=1e-6)
