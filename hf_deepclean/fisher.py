@@ -10,7 +10,7 @@ right there, then frees both. Parameters are switched to `requires_grad=False` f
 gradient, which is not needed, is never computed: the per-sample rules replace it at about the same cost.
 
 Rules: `nn.Linear` (and transformers' `Conv1D`) with or without a sequence axis, `nn.Embedding` (padding index
-respected), `nn.LayerNorm` / `nn.RMSNorm`, `nn.Conv2d`; peft's LoRA layers are covered by the `nn.Linear` rule
+respected), `nn.LayerNorm` / `nn.RMSNorm`, `nn.Conv2d`, eval-mode `nn.BatchNorm*d`; peft's LoRA layers are covered by the `nn.Linear` rule
 on their `lora_A` / `lora_B` sub-layers. Any other module that owns parameters in scope (for example ViT's
 `cls_token`, a custom RMSNorm) gets per-sample gradients from `torch.func` (`vmap` over samples of the module's
 vector-Jacobian product with the captured output gradient), or from a loop over samples if `vmap` cannot trace
@@ -97,26 +97,59 @@ class _Sink:
 
     A parameter with one use per pass takes squared contributions directly. A parameter with several uses
     (tied, shared) collects its per-sample gradients in a `[N, *shape]` stash, squared and summed by `flush()`.
+
+    Tied input/output embeddings (one `nn.Embedding` call and one `nn.Linear` call on the same `[V, d]` weight)
+    avoid the stash: a sample's gradient is `D_n + S_n` with `D_n` dense (output layer) and `S_n` non-zero only on
+    the rows of the sample's tokens, so `sum_n (D_n + S_n)² = sum_n D_n² + sum_n (2 D_n S_n + S_n²)` where the
+    second sum only involves those rows. `D_n²` is added as for any layer; the rows of `D_n` at the sample's
+    tokens are kept (`tied_dense`), and the cross terms are added when the embedding's rows `S_n` arrive.
     """
 
     def __init__(self, params: Mapping[str, nn.Parameter]):
         self.sums = {name: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for name, p in params.items()}
         self.shared: set[str] = set()
         self.stash: dict[str, torch.Tensor] = {}
+        self.sparse_tied: set[str] = set()
+        self.tied_keys: dict[str, torch.Tensor] = {}  # sorted `sample * V + row` of each sample's tokens
+        self.tied_dense: dict[str, torch.Tensor] = {}
+        self.tied_sparse: dict[str, torch.Tensor] = {}
         self.batch_size = 0
+        # valid length of each sample of the current pass (trailing padding cut), and the padded length
+        self.lengths: torch.Tensor | None = None
+        self.padded_length = 0
 
     def add_squares(self, name: str, squares: torch.Tensor) -> None:
         """Add `sum_n (per-sample gradient)²`, computed by a rule that never materialised the gradients."""
         self.sums[name].add_(squares)
 
-    def add_per_sample(self, name: str, grads: torch.Tensor, start: int) -> None:
-        """Add per-sample gradients `[c, *shape]` of samples `start .. start + c` of the current pass."""
-        if name not in self.shared:
-            self.sums[name].add_(grads.square().sum(0))
+    def add_per_sample(self, name: str, grads: torch.Tensor, samples: int | torch.Tensor = 0) -> None:
+        """Add per-sample gradients `[c, *shape]` of samples `samples .. samples + c` (or of the listed samples)."""
+        if name in self.sparse_tied:
+            self._keep_token_rows(name, grads, samples)
+        if name not in self.shared or name in self.sparse_tied:
+            self.sums[name].add_(grads.square_().sum(0) if grads.is_contiguous() else grads.square().sum(0))
             return
         if name not in self.stash:
             self.stash[name] = grads.new_zeros((self.batch_size, *self.sums[name].shape))
-        self.stash[name][start : start + grads.shape[0]].add_(grads)
+        if isinstance(samples, torch.Tensor):
+            self.stash[name].index_add_(0, samples, grads)
+        else:
+            self.stash[name][samples : samples + grads.shape[0]].add_(grads)
+
+    def _keep_token_rows(self, name: str, grads: torch.Tensor, samples: int | torch.Tensor) -> None:
+        keys = self.tied_keys[name]
+        num_rows = self.sums[name].shape[0]
+        key_samples, key_rows = keys // num_rows, keys % num_rows
+        position = torch.full((self.batch_size,), -1, dtype=torch.long, device=keys.device)
+        if isinstance(samples, torch.Tensor):
+            position[samples] = torch.arange(len(samples), device=keys.device)
+        else:
+            position[samples : samples + grads.shape[0]] = torch.arange(grads.shape[0], device=keys.device)
+        position = position[key_samples]
+        hit = position >= 0
+        if name not in self.tied_dense:
+            self.tied_dense[name] = grads.new_zeros((len(keys), *grads.shape[2:]))
+        self.tied_dense[name][hit] += grads[position[hit], key_rows[hit]]
 
     def add_rows(self, name: str, rows: torch.Tensor, index: torch.Tensor, sample: torch.Tensor) -> None:
         """Add row-sparse per-sample gradients: `rows[k]` goes to row `index[k]` of sample `sample[k]`.
@@ -125,6 +158,14 @@ class _Sink:
         """
         num_rows = self.sums[name].shape[0]
         keys = sample * num_rows + index
+        if name in self.sparse_tied:
+            tied_keys = self.tied_keys[name]
+            per_key = rows.new_zeros((len(tied_keys), *rows.shape[1:]))
+            per_key.index_add_(0, torch.searchsorted(tied_keys, keys), rows)
+            if name in self.tied_sparse:
+                per_key += self.tied_sparse[name]
+            self.tied_sparse[name] = per_key
+            return
         if name in self.shared:
             if name not in self.stash:
                 self.stash[name] = rows.new_zeros((self.batch_size, *self.sums[name].shape))
@@ -139,6 +180,12 @@ class _Sink:
         for name, grads in self.stash.items():
             self.sums[name].add_(grads.square().sum(0))
         self.stash.clear()
+        for name, sparse in self.tied_sparse.items():
+            dense = self.tied_dense.get(name)
+            cross = sparse.square() if dense is None else sparse * (2 * dense + sparse)
+            self.sums[name].index_add_(0, self.tied_keys[name] % self.sums[name].shape[0], cross)
+        self.tied_sparse.clear()
+        self.tied_dense.clear()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -157,6 +204,7 @@ class _Use:
 
     inputs: tuple
     kwargs: dict
+    rule: _Rule | None = None
     versions: list[tuple[torch.Tensor, int]] = field(default_factory=list)
 
 
@@ -173,22 +221,38 @@ class _Rule:
         raise NotImplementedError
 
 
+# samples per length bucket when trailing padding is cut from per-sample products
+_BUCKET = 8
+
+
 def _per_sample_linear(sink: _Sink, name: str, a: torch.Tensor, g: torch.Tensor, budget: int, transpose: bool):
-    """Weight of `y = a W^T` (`[out, in]`, or `[in, out]` when `transpose`) from `a` `[N, T, in]`, `g` `[N, T, out]`."""
-    n, _, d_in = a.shape
+    """Weight of `y = a W^T` (`[out, in]`, or `[in, out]` when `transpose`) from `a` `[N, T, in]`, `g` `[N, T, out]`.
+
+    Per sample, `sum_t g_t a_tᵀ` is one matrix product. With padded sequences, samples are sorted by length and
+    multiplied in buckets cut to their longest member, so trailing padding costs nothing.
+    """
+    n, length, d_in = a.shape
     d_out = g.shape[-1]
-    if a.shape[1] == 1 and name not in sink.shared:
+    if length == 1 and name not in sink.shared:
         # no sequence axis: sum_n (g_n a_nᵀ)² = (g²)ᵀ (a²), one matrix product (BackPACK's SumGradSquared)
         squares = g[:, 0].square().T @ a[:, 0].square()
         sink.add_squares(name, squares.T if transpose else squares)
         return
-    for chunk in _chunks(n, 4 * d_in * d_out, budget):
-        grads = (
-            torch.bmm(a[chunk].transpose(1, 2), g[chunk])
-            if transpose
-            else torch.bmm(g[chunk].transpose(1, 2), a[chunk])
-        )
-        sink.add_per_sample(name, grads, chunk.start)
+
+    def product(a_part, g_part):
+        return torch.bmm(a_part.transpose(1, 2), g_part) if transpose else torch.bmm(g_part.transpose(1, 2), a_part)
+
+    per_sample_bytes = 4 * d_in * d_out
+    if sink.lengths is None or length != sink.padded_length or bool((sink.lengths == length).all()):
+        for chunk in _chunks(n, per_sample_bytes, budget):
+            sink.add_per_sample(name, product(a[chunk], g[chunk]), chunk.start)
+        return
+    order = torch.argsort(sink.lengths, descending=True)
+    size = max(1, min(_BUCKET, budget // per_sample_bytes))
+    for start in range(0, n, size):
+        samples = order[start : start + size]
+        cut = int(sink.lengths[samples[0]])
+        sink.add_per_sample(name, product(a[samples, :cut], g[samples, :cut]), samples)
 
 
 class _LinearRule(_Rule):
@@ -211,16 +275,29 @@ class _Conv1DRule(_LinearRule):
 
 
 class _EmbeddingRule(_Rule):
-    def backward(self, use, grad_outputs):
-        (g,) = grad_outputs
+    def _tokens(self, use: _Use) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`(ids [N, L], keep [N, L], sample [N, L])`: the positions that carry gradient to the weight."""
         ids = _first_input(use)
         n = ids.shape[0]
         ids = ids.reshape(n, -1)
-        g = g.float().reshape(n, ids.shape[1], -1)
         sample = torch.arange(n, device=ids.device).unsqueeze(1).expand_as(ids)
         keep = torch.ones_like(ids, dtype=torch.bool)
         if self.module.padding_idx is not None:  # nn.Embedding gives the padding row no gradient
             keep = ids != self.module.padding_idx
+        lengths = self.sink.lengths
+        if lengths is not None and ids.shape[1] == self.sink.padded_length:  # trailing padding is not the sample's
+            keep &= torch.arange(ids.shape[1], device=ids.device)[None, :] < lengths[:, None].to(ids.device)
+        return ids, keep, sample
+
+    def row_keys(self, use: _Use) -> torch.Tensor:
+        """Sorted unique `sample * num_embeddings + token id` over the kept positions."""
+        ids, keep, sample = self._tokens(use)
+        return torch.unique(sample[keep] * self.module.num_embeddings + ids[keep])
+
+    def backward(self, use, grad_outputs):
+        (g,) = grad_outputs
+        ids, keep, sample = self._tokens(use)
+        g = g.float().reshape(*ids.shape, -1)
         self.sink.add_rows(self.params["weight"], g[keep], ids[keep], sample[keep])
 
 
@@ -241,6 +318,23 @@ class _NormRule(_Rule):
             self.sink.add_per_sample(self.params["weight"], (g * x_hat.reshape(g.shape)).sum(1), 0)
         if "bias" in self.params:
             self.sink.add_per_sample(self.params["bias"], g.sum(1), 0)
+
+
+class _BatchNormRule(_Rule):
+    """`nn.BatchNorm*d` in eval mode: an affine map of `x̂ = (x - running_mean) / sqrt(running_var + eps)`."""
+
+    def backward(self, use, grad_outputs):
+        (g,) = grad_outputs
+        bn = self.module
+        x = _first_input(use).float()
+        n, channels = x.shape[0], x.shape[1]
+        shape = (1, channels) + (1,) * (x.dim() - 2)
+        x_hat = (x - bn.running_mean.float().view(shape)) * torch.rsqrt(bn.running_var.float().view(shape) + bn.eps)
+        g = g.float()
+        if "weight" in self.params:
+            self.sink.add_per_sample(self.params["weight"], (g * x_hat).reshape(n, channels, -1).sum(-1), 0)
+        if "bias" in self.params:
+            self.sink.add_per_sample(self.params["bias"], g.reshape(n, channels, -1).sum(-1), 0)
 
 
 class _Conv2dRule(_Rule):
@@ -345,6 +439,8 @@ def _rule_class(module: nn.Module, local_names: set[str]) -> type[_Rule]:
         return _EmbeddingRule
     if kind in (nn.LayerNorm, nn.RMSNorm) and local_names <= {"weight", "bias"}:
         return _NormRule
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not module.training and module.track_running_stats:
+        return _BatchNormRule
     if kind is nn.Conv2d and module.padding_mode == "zeros" and not isinstance(module.padding, str):
         return _Conv2dRule
     return _FunctionalRule
@@ -384,6 +480,11 @@ class _FisherEngine:
                 self.module_names.setdefault(name, f"{module_name} ({type(module).__name__})")
             self.rules[module] = _rule_class(module, set(local))(module, local, self.sink, self.budget_bytes)
         self.sink.shared = {name for name, count in owners.items() if count > 1}
+        # tied input/output embeddings: exactly one Embedding and one Linear own the weight
+        for name in self.sink.shared:
+            kinds = sorted(type(r).__name__ for r in self.rules.values() if r.params.get("weight") == name)
+            if owners[name] == 2 and kinds in (["_EmbeddingRule", "_LinearRule"], ["_Conv1DRule", "_EmbeddingRule"]):
+                self.sink.sparse_tied.add(name)
         self.roots: list[torch.Tensor] = []
         self.uses: list[_Use] = []
         self.partial: list[tuple[_Rule, _Use, list]] = []
@@ -411,6 +512,7 @@ class _FisherEngine:
         use = _Use(
             tuple(_saved(a, self.copy_inputs) for a in args),
             {k: _saved(v, self.copy_inputs) for k, v in kwargs.items()},
+            rule,
         )
         saved = pytree.tree_leaves((use.inputs, use.kwargs))
         use.versions = [(t, t._version) for t in saved if isinstance(t, torch.Tensor)]
@@ -475,7 +577,7 @@ class _FisherEngine:
     # -- passes ---------------------------------------------------------------------------------------------
 
     def micro_batch_size(self, batch_size: int) -> int:
-        stashed = sum(self.sink.sums[name].numel() for name in self.sink.shared) * 4
+        stashed = sum(self.sink.sums[name].numel() for name in self.sink.shared - self.sink.sparse_tied) * 4
         if not stashed:
             return batch_size
         return max(1, min(batch_size, self.budget_bytes // stashed))
@@ -503,6 +605,12 @@ class _FisherEngine:
 
     def _run_micro_batch(self, batch, labels, fisher_type, seed, first_index) -> None:
         self.sink.batch_size = labels.shape[0]
+        mask = batch.get("attention_mask")
+        self.sink.lengths = None
+        if mask is not None and mask.dim() == 2:
+            positions = torch.arange(1, mask.shape[1] + 1, device=mask.device)
+            self.sink.lengths = (positions * (mask != 0)).amax(dim=1).clamp(min=1)
+            self.sink.padded_length = mask.shape[1]
         self.calls.clear()
         with torch.enable_grad():
             logits = self.model(**batch).logits
@@ -512,6 +620,14 @@ class _FisherEngine:
             # a module called more than once (a shared layer): contributions must be summed before squaring
             self.sink.shared |= new_shared
             raise _Retry
+        self.sink.tied_keys.clear()
+        for name in list(self.sink.sparse_tied):
+            uses = [use for use in self.uses if use.rule.params.get("weight") == name]
+            if self.calls.get(name, 0) != 2 or len(uses) != 2:
+                self.sink.sparse_tied.discard(name)  # not one call each: fall back to the stash
+                raise _Retry
+            (embedding_use,) = [use for use in uses if isinstance(use.rule, _EmbeddingRule)]
+            self.sink.tied_keys[name] = embedding_use.rule.row_keys(embedding_use)
         if any(t._version != v for use in self.uses for t, v in use.versions):
             self.copy_inputs = True  # the model changes layer inputs in place after use: keep copies
             raise _Retry
@@ -627,7 +743,8 @@ def accumulate_fisher_sums(
         sums = accelerator.reduce(sums, reduction="sum")
         count = int(accelerator.reduce(torch.tensor(count, device=accelerator.device), reduction="sum"))
     for name, total in sums.items():
-        if not torch.isfinite(total).all():
+        # the entries are >= 0 (or NaN), so their sum is finite exactly when all of them are
+        if not math.isfinite(float(total.sum())):
             raise DeepCleanRunError(
                 f"{desc}: the Fisher diagonal of {name!r} in module {engine.module_names.get(name, '?')} is not "
                 "finite; check the model's numerics (dtype, loss scale) and the data."

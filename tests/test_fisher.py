@@ -215,7 +215,7 @@ def test_empty_dataloader_raises(bert):
 
 
 def build_tiny_resnet(seed: int = 0):
-    """Conv2d without bias, BatchNorm2d (eval: an affine layer, through the torch.func fallback), Linear head."""
+    """Conv2d without bias, BatchNorm2d (eval mode: an affine layer), Linear head."""
     from transformers import ResNetConfig, ResNetForImageClassification
 
     torch.manual_seed(seed)
