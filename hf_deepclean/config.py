@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from .errors import DeepCleanError
 
@@ -91,6 +91,8 @@ class ModelArguments:
 class DataArguments:
     """Which data the model was trained on, and which of it to forget."""
 
+    forget_required: ClassVar[bool] = True
+
     dataset_name: str = field(
         metadata={
             "help": "Hub dataset id, a `Dataset.save_to_disk` folder, or a builder name (`csv`, `json`, `parquet`) "
@@ -142,7 +144,9 @@ class DataArguments:
             raise DeepCleanError(
                 f"--dataset_name: got {self.dataset_name!r}; expected a Hub id, a folder or csv/json/parquet."
             )
-        if not isinstance(self.forget, str) or not self.forget.strip():
+        if self.forget is None and not self.forget_required:
+            pass  # `hf-deepclean fisher` over the whole training split
+        elif not isinstance(self.forget, str) or not self.forget.strip():
             raise DeepCleanError(f"--forget: got {self.forget!r}; expected a forget specification such as random:0.1.")
         for name in ("max_length", "max_retain_samples", "max_eval_samples"):
             value = getattr(self, name)
@@ -274,6 +278,40 @@ class OutputArguments:
 
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, DeepCleanConfig, OutputArguments)
+
+
+@dataclass
+class FisherDataArguments(DataArguments):
+    """The data of `hf-deepclean fisher`: as for `unlearn`, but `--forget` is optional (default: every row)."""
+
+    forget_required: ClassVar[bool] = False
+    forget: str | None = field(
+        default=None,
+        metadata={
+            "help": "Sum over these rows of the training split only (a forget specification, as for `unlearn`); "
+            "default: every row, the cache `unlearn --fisher_cache` takes."
+        },
+    )
+
+
+@dataclass
+class FisherOutputArguments:
+    """Where `hf-deepclean fisher` writes the sums."""
+
+    fisher_output: str = field(
+        metadata={"help": "The .safetensors file to write the Fisher sums and their metadata to."}
+    )
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an existing --fisher_output."})
+    seed: int = field(default=42, metadata={"help": "Seed for `random:` row specs and label sampling."})
+
+    def __post_init__(self):
+        if not isinstance(self.fisher_output, str) or not self.fisher_output.endswith(".safetensors"):
+            raise DeepCleanError(
+                f"--fisher_output: got {self.fisher_output!r}; expected a path ending in .safetensors."
+            )
+
+
+FISHER_ARGUMENT_CLASSES = (ModelArguments, FisherDataArguments, DeepCleanConfig, FisherOutputArguments)
 
 
 def arguments_to_dict(*arguments) -> dict[str, Any]:

@@ -786,6 +786,16 @@ def compute_fisher_diagonal(
         desc=desc,
         chunk_memory_mb=chunk_memory_mb,
     )
+    return fisher_from_sums(sums, count, desc)
+
+
+def fisher_from_sums(sums: FisherDiagonal, count: int, desc: str = "Fisher") -> FisherDiagonal:
+    """The mean `sums / count`, checked.
+
+    Raises:
+        DeepCleanError: if `count` is 0 (no sample).
+        DeepCleanRunError: if the result is not finite.
+    """
     if count == 0:
         raise DeepCleanError(f"{desc}: the data set is empty; expected at least one sample.")
     fisher = {name: total / count for name, total in sums.items()}
