@@ -1,4 +1,4 @@
-"""`hf-deepclean` command line: `unlearn`, `push` and `demo`.
+"""`hf-deepclean` command line: `unlearn`, `fisher`, `push` and `demo`.
 
 User errors (`DeepCleanError`) print one line on stderr and exit non-zero without a traceback; `--debug` shows it.
 """
@@ -17,12 +17,14 @@ import yaml
 from transformers import HfArgumentParser
 from transformers.hf_argparser import string_to_bool
 
-from .config import ARGUMENT_CLASSES, OutputArguments
+from .config import ARGUMENT_CLASSES, FISHER_ARGUMENT_CLASSES, OutputArguments
 from .errors import DeepCleanError
 
 
 COMMANDS = {
     "unlearn": "Make a model forget rows of its training data (DeepClean) and write the cleaned checkpoint.",
+    "fisher": "Compute a model's Fisher sums over its training split once and save them, so that later deletion "
+    "requests (`unlearn --fisher_cache`) cost one pass over the forget set.",
     "push": "Upload an output folder of `unlearn` to the Hub in one commit (also retries a failed --push_to_hub).",
     "demo": "Train a small digits classifier, unlearn one class from it and compare with retraining (offline).",
 }
@@ -52,8 +54,10 @@ class _ArgumentParser(HfArgumentParser):
         raise DeepCleanError(message)
 
 
-def unlearn_parser() -> HfArgumentParser:
-    parser = _ArgumentParser(ARGUMENT_CLASSES, prog=f"{PROG} unlearn", description=COMMANDS["unlearn"])
+def dataclass_parser(command: str = "unlearn") -> HfArgumentParser:
+    """The parser of a command whose arguments are the dataclasses of `config.py`, plus `--config` and `--debug`."""
+    classes = FISHER_ARGUMENT_CLASSES if command == "fisher" else ARGUMENT_CLASSES
+    parser = _ArgumentParser(classes, prog=f"{PROG} {command}", description=COMMANDS[command])
     parser.add_argument(
         "--config",
         default=None,
@@ -81,13 +85,13 @@ def _load_yaml_defaults(path: str, parser: argparse.ArgumentParser) -> dict[str,
     return values
 
 
-def parse_unlearn_args(argv: Sequence[str]):
-    """Parse `unlearn` arguments: `--config FILE` values first, then command-line flags on top.
+def parse_unlearn_args(argv: Sequence[str], command: str = "unlearn"):
+    """Parse `unlearn` (or `fisher`) arguments: `--config FILE` values first, then command-line flags on top.
 
     Returns:
         `(model_args, data_args, deepclean_config, output_args, debug)`.
     """
-    parser = unlearn_parser()
+    parser = dataclass_parser(command)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
     known, _ = pre.parse_known_args(argv)
@@ -102,7 +106,7 @@ def parse_unlearn_args(argv: Sequence[str]):
         args=list(argv), return_remaining_strings=True
     )
     if remaining:
-        raise DeepCleanError(f"unrecognized arguments: {' '.join(remaining)}; see `{PROG} unlearn --help`.")
+        raise DeepCleanError(f"unrecognized arguments: {' '.join(remaining)}; see `{PROG} {command} --help`.")
     return (*arguments, namespace.debug)
 
 
@@ -152,6 +156,20 @@ def run_push(argv: Sequence[str]) -> int:
     return 0
 
 
+def run_fisher(argv: Sequence[str]) -> int:
+    from .unlearner import DeepCleanUnlearner
+
+    model_args, data_args, method, fisher_args, _ = parse_unlearn_args(argv, "fisher")
+    output_args = OutputArguments(fisher_args.fisher_output, fisher_args.overwrite_output_dir, fisher_args.seed)
+    unlearner = DeepCleanUnlearner(method, model_args, data_args, output_args)
+    info = unlearner.write_fisher_cache(fisher_args.fisher_output, fisher_args.overwrite_output_dir)
+    seconds = unlearner.timer.seconds["fisher"]
+    print(
+        f"Fisher sums over {info.count} rows of split {info.split!r} ({seconds:.1f} s) written to {fisher_args.fisher_output}"
+    )
+    return 0
+
+
 def run_demo(argv: Sequence[str]) -> int:
     from .demo import add_demo_arguments, run_demo_from_args
 
@@ -161,7 +179,7 @@ def run_demo(argv: Sequence[str]) -> int:
     return run_demo_from_args(parser.parse_args(list(argv)))
 
 
-RUNNERS = {"unlearn": run_unlearn, "push": run_push, "demo": run_demo}
+RUNNERS = {"unlearn": run_unlearn, "fisher": run_fisher, "push": run_push, "demo": run_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -613,14 +613,17 @@ def prepare_unlearning_data(
     train = splits[data_args.train_split]
     columns = resolve_columns(train, data_args, task)
     needed = [c for c in (columns.text, columns.text_pair, columns.image, columns.label) if c]
-    selection = resolve_forget_set(
-        data_args.forget,
-        splits,
-        train_split=data_args.train_split,
-        label_column=columns.label,
-        label2id=model_label_names(model_config),
-        seed=seed,
-    )
+    if data_args.forget is None:  # no forget set (`hf-deepclean fisher` over every row): retain = train
+        selection = ForgetSelection(spec="none", split=data_args.train_split, indices=[])
+    else:
+        selection = resolve_forget_set(
+            data_args.forget,
+            splits,
+            train_split=data_args.train_split,
+            label_column=columns.label,
+            label2id=model_label_names(model_config),
+            seed=seed,
+        )
     eval_split = resolve_eval_split(splits, data_args, selection)
     used = {data_args.train_split: train}
     if selection.is_separate_split:

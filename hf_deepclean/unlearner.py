@@ -26,6 +26,7 @@ from torch import nn
 
 from .config import DataArguments, DeepCleanConfig, ModelArguments, OutputArguments, arguments_to_dict
 from .data import (
+    ForgetSelection,
     UnlearningData,
     load_dataset_splits,
     make_dataloader,
@@ -36,10 +37,25 @@ from .data import (
 )
 from .errors import DeepCleanError
 from .evaluation import evaluate_unlearning
-from .fisher import compute_fisher_diagonal
+from .fisher import FisherDiagonal, accumulate_fisher_sums, fisher_from_sums
+from .fisher_cache import (
+    FisherCacheInfo,
+    check_fisher_cache,
+    load_fisher_sums,
+    retain_sums_from_cache,
+    save_fisher_sums,
+    weights_fingerprint,
+)
 from .hub import CONFIG_NAME, RESULTS_NAME, atomic_output_dir, check_hub_token, check_output_dir, push_output_dir
 from .model_card import module_reset_shares, save_model_card
-from .modeling import get_parameters_in_scope, infer_task, load_model, load_model_config, load_processor
+from .modeling import (
+    get_parameters_in_scope,
+    infer_task,
+    load_adapter,
+    load_model,
+    load_model_config,
+    load_processor,
+)
 from .plots import fisher_ratio_histogram, loss_histograms
 from .reset import (
     compute_fisher_ratio,
@@ -121,17 +137,20 @@ class DeepCleanUnlearner:
         self.processor = None
         self.task: str | None = None
         self.data: UnlearningData | None = None
+        self.train_split = None
+        self._fisher_cache: tuple[FisherDiagonal, FisherCacheInfo] | None = None
         self.timer = StageTimer()
 
     # -- stages --------------------------------------------------------------------------------------------------
 
     def load(self) -> None:
         """Load the model, its processor and the data; resolve the forget set."""
-        parse_forget_spec(self.data_args.forget)  # fail on a malformed spec before loading anything heavy
+        if self.data_args.forget is not None:
+            parse_forget_spec(self.data_args.forget)  # fail on a malformed spec before loading anything heavy
         self.accelerator = self.accelerator or Accelerator()
         model_config = load_model_config(self.model_args)
         splits = load_dataset_splits(self.data_args)
-        train = splits[self.data_args.train_split]
+        train = self.train_split = splits[self.data_args.train_split]
         has_image = self.data_args.image_column is not None or any(
             isinstance(feature, Image) for feature in train.features.values()
         )
@@ -141,7 +160,7 @@ class DeepCleanUnlearner:
         self.data = prepare_unlearning_data(
             self.data_args, splits, self.task, model_config, self.processor, seed=self.output_args.seed
         )
-        model = load_model(self.model_args, self.task, model_config)
+        model = load_adapter(load_model(self.model_args, self.task, model_config), self.model_args)
         self.model = self.accelerator.prepare_model(model, evaluation_mode=True)
         logger.info(
             f"Forget set: {self.data.selection.num_rows} rows of split {self.data.selection.split!r}; retain set: "
@@ -203,23 +222,13 @@ class DeepCleanUnlearner:
 
         with timer("load"):
             self.load()
+            if method.fisher_cache is not None:
+                self.load_fisher_cache()  # a stale cache is refused before any work
         with timer("evaluate_before"):
             metrics_before, outputs_before = self.evaluate(prefix="before ", return_outputs=True)
         unwrapped = self.accelerator.unwrap_model(self.model)
         params = get_parameters_in_scope(unwrapped, method.scope)
-        retain_fisher_loader = self.dataloader("retain", max_rows=self.data_args.max_retain_samples)
-        fisher = {}
-        for split, loader in (("forget", self.dataloader("forget")), ("retain", retain_fisher_loader)):
-            with timer(f"fisher_{split}"):
-                fisher[split] = compute_fisher_diagonal(
-                    self.model,
-                    loader,
-                    params=params,
-                    fisher_type=method.fisher_type,
-                    accelerator=self.accelerator,
-                    seed=self.output_args.seed,
-                    desc=f"Fisher {split}",
-                )
+        fisher, fisher_record = self.compute_fisher(params)
         with timer("select_and_reset"):
             ratios = compute_fisher_ratio(fisher["forget"], fisher["retain"], method.eps)
             masks = select_weights_to_reset(
@@ -263,10 +272,7 @@ class DeepCleanUnlearner:
                 "per_parameter": stats,
                 "per_module": module_reset_shares({k: v for k, v in stats.items() if k != "__total__"}),
             },
-            "fisher": {
-                "forget_samples": self.data.selection.num_rows,
-                "retain_samples": len(retain_fisher_loader.dataset),
-            },
+            "fisher": fisher_record,
             "repair": repair,
             "timings": timings,
             "ratio_histogram": ratio_histogram,
@@ -286,6 +292,112 @@ class DeepCleanUnlearner:
                 )
                 results["hub_commit_url"] = commit.commit_url
         return results
+
+    def compute_fisher(self, params: dict[str, nn.Parameter]) -> tuple[dict[str, FisherDiagonal], dict[str, Any]]:
+        """Fisher diagonals of the forget and retain sets (timed as `fisher_forget`, `fisher_retain`).
+
+        With `fisher_cache`, the retain Fisher comes from the cached sums over the whole training split:
+        `(S_all - S_forget) / (N - N_forget)`, at the cost of the forget pass only.
+
+        Returns:
+            `({"forget": F_forget, "retain": F_retain}, record)`, the record holding sample counts and the source.
+        """
+        method = self.config
+        options = {
+            "params": params,
+            "fisher_type": method.fisher_type,
+            "accelerator": self.accelerator,
+            "seed": self.output_args.seed,
+            "chunk_memory_mb": method.fisher_chunk_memory_mb,
+        }
+        if method.fisher_cache is not None:
+            with self.timer("fisher_retain"):
+                cached_sums, cached = self.load_fisher_cache()
+        with self.timer("fisher_forget"):
+            forget_sums, forget_count = accumulate_fisher_sums(
+                self.model, self.dataloader("forget"), desc="Fisher forget", **options
+            )
+        with self.timer("fisher_retain"):
+            if method.fisher_cache is not None:
+                if self.data.selection.is_separate_split:  # the forget rows are not part of the cached split
+                    retain_sums, retain_count = cached_sums, cached.count
+                else:
+                    retain_sums, retain_count = retain_sums_from_cache(
+                        cached_sums, cached.count, forget_sums, forget_count
+                    )
+            else:
+                loader = self.dataloader("retain", max_rows=self.data_args.max_retain_samples)
+                retain_sums, retain_count = accumulate_fisher_sums(self.model, loader, desc="Fisher retain", **options)
+        fisher = {
+            "forget": fisher_from_sums(forget_sums, forget_count, "Fisher forget"),
+            "retain": fisher_from_sums(retain_sums, retain_count, "Fisher retain"),
+        }
+        record = {
+            "forget_samples": forget_count,
+            "retain_samples": retain_count,
+            "retain_source": "cache" if method.fisher_cache is not None else "pass",
+        }
+        return fisher, record
+
+    def load_fisher_cache(self) -> tuple[FisherDiagonal, FisherCacheInfo]:
+        """Read `--fisher_cache` and refuse it unless it covers this model's weights and whole training split."""
+        if self._fisher_cache is None:
+            path = self.config.fisher_cache
+            sums, info = load_fisher_sums(path)
+            check_fisher_cache(info, self.fisher_cache_info(None, len(self.train_split)), path)
+            self._fisher_cache = sums, info
+        return self._fisher_cache
+
+    def fisher_cache_info(self, indices: list[int] | None, count: int) -> FisherCacheInfo:
+        """What a Fisher cache of this model over `indices` of the training split (all rows if None) is keyed by."""
+        split = self.data_args.train_split
+        rows = ForgetSelection("cache", split, list(range(len(self.train_split))) if indices is None else indices)
+        return FisherCacheInfo(
+            weights_sha256=weights_fingerprint(self.accelerator.unwrap_model(self.model)),
+            dataset_fingerprint=self.train_split._fingerprint,
+            split=split,
+            rows_sha256=rows.sha256,
+            num_rows=len(self.train_split),
+            count=count,
+            fisher_type=self.config.fisher_type,
+            scope=self.config.scope,
+        )
+
+    def write_fisher_cache(self, path: str, overwrite: bool = False) -> FisherCacheInfo:
+        """Compute the Fisher sums over the training split (or the rows of `--forget`) and save them to `path`.
+
+        Returns:
+            The cache's description (also stored in the file's metadata).
+        """
+        if Path(path).exists() and not overwrite:
+            raise DeepCleanError(
+                f"--fisher_output: {path!r} exists; pass --overwrite_output_dir to replace it, or choose another."
+            )
+        set_seed(self.output_args.seed)
+        with self.timer("load"):
+            self.load()
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        params = get_parameters_in_scope(unwrapped, self.config.scope)
+        rows = "retain" if self.data_args.forget is None else "forget"
+        if rows == "forget" and self.data.selection.is_separate_split:
+            raise DeepCleanError("--forget: `split:` specs name another split; a cache covers rows of --train_split.")
+        with self.timer("fisher"):
+            sums, count = accumulate_fisher_sums(
+                self.model,
+                self.dataloader(rows),
+                params=params,
+                fisher_type=self.config.fisher_type,
+                accelerator=self.accelerator,
+                seed=self.output_args.seed,
+                desc="Fisher",
+                chunk_memory_mb=self.config.fisher_chunk_memory_mb,
+            )
+        fisher_from_sums(sums, count, "Fisher")  # refuses an empty or non-finite result
+        info = self.fisher_cache_info(None if rows == "retain" else self.data.selection.indices, count)
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            save_fisher_sums(path, sums, info, overwrite)
+        return info
 
     # -- output --------------------------------------------------------------------------------------------------
 
