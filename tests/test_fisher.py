@@ -405,18 +405,17 @@ def test_true_fisher_token_level_does_not_depend_on_batching():
 
 
 def test_bf16_autocast_accumulates_in_float32(bert, reviews, bert_fisher):
-    from accelerate import Accelerator
-
+    """Under bf16 autocast (what `Accelerator(mixed_precision="bf16")` wraps the forward in) the layers see bf16
+    activations and gradients; the sums stay float32."""
     model, tokenizer = build_tiny_bert()
-    accelerator = Accelerator(cpu=True, mixed_precision="bf16")
-    prepared = accelerator.prepare(model)
-    fisher = compute_fisher_diagonal(prepared, text_batches(tokenizer, reviews, 7), accelerator=accelerator)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        fisher = compute_fisher_diagonal(model, text_batches(tokenizer, reviews, 7))
     assert set(fisher) == set(bert_fisher)
     for name, values in fisher.items():
         assert values.dtype == torch.float32 and bool(torch.isfinite(values).all()), name
-    # bf16 keeps ~3 significant digits: the large entries agree to a few percent
+    # bf16 keeps ~3 significant digits: the large entries agree to a few percent, but not exactly
     weight = "classifier.weight"
-    assert relative_error(fisher[weight], bert_fisher[weight]) < 0.1
+    assert 0 < relative_error(fisher[weight], bert_fisher[weight]) < 0.1
 
 
 def test_two_processes_match_one(tmp_path):
@@ -436,10 +435,20 @@ def test_two_processes_match_one(tmp_path):
     tests_dir = Path(__file__).parent
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests_dir), os.environ.get("PYTHONPATH", "")])}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    result = subprocess.run(
-        [*command, str(tests_dir / "fisher_worker.py"), str(output)], env=env, capture_output=True, text=True
-    )
-    assert output.exists(), result.stderr[-3000:]
+    with subprocess.Popen(
+        [*command, str(tests_dir / "fisher_worker.py"), str(output)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    ) as process:
+        try:
+            log, _ = process.communicate(timeout=600)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, 9)
+            log, _ = process.communicate()
+    assert output.exists(), log[-3000:]
     two = load_file(output)
     assert float(two.pop("__processes__")) == 2.0
     assert float(two.pop("__count__")) == 13.0  # 16 samples were run: 3 repeats dropped

@@ -65,17 +65,14 @@ def test_engine_matches_brute_force_on_cuda(kind):
 
 
 def test_bf16_autocast_accumulates_in_float32_on_cuda():
-    from accelerate import Accelerator
-
     model, tokenizer = build_tiny_bert()
-    batches = text_batches(tokenizer, make_reviews(14, seed=1), 7)
-    reference = compute_fisher_diagonal(model.cuda(), _to(batches, "cuda"))
-    accelerator = Accelerator(mixed_precision="bf16")
-    prepared = accelerator.prepare(model)
-    fisher = compute_fisher_diagonal(prepared, _to(batches, "cuda"), accelerator=accelerator)
+    batches = _to(text_batches(tokenizer, make_reviews(14, seed=1), 7), "cuda")
+    reference = compute_fisher_diagonal(model.cuda(), batches)
+    with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
+        fisher = compute_fisher_diagonal(model, batches)
     for name, values in fisher.items():
         assert values.dtype == torch.float32 and bool(torch.isfinite(values).all()), name
-    assert relative_error(fisher["classifier.weight"], reference["classifier.weight"]) < 0.1
+    assert 0 < relative_error(fisher["classifier.weight"], reference["classifier.weight"]) < 0.1
 
 
 def test_masked_repair_keeps_unselected_weights_on_cuda():
