@@ -164,9 +164,10 @@ def run_fisher(argv: Sequence[str]) -> int:
     unlearner = DeepCleanUnlearner(method, model_args, data_args, output_args)
     info = unlearner.write_fisher_cache(fisher_args.fisher_output, fisher_args.overwrite_output_dir)
     seconds = unlearner.timer.seconds["fisher"]
-    print(
-        f"Fisher sums over {info.count} rows of split {info.split!r} ({seconds:.1f} s) written to {fisher_args.fisher_output}"
-    )
+    if unlearner.accelerator.is_main_process:
+        print(
+            f"Fisher sums over {info.count} rows of split {info.split!r} ({seconds:.1f} s) written to {fisher_args.fisher_output}"
+        )
     return 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import time
 from collections.abc import Iterator
@@ -81,6 +82,14 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+def default_accelerator() -> Accelerator:
+    """Accelerate's default set-up, except on a machine without GPUs under a multi-process launch (`torchrun`,
+    `accelerate launch --multi_gpu`): there `Accelerator()` would run as independent single-process copies that each
+    do all the work, so the CPU backend (gloo) is asked for explicitly."""
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(cpu=True) if launched and not torch.cuda.is_available() else Accelerator()
+
+
 @dataclass
 class StageTimer:
     """Wall-clock seconds per pipeline stage."""
@@ -147,7 +156,7 @@ class DeepCleanUnlearner:
         """Load the model, its processor and the data; resolve the forget set."""
         if self.data_args.forget is not None:
             parse_forget_spec(self.data_args.forget)  # fail on a malformed spec before loading anything heavy
-        self.accelerator = self.accelerator or Accelerator()
+        self.accelerator = self.accelerator or default_accelerator()
         model_config = load_model_config(self.model_args)
         splits = load_dataset_splits(self.data_args)
         train = self.train_split = splits[self.data_args.train_split]
@@ -211,7 +220,7 @@ class DeepCleanUnlearner:
         check_output_dir(self.output_args.output_dir, self.output_args.overwrite_output_dir)
         if self.output_args.push_to_hub:
             check_hub_token()
-        self.accelerator = self.accelerator or Accelerator()
+        self.accelerator = self.accelerator or default_accelerator()
         if self.accelerator.num_processes > 1:
             raise DeepCleanError(
                 f"accelerate: got {self.accelerator.num_processes} processes; this version runs on one process."
@@ -382,9 +391,10 @@ class DeepCleanUnlearner:
         if rows == "forget" and self.data.selection.is_separate_split:
             raise DeepCleanError("--forget: `split:` specs name another split; a cache covers rows of --train_split.")
         with self.timer("fisher"):
+            # prepared, so that under several processes each rank takes its shard (the engine reduces once)
             sums, count = accumulate_fisher_sums(
                 self.model,
-                self.dataloader(rows),
+                self.accelerator.prepare_data_loader(self.dataloader(rows)),
                 params=params,
                 fisher_type=self.config.fisher_type,
                 accelerator=self.accelerator,

@@ -213,3 +213,29 @@ def hub_server(tmp_path_factory):
             os.kill(process.pid, signal.SIGKILL)
             process.wait()
         process.stderr.close()
+
+
+def run_torchrun(arguments: list[str], nproc: int = 2, timeout: float = 600) -> str:
+    """Run `python -m torch.distributed.run --standalone --nproc_per_node NPROC ARGUMENTS` with `tests/` importable;
+    return its output. Killed after `timeout` seconds: callers check the files the run was to write."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests_dir = str(Path(__file__).parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests_dir, os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    with subprocess.Popen(
+        [*command, *arguments],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    ) as process:
+        try:
+            output, _ = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, 9)
+            output, _ = process.communicate()
+    return output

@@ -421,33 +421,16 @@ def test_bf16_autocast_accumulates_in_float32(bert, reviews, bert_fisher):
 def test_two_processes_match_one(tmp_path):
     """`torchrun --nproc_per_node 2` on CPU (gloo): per-rank sums, one SUM reduce, the repeats Accelerate adds
     to even out the last batches not counted; equal to one process."""
-    import os
-    import subprocess
-    import sys
     from pathlib import Path
 
+    from conftest import run_torchrun
     from fisher_worker import review_loader
     from safetensors.torch import load_file
 
     from hf_deepclean.fisher import accumulate_fisher_sums
 
     output = tmp_path / "fisher.safetensors"
-    tests_dir = Path(__file__).parent
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tests_dir), os.environ.get("PYTHONPATH", "")])}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    with subprocess.Popen(
-        [*command, str(tests_dir / "fisher_worker.py"), str(output)],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    ) as process:
-        try:
-            log, _ = process.communicate(timeout=600)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, 9)
-            log, _ = process.communicate()
+    log = run_torchrun([str(Path(__file__).parent / "fisher_worker.py"), str(output)])
     assert output.exists(), log[-3000:]
     two = load_file(output)
     assert float(two.pop("__processes__")) == 2.0

@@ -143,3 +143,20 @@ def test_fisher_over_forget_rows(tmp_path, text_model_dir, text_csv_files):
     assert _fisher_cli(text_model_dir, text_csv_files, output, "--forget", "class:pos") == 0
     _, info = load_fisher_sums(output)
     assert 0 < info.count < info.num_rows == 60
+
+
+def test_fisher_command_under_two_processes(cache_file, text_model_dir, text_csv_files, tmp_path):
+    """`torchrun --nproc_per_node 2 -m hf_deepclean.cli fisher` on a machine without GPUs: one gloo process group
+    (not two independent copies), each rank a shard, one file written by rank 0, equal to the one-process cache."""
+    from conftest import run_torchrun
+
+    output = tmp_path / "two.safetensors"
+    arguments = ["-m", "hf_deepclean.cli", "fisher", "--model_name_or_path", str(text_model_dir)]
+    arguments += [*_data_flags(text_csv_files), "--fisher_output", str(output), "--per_device_batch_size", "8"]
+    log = run_torchrun(arguments)
+    assert output.exists(), log[-3000:]
+    assert log.count("Fisher sums over 60 rows") == 1, log[-3000:]  # printed by rank 0 only
+    two, two_info = load_fisher_sums(output)
+    one, one_info = load_fisher_sums(cache_file)
+    assert two_info == one_info
+    assert_fisher_close(two, one, rtol=1e-6)
