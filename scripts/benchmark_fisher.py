@@ -7,8 +7,8 @@ per-sample loop, on three models. Every ratio in the table comes from this one r
 
 Timing: each method runs the same batches; methods alternate over `--rounds` rounds and the median round counts,
 so that load on a shared machine hits all methods alike. Memory: on CUDA the peak allocated during a method's
-pass above what the model and batches hold; on CPU the growth of the peak resident set of a fresh process that
-runs only that method (so it includes allocator slack).
+pass above what the model and batches hold; on CPU the growth of the resident set (sampled every millisecond)
+during one cold pass in a fresh process that runs only that method (so it includes allocator slack).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -31,7 +30,7 @@ import torch  # noqa: E402
 from torch.func import functional_call, grad, vmap  # noqa: E402
 
 
-MODELS = ("cnn-digits", "bert-minilm", "gpt2-small")
+MODELS = ("mlp-digits", "cnn-digits", "bert-minilm", "gpt2-small")
 METHODS = ("plain", "engine", "vmap", "loop")
 
 
@@ -43,12 +42,46 @@ class Case:
     batches: list[dict[str, torch.Tensor]]
 
 
+class DigitsMLP(torch.nn.Module):
+    """Flattened 8x8 digits -> 256 -> 256 -> 10 classes, returning `.logits` like a transformers model."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.Sequential(
+            torch.nn.Flatten(),
+            torch.nn.Linear(64, 256),
+            torch.nn.ReLU(),
+            torch.nn.Linear(256, 256),
+            torch.nn.ReLU(),
+            torch.nn.Linear(256, 10),
+        )
+
+    def forward(self, pixel_values):
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        return SequenceClassifierOutput(logits=self.layers(pixel_values))
+
+
 def build_case(name: str, quick: bool, device: str) -> Case:
     """The model (built from a config, seeded) and its batches."""
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
     num_batches = 2 if quick else 4
-    if name == "cnn-digits":
+    if name == "mlp-digits":
+        from sklearn.datasets import load_digits
+
+        model = DigitsMLP()
+        digits = load_digits()
+        images = torch.tensor(digits.images, dtype=torch.float32).div(16)
+        labels = torch.tensor(digits.target)
+        size = 8 if quick else 128
+        num_batches = 2 if quick else 8
+        batches = [
+            {"pixel_values": images[i * size : (i + 1) * size], "labels": labels[i * size : (i + 1) * size]}
+            for i in range(num_batches)
+        ]
+        description = f"MLP 64-256-256-10 on 8x8 digits, batch {size}"
+    elif name == "cnn-digits":
         from sklearn.datasets import load_digits
         from transformers import ResNetConfig, ResNetForImageClassification
 
@@ -198,12 +231,32 @@ def peak_memory_mb(case_name: str, method: str, args) -> float | None:
     return json.loads(result.stdout.strip().splitlines()[-1])["peak_mb"]
 
 
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def memory_worker(case_name: str, method: str, quick: bool) -> None:
+    """One cold pass of `method` in this fresh process; a thread samples the resident set every millisecond."""
+    import threading
+
     case = build_case(case_name, quick, "cpu")
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base = _resident_bytes()
+    peak = [base]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _resident_bytes())
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     RUNNERS[method](case)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"peak_mb": (peak - base) / 1024}))
+    done.set()
+    sampler.join()
+    peak[0] = max(peak[0], _resident_bytes())
+    print(json.dumps({"peak_mb": (peak[0] - base) / 2**20}))
 
 
 def main() -> None:
