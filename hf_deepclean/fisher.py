@@ -349,7 +349,10 @@ class _Conv2dRule(_Rule):
             cols = cols.reshape(n, groups, -1, cols.shape[-1])  # [N, G, C/G * kh * kw, L]
             per_sample_bytes = 4 * conv.weight.numel()
             for chunk in _chunks(n, per_sample_bytes, self.budget_bytes):
-                grads = torch.einsum("ngol,ngkl->ngok", g[chunk], cols[chunk])
+                if groups == 1:  # one batched matrix product: faster than einsum's general path
+                    grads = torch.bmm(g[chunk, 0], cols[chunk, 0].transpose(1, 2))
+                else:
+                    grads = torch.einsum("ngol,ngkl->ngok", g[chunk], cols[chunk])
                 self.sink.add_per_sample(self.params["weight"], grads.reshape(-1, *conv.weight.shape), chunk.start)
         if "bias" in self.params:
             self.sink.add_per_sample(self.params["bias"], g.sum(-1).reshape(n, -1), 0)

@@ -440,3 +440,23 @@ def test_two_processes_match_one(tmp_path):
     one, count = accumulate_fisher_sums(model, review_loader(tokenizer))
     assert count == 13
     assert_fisher_close(two, one, rtol=1e-6)
+
+
+class _GroupedConvNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2)
+        self.dilated = nn.Conv2d(6, 4, 2, dilation=2, bias=False)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, pixel_values):
+        h = self.dilated(torch.tanh(self.conv(pixel_values)))
+        return _Output(self.head(h.mean(dim=(2, 3))))
+
+
+def test_grouped_strided_dilated_convolutions_match_brute_force():
+    model = _GroupedConvNet().eval()
+    generator = torch.Generator().manual_seed(2)
+    batches = [{"pixel_values": torch.randn(5, 4, 9, 9, generator=generator), "labels": torch.tensor([0, 1, 2, 1, 0])}]
+    assert_fisher_close(compute_fisher_diagonal(model, batches), brute_force_fisher(model, batches))
