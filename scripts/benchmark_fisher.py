@@ -67,38 +67,35 @@ def build_case(name: str, quick: bool, device: str) -> Case:
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
     num_batches = 2 if quick else 4
-    if name == "mlp-digits":
+    if name in ("mlp-digits", "cnn-digits"):
         from sklearn.datasets import load_digits
 
-        model = DigitsMLP()
         digits = load_digits()
         images = torch.tensor(digits.images, dtype=torch.float32).div(16)
-        labels = torch.tensor(digits.target)
-        size = 8 if quick else 128
-        num_batches = 2 if quick else 8
-        batches = [
-            {"pixel_values": images[i * size : (i + 1) * size], "labels": labels[i * size : (i + 1) * size]}
-            for i in range(num_batches)
-        ]
-        description = f"MLP 64-256-256-10 on 8x8 digits, batch {size}"
-    elif name == "cnn-digits":
-        from sklearn.datasets import load_digits
-        from transformers import ResNetConfig, ResNetForImageClassification
+        if name == "mlp-digits":
+            model = DigitsMLP()
+            description = "MLP 64-256-256-10 on 8x8 digits"
+        else:
+            from transformers import ResNetConfig, ResNetForImageClassification
 
-        config = ResNetConfig(
-            num_channels=3, embedding_size=16, hidden_sizes=[32, 64], depths=[1, 1], layer_type="basic", num_labels=10
-        )
-        model = ResNetForImageClassification(config)
-        digits = load_digits()
-        images = torch.tensor(digits.images, dtype=torch.float32).div(16).unsqueeze(1).expand(-1, 3, -1, -1)
+            config = ResNetConfig(
+                num_channels=3,
+                embedding_size=16,
+                hidden_sizes=[32, 64],
+                depths=[1, 1],
+                layer_type="basic",
+                num_labels=10,
+            )
+            model = ResNetForImageClassification(config)
+            images = images.unsqueeze(1).expand(-1, 3, -1, -1)
+            description = "ResNet (conv 16-32-64, BatchNorm) on 8x8 digits"
         labels = torch.tensor(digits.target)
-        size = 8 if quick else 128
-        num_batches = 2 if quick else 8
+        size, num_batches = (8, 2) if quick else (128, 8)
         batches = [
             {"pixel_values": images[i * size : (i + 1) * size], "labels": labels[i * size : (i + 1) * size]}
             for i in range(num_batches)
         ]
-        description = f"ResNet (conv 16-32-64, BatchNorm) on 8x8 digits, batch {size}"
+        description += f", batch {size}"
     elif name == "bert-minilm":
         from transformers import BertConfig, BertForSequenceClassification
 
