@@ -1,25 +1,48 @@
 """hf_deepclean: make trained Hugging Face models forget chosen training data (DeepClean, arXiv 2311.10448)."""
 
-from .config import DataArguments, DeepCleanConfig, ModelArguments, OutputArguments
-from .errors import DeepCleanError, DeepCleanRunError
-from .fisher import FisherDiagonal, compute_fisher_diagonal
-from .reset import compute_fisher_ratio, reset_selected_weights, select_weights_to_reset
-from .unlearner import DeepCleanUnlearner
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 
 __version__ = "0.1.0.dev0"
 
-__all__ = [
-    "DataArguments",
-    "DeepCleanConfig",
-    "DeepCleanError",
-    "DeepCleanRunError",
-    "DeepCleanUnlearner",
-    "FisherDiagonal",
-    "ModelArguments",
-    "OutputArguments",
-    "compute_fisher_diagonal",
-    "compute_fisher_ratio",
-    "reset_selected_weights",
-    "select_weights_to_reset",
-]
+# Public names and the modules that define them. They are imported on first use, as transformers does, so that
+# light commands (`hf-deepclean push`, `--help`) do not pay for importing torch, datasets and transformers models.
+_EXPORTS = {
+    "DataArguments": "config",
+    "DeepCleanConfig": "config",
+    "ModelArguments": "config",
+    "OutputArguments": "config",
+    "DeepCleanError": "errors",
+    "DeepCleanRunError": "errors",
+    "FisherDiagonal": "fisher",
+    "compute_fisher_diagonal": "fisher",
+    "compute_fisher_ratio": "reset",
+    "reset_selected_weights": "reset",
+    "select_weights_to_reset": "reset",
+    "DeepCleanUnlearner": "unlearner",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
+
+if TYPE_CHECKING:  # what type checkers and IDEs see; F401: these names are exported through __getattr__
+    from .config import DataArguments, DeepCleanConfig, ModelArguments, OutputArguments  # noqa: F401
+    from .errors import DeepCleanError, DeepCleanRunError  # noqa: F401
+    from .fisher import FisherDiagonal, compute_fisher_diagonal  # noqa: F401
+    from .reset import compute_fisher_ratio, reset_selected_weights, select_weights_to_reset  # noqa: F401
+    from .unlearner import DeepCleanUnlearner  # noqa: F401

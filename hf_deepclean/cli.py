@@ -1,4 +1,4 @@
-"""`hf-deepclean` command line: `unlearn`, `evaluate`, `benchmark` and `demo`.
+"""`hf-deepclean` command line: `unlearn`, `fisher`, `evaluate`, `benchmark`, `push` and `demo`.
 
 User errors (`DeepCleanError`) print one line on stderr and exit non-zero without a traceback; `--debug` shows it.
 """
@@ -6,6 +6,7 @@ User errors (`DeepCleanError`) print one line on stderr and exit non-zero withou
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -14,15 +15,19 @@ from typing import Any
 
 import yaml
 from transformers import HfArgumentParser
+from transformers.hf_argparser import string_to_bool
 
-from .config import ARGUMENT_CLASSES
+from .config import ARGUMENT_CLASSES, FISHER_ARGUMENT_CLASSES, OutputArguments
 from .errors import DeepCleanError
 
 
 COMMANDS = {
     "unlearn": "Make a model forget rows of its training data (DeepClean) and write the cleaned checkpoint.",
+    "fisher": "Compute a model's Fisher sums over its training split once and save them, so that later deletion "
+    "requests (`unlearn --fisher_cache`) cost one pass over the forget set.",
     "evaluate": "Measure how much a model remembers of the forget set, optionally against a retrained reference.",
     "benchmark": "Compare DeepClean with baselines and retraining on built-in scenarios (tables, JSON, plots).",
+    "push": "Upload an output folder of `unlearn` to the Hub in one commit (also retries a failed --push_to_hub).",
     "demo": "Train a small digits classifier, unlearn one class from it and compare with retraining (offline).",
 }
 PROG = "hf-deepclean"
@@ -51,7 +56,11 @@ class _ArgumentParser(HfArgumentParser):
         raise DeepCleanError(message)
 
 
-def unlearn_parser(command: str = "unlearn", dataclass_types=ARGUMENT_CLASSES) -> HfArgumentParser:
+def dataclass_parser(command: str = "unlearn", dataclass_types=None) -> HfArgumentParser:
+    """The parser of a command whose arguments are dataclasses (default: those of `unlearn`, or of `fisher`), plus
+    `--config` and `--debug`."""
+    if dataclass_types is None:
+        dataclass_types = FISHER_ARGUMENT_CLASSES if command == "fisher" else ARGUMENT_CLASSES
     parser = _ArgumentParser(dataclass_types, prog=f"{PROG} {command}", description=COMMANDS[command])
     parser.add_argument(
         "--config",
@@ -80,14 +89,14 @@ def _load_yaml_defaults(path: str, parser: argparse.ArgumentParser) -> dict[str,
     return values
 
 
-def parse_unlearn_args(argv: Sequence[str], command: str = "unlearn", dataclass_types=ARGUMENT_CLASSES):
+def parse_unlearn_args(argv: Sequence[str], command: str = "unlearn", dataclass_types=None):
     """Parse a command's arguments: `--config FILE` values first, then command-line flags on top.
 
     Returns:
         One instance per dataclass type (for `unlearn`: `(model_args, data_args, deepclean_config,
         output_args)`), then `debug`.
     """
-    parser = unlearn_parser(command, dataclass_types)
+    parser = dataclass_parser(command, dataclass_types)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
     known, _ = pre.parse_known_args(argv)
@@ -113,6 +122,57 @@ def run_unlearn(argv: Sequence[str]) -> int:
     results = DeepCleanUnlearner(method, model_args, data_args, output_args).run()
     print(json.dumps({"before": results["metrics"]["before"], "after": results["metrics"]["after"]}, indent=2))
     print(f"Cleaned model written to {output_args.output_dir}")
+    if "hub_commit_url" in results:
+        print(f"Pushed to the Hub: {results['hub_commit_url']}")
+    return 0
+
+
+HUB_FIELDS = ("hub_model_id", "hub_private_repo", "hub_revision")
+
+
+def push_parser() -> argparse.ArgumentParser:
+    parser = _ArgumentParser(prog=f"{PROG} push", description=COMMANDS["push"])
+    parser.add_argument("output_dir", help="Output folder written by `hf-deepclean unlearn`.")
+    hub_fields = {f.name: f for f in dataclasses.fields(OutputArguments) if f.name in HUB_FIELDS}
+    for name in HUB_FIELDS:
+        field = hub_fields[name]
+        kwargs = {"type": string_to_bool, "metavar": "{true,false}"} if field.type in (bool, "bool") else {}
+        parser.add_argument(
+            f"--{name}", default=field.default, required=name == "hub_model_id", help=field.metadata["help"], **kwargs
+        )
+    _add_common_flags(parser)
+    return parser
+
+
+def run_push(argv: Sequence[str]) -> int:
+    from .hub import push_output_dir
+
+    namespace = push_parser().parse_args(list(argv))
+    output_args = OutputArguments(
+        namespace.output_dir, push_to_hub=True, **{name: getattr(namespace, name) for name in HUB_FIELDS}
+    )
+    commit = push_output_dir(
+        output_args.output_dir,
+        output_args.hub_model_id,
+        private=output_args.hub_private_repo,
+        revision=output_args.hub_revision,
+    )
+    print(f"Pushed to the Hub: {commit.commit_url}")
+    return 0
+
+
+def run_fisher(argv: Sequence[str]) -> int:
+    from .unlearner import DeepCleanUnlearner
+
+    model_args, data_args, method, fisher_args, _ = parse_unlearn_args(argv, "fisher")
+    output_args = OutputArguments(fisher_args.fisher_output, fisher_args.overwrite_output_dir, fisher_args.seed)
+    unlearner = DeepCleanUnlearner(method, model_args, data_args, output_args)
+    info = unlearner.write_fisher_cache(fisher_args.fisher_output, fisher_args.overwrite_output_dir)
+    seconds = unlearner.timer.seconds["fisher"]
+    if unlearner.accelerator.is_main_process:
+        print(
+            f"Fisher sums over {info.count} rows of split {info.split!r} ({seconds:.1f} s) written to {fisher_args.fisher_output}"
+        )
     return 0
 
 
@@ -156,7 +216,14 @@ def run_benchmark(argv: Sequence[str]) -> int:
     return 0
 
 
-RUNNERS = {"unlearn": run_unlearn, "evaluate": run_evaluate, "benchmark": run_benchmark, "demo": run_demo}
+RUNNERS = {
+    "unlearn": run_unlearn,
+    "fisher": run_fisher,
+    "evaluate": run_evaluate,
+    "benchmark": run_benchmark,
+    "push": run_push,
+    "demo": run_demo,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

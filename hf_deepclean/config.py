@@ -9,14 +9,20 @@ and the CLI refuse the same bad values with the same one-line message.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, ClassVar
+
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 
 from .errors import DeepCleanError
 
 
 TASKS = ("text-classification", "image-classification")
 SELECTION_SCOPES = ("global", "per_parameter")
+# `datasets` builders that read local files given with --data_files (a --dataset_name, but never a Hub id)
+FILE_BUILDERS = ("csv", "json", "parquet", "text")
 # transformers schedules that need no arguments beyond warm-up and step counts
 SCHEDULERS = (
     "linear",
@@ -70,11 +76,20 @@ class ModelArguments:
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow custom modelling code from the model repository (off by default)."}
     )
+    adapter_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "A peft adapter (Hub id or local folder) to load onto the model; see --scope adapter."},
+    )
+    adapter_revision: str = field(default="main", metadata={"help": "Branch, tag or commit of the adapter."})
 
     def __post_init__(self):
         if not isinstance(self.model_name_or_path, str) or not self.model_name_or_path.strip():
             raise DeepCleanError(
                 f"--model_name_or_path: got {self.model_name_or_path!r}; expected a Hub id or a local folder."
+            )
+        if self.adapter_name_or_path is not None and not str(self.adapter_name_or_path).strip():
+            raise DeepCleanError(
+                f"--adapter_name_or_path: got {self.adapter_name_or_path!r}; expected a Hub id or a local folder."
             )
         _check_choice("task", self.task, ("auto", *TASKS))
 
@@ -82,6 +97,8 @@ class ModelArguments:
 @dataclass
 class DataArguments:
     """Which data the model was trained on, and which of it to forget."""
+
+    forget_required: ClassVar[bool] = True
 
     dataset_name: str = field(
         metadata={
@@ -134,7 +151,9 @@ class DataArguments:
             raise DeepCleanError(
                 f"--dataset_name: got {self.dataset_name!r}; expected a Hub id, a folder or csv/json/parquet."
             )
-        if not isinstance(self.forget, str) or not self.forget.strip():
+        if self.forget is None and not self.forget_required:
+            pass  # `hf-deepclean fisher` over the whole training split
+        elif not isinstance(self.forget, str) or not self.forget.strip():
             raise DeepCleanError(f"--forget: got {self.forget!r}; expected a forget specification such as random:0.1.")
         for name in ("max_length", "max_retain_samples", "max_eval_samples"):
             value = getattr(self, name)
@@ -159,7 +178,26 @@ class DeepCleanConfig:
         },
     )
     scope: str = field(
-        default="all", metadata={"help": "Parameters to consider: `all` trainable parameters.", "choices": ("all",)}
+        default="all",
+        metadata={
+            "help": "Parameters to compute, select and reset: `all` trainable parameters, or `adapter`: only the "
+            "weights of the peft adapter (--adapter_name_or_path); base weights then stay unchanged.",
+            "choices": ("all", "adapter"),
+        },
+    )
+    fisher_chunk_memory_mb: float = field(
+        default=256.0,
+        metadata={
+            "help": "Bound (MiB) on the per-sample gradients the Fisher engine holds at once for one layer (and on "
+            "the per-sample stash of a tied parameter); lower it to save memory at some speed."
+        },
+    )
+    fisher_cache: str | None = field(
+        default=None,
+        metadata={
+            "help": "Fisher sums of the full training split written by `hf-deepclean fisher`: the retain Fisher is "
+            "derived from it and one pass over the forget set, instead of a pass over the retain set."
+        },
     )
     gamma: float | None = field(
         default=None,
@@ -217,7 +255,11 @@ class DeepCleanConfig:
 
     def __post_init__(self):
         _check_choice("fisher_type", self.fisher_type, ("empirical", "true"))
-        _check_choice("scope", self.scope, ("all",))
+        _check_choice("scope", self.scope, ("all", "adapter"))
+        if not (isinstance(self.fisher_chunk_memory_mb, int | float) and 0 < self.fisher_chunk_memory_mb < math.inf):
+            raise DeepCleanError(
+                f"--fisher_chunk_memory_mb: got {self.fisher_chunk_memory_mb!r}; expected a number of MiB > 0."
+            )
         _check_choice("reset", self.reset, ("init", "zero"))
         _check_choice("lr_scheduler_type", self.lr_scheduler_type, SCHEDULERS)
         _check_positive("gamma", self.gamma)
@@ -277,15 +319,74 @@ class OutputArguments:
         default=False, metadata={"help": "Replace an existing non-empty --output_dir (only once the run succeeded)."}
     )
     seed: int = field(default=42, metadata={"help": "Seed for sampling, initialisation and the repair."})
+    push_to_hub: bool = field(
+        default=False, metadata={"help": "Upload the output folder to the Hub as --hub_model_id once it is written."}
+    )
+    hub_model_id: str | None = field(
+        default=None, metadata={"help": "Hub repository to push to, `ORG/NAME` (or `NAME` under your account)."}
+    )
+    hub_private_repo: bool = field(
+        default=True,
+        metadata={"help": "Create the repository as private (default); `--hub_private_repo false` makes it public."},
+    )
+    hub_revision: str | None = field(
+        default=None, metadata={"help": "Branch to push to (created from `main` when missing; default: `main`)."}
+    )
 
     def __post_init__(self):
         if not isinstance(self.output_dir, str) or not self.output_dir.strip():
             raise DeepCleanError(f"--output_dir: got {self.output_dir!r}; expected a folder path.")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise DeepCleanError(f"--seed: got {self.seed!r}; expected an integer.")
+        if self.hub_model_id is not None:
+            try:
+                validate_repo_id(self.hub_model_id)
+            except HFValidationError:
+                raise DeepCleanError(
+                    f"--hub_model_id: got {self.hub_model_id!r}; expected a Hub repository id such as my-org/my-model."
+                ) from None
+        if self.push_to_hub and self.hub_model_id is None:
+            raise DeepCleanError("--hub_model_id: got None; expected ORG/NAME when --push_to_hub is set.")
+        revision = self.hub_revision
+        if revision is not None and (not isinstance(revision, str) or not re.fullmatch(r"[^\s~^:?*\[\\]+", revision)):
+            raise DeepCleanError(f"--hub_revision: got {self.hub_revision!r}; expected a branch name such as main.")
 
 
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, DeepCleanConfig, OutputArguments)
+
+
+@dataclass
+class FisherDataArguments(DataArguments):
+    """The data of `hf-deepclean fisher`: as for `unlearn`, but `--forget` is optional (default: every row)."""
+
+    forget_required: ClassVar[bool] = False
+    forget: str | None = field(
+        default=None,
+        metadata={
+            "help": "Sum over these rows of the training split only (a forget specification, as for `unlearn`); "
+            "default: every row, the cache `unlearn --fisher_cache` takes."
+        },
+    )
+
+
+@dataclass
+class FisherOutputArguments:
+    """Where `hf-deepclean fisher` writes the sums."""
+
+    fisher_output: str = field(
+        metadata={"help": "The .safetensors file to write the Fisher sums and their metadata to."}
+    )
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an existing --fisher_output."})
+    seed: int = field(default=42, metadata={"help": "Seed for `random:` row specs and label sampling."})
+
+    def __post_init__(self):
+        if not isinstance(self.fisher_output, str) or not self.fisher_output.endswith(".safetensors"):
+            raise DeepCleanError(
+                f"--fisher_output: got {self.fisher_output!r}; expected a path ending in .safetensors."
+            )
+
+
+FISHER_ARGUMENT_CLASSES = (ModelArguments, FisherDataArguments, DeepCleanConfig, FisherOutputArguments)
 
 
 def arguments_to_dict(*arguments) -> dict[str, Any]:

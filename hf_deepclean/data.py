@@ -20,11 +20,10 @@ from datasets import ClassLabel, Dataset, DatasetDict, Image, Value, load_datase
 from torch.utils.data import DataLoader
 from transformers import PretrainedConfig
 
-from .config import DataArguments
+from .config import FILE_BUILDERS, DataArguments
 from .errors import DeepCleanError
 
 
-FILE_BUILDERS = ("csv", "json", "parquet", "text")
 TEXT_COLUMN_NAMES = ("text", "sentence", "content", "review", "document")
 IMAGE_COLUMN_NAMES = ("image", "img")
 LABEL_COLUMN_NAMES = ("label", "labels")
@@ -614,14 +613,17 @@ def prepare_unlearning_data(
     train = splits[data_args.train_split]
     columns = resolve_columns(train, data_args, task)
     needed = [c for c in (columns.text, columns.text_pair, columns.image, columns.label) if c]
-    selection = resolve_forget_set(
-        data_args.forget,
-        splits,
-        train_split=data_args.train_split,
-        label_column=columns.label,
-        label2id=model_label_names(model_config),
-        seed=seed,
-    )
+    if data_args.forget is None:  # no forget set (`hf-deepclean fisher` over every row): retain = train
+        selection = ForgetSelection(spec="none", split=data_args.train_split, indices=[])
+    else:
+        selection = resolve_forget_set(
+            data_args.forget,
+            splits,
+            train_split=data_args.train_split,
+            label_column=columns.label,
+            label2id=model_label_names(model_config),
+            seed=seed,
+        )
     eval_split = resolve_eval_split(splits, data_args, selection)
     used = {data_args.train_split: train}
     if selection.is_separate_split:

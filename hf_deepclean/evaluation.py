@@ -99,8 +99,12 @@ def membership_inference_efficacy(
 
 
 def evaluate_unlearning(
-    model: nn.Module, dataloaders: Mapping[str, DataLoader], accelerator: Accelerator, prefix: str = ""
-) -> dict[str, float]:
+    model: nn.Module,
+    dataloaders: Mapping[str, DataLoader],
+    accelerator: Accelerator,
+    prefix: str = "",
+    return_outputs: bool = False,
+) -> dict[str, float] | tuple[dict[str, float], dict[str, dict[str, np.ndarray]]]:
     """Accuracy and loss on every split given, and both attacks when a `test` loader is given.
 
     Args:
@@ -108,9 +112,11 @@ def evaluate_unlearning(
         dataloaders: `{"forget": ..., "retain": ..., "test": ...}` (test optional).
         accelerator: the run's Accelerator.
         prefix: progress-bar label prefix.
+        return_outputs: also return the per-sample outputs (for the card's loss plots).
 
     Returns:
-        `{split}_accuracy` and `{split}_loss` per split, plus `mia_auc` and `mia_efficacy` with a test split.
+        `{split}_accuracy` and `{split}_loss` per split, plus `mia_auc` and `mia_efficacy` with a test split;
+        with `return_outputs`, the tuple `(metrics, {split: compute_sample_outputs(...)})`.
     """
     outputs = {
         split: compute_sample_outputs(model, loader, accelerator, desc=f"{prefix}{split}".strip())
@@ -123,7 +129,7 @@ def evaluate_unlearning(
     if "test" in outputs and len(outputs["test"]["loss"]) and len(outputs["forget"]["loss"]):
         metrics["mia_auc"] = membership_inference_auc(outputs["forget"]["loss"], outputs["test"]["loss"])
         metrics["mia_efficacy"] = membership_inference_efficacy(outputs["retain"], outputs["test"], outputs["forget"])
-    return metrics
+    return (metrics, outputs) if return_outputs else metrics
 
 
 def average_gap(metrics: Mapping[str, float], reference: Mapping[str, float]) -> float:

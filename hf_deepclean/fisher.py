@@ -1,19 +1,38 @@
-"""Diagonal of the Fisher information, per sample, as DESIGN §2 defines it.
+"""Diagonal of the Fisher information, per sample, as DESIGN §2 defines it, computed near the cost of one backward.
 
 `F_D[i] = (1/|D|) * sum_n (d/dθ_i log p(y_n | x_n; θ))²`, accumulated in float32.
 
-This module holds the exact reference implementation: one backward pass per sample (padding trimmed, so no
-work is spent on pad tokens). It is simple and correct for any model; the fast per-layer engine replaces the
-inner loop behind the same `compute_fisher_diagonal` / `accumulate_fisher_sums` API.
+How (DESIGN §3): one forward and one backward pass per batch of `sum_n log p(y_n|x_n)`. Samples do not interact
+in an eval-mode model, so the gradient that reaches a layer's output for sample n is exactly the per-sample one.
+Forward hooks keep each layer's input; tensor hooks on each layer's output receive the output gradient during
+the backward pass, and a per-layer rule turns (input, output gradient) into squared per-sample weight gradients
+right there, then frees both. Parameters are switched to `requires_grad=False` for the pass, so the batch weight
+gradient, which is not needed, is never computed: the per-sample rules replace it at about the same cost.
+
+Rules: `nn.Linear` (and transformers' `Conv1D`) with or without a sequence axis, `nn.Embedding` (padding index
+respected), `nn.LayerNorm` / `nn.RMSNorm`, `nn.Conv2d`, eval-mode `nn.BatchNorm*d`; peft's LoRA layers are covered by the `nn.Linear` rule
+on their `lora_A` / `lora_B` sub-layers. Any other module that owns parameters in scope (for example ViT's
+`cls_token`, a custom RMSNorm) gets per-sample gradients from `torch.func` (`vmap` over samples of the module's
+vector-Jacobian product with the captured output gradient), or from a loop over samples if `vmap` cannot trace
+it. Per-sample gradients are materialised one layer at a time, in chunks of samples whose size is set by
+`chunk_memory_mb`. A parameter that receives gradient through more than one module call (tied input/output
+embeddings, shared layers) needs the sum of its per-sample contributions before squaring: its per-sample
+gradients are kept until the backward pass is done, and batches are split so that this stash fits the same
+memory bound.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import math
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import nn
+from torch.utils import _pytree as pytree
 from tqdm.auto import tqdm
 
 from .errors import DeepCleanError, DeepCleanRunError
@@ -21,30 +40,18 @@ from .errors import DeepCleanError, DeepCleanRunError
 
 FisherDiagonal = dict[str, torch.Tensor]
 FISHER_TYPES = ("empirical", "true")
+DEFAULT_CHUNK_MEMORY_MB = 256.0
+
+try:  # GPT-2 style layers: a Linear whose weight is stored transposed, `[in, out]`
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a dependency
+    Conv1D = None
 
 
 def _unwrap(model: nn.Module, accelerator: Accelerator | None) -> nn.Module:
     if accelerator is not None:
         return accelerator.unwrap_model(model)
     return getattr(model, "module", model)
-
-
-def _sample_slices(batch: Mapping[str, torch.Tensor]) -> Iterable[dict[str, torch.Tensor]]:
-    """Yield each sample of a batch as a batch of one, with trailing padding removed.
-
-    Only *trailing* pad positions are cut: position ids count from the first column, so cutting leading pads
-    would change the result.
-    """
-    size = next(iter(batch.values())).shape[0]
-    mask = batch.get("attention_mask")
-    for n in range(size):
-        sample = {k: v[n : n + 1] for k, v in batch.items()}
-        if mask is not None:
-            nonzero = mask[n].nonzero()
-            length = int(nonzero[-1]) + 1 if len(nonzero) else 1
-            seq_len = mask.shape[1]
-            sample = {k: (v[:, :length] if v.dim() >= 2 and v.shape[1] == seq_len else v) for k, v in sample.items()}
-        yield sample
 
 
 def sample_log_likelihoods(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -63,16 +70,616 @@ def sample_log_likelihoods(logits: torch.Tensor, labels: torch.Tensor) -> torch.
     return (token_log_probs * valid).sum(dim=-1)
 
 
-def _sampled_labels(logits: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Labels drawn from the model's own predictive distribution (token level keeps the -100 positions)."""
-    probs = torch.softmax(logits.detach().float(), dim=-1)
-    flat = torch.multinomial(probs.reshape(-1, probs.shape[-1]).cpu(), 1, generator=generator).view(probs.shape[:-1])
-    flat = flat.to(labels.device)
-    if logits.dim() == 3:
-        shifted = torch.full_like(labels, -100)
-        shifted[:, 1:] = flat[:, :-1]
-        return torch.where(labels != -100, shifted, labels)
-    return flat
+def _sampled_token_labels(logits: torch.Tensor, labels: torch.Tensor, seed: int, first_index: int) -> torch.Tensor:
+    """Token labels drawn from the model's predictive distribution, where `labels` is not -100.
+
+    Each sample draws from its own generator, seeded by `seed` and the sample's running index, over its
+    non-ignored positions only: the draw does not depend on the batch size or on padding.
+    """
+    probs = torch.softmax(logits.detach()[:, :-1].float(), dim=-1).cpu()
+    sampled = labels.clone()
+    for n in range(labels.shape[0]):
+        positions = (labels[n, 1:] != -100).nonzero().squeeze(-1).cpu()
+        if len(positions) == 0:
+            continue
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + first_index + n)
+        draws = torch.multinomial(probs[n, positions], 1, generator=generator).squeeze(-1)
+        sampled[n, positions.to(labels.device) + 1] = draws.to(labels.device)
+    return sampled
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Accumulation: sums of squares, and a stash for parameters with several uses in one pass
+
+
+class _Sink:
+    """Float32 sums of squared per-sample gradients, keyed by parameter name.
+
+    A parameter with one use per pass takes squared contributions directly. A parameter with several uses
+    (tied, shared) collects its per-sample gradients in a `[N, *shape]` stash, squared and summed by `flush()`.
+
+    Tied input/output embeddings (one `nn.Embedding` call and one `nn.Linear` call on the same `[V, d]` weight)
+    avoid the stash: a sample's gradient is `D_n + S_n` with `D_n` dense (output layer) and `S_n` non-zero only on
+    the rows of the sample's tokens, so `sum_n (D_n + S_n)² = sum_n D_n² + sum_n (2 D_n S_n + S_n²)` where the
+    second sum only involves those rows. `D_n²` is added as for any layer; the rows of `D_n` at the sample's
+    tokens are kept (`tied_dense`), and the cross terms are added when the embedding's rows `S_n` arrive.
+    """
+
+    def __init__(self, params: Mapping[str, nn.Parameter]):
+        self.sums = {name: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for name, p in params.items()}
+        self.shared: set[str] = set()
+        self.stash: dict[str, torch.Tensor] = {}
+        self.sparse_tied: set[str] = set()
+        self.tied_keys: dict[str, torch.Tensor] = {}  # sorted `sample * V + row` of each sample's tokens
+        self.tied_dense: dict[str, torch.Tensor] = {}
+        self.tied_sparse: dict[str, torch.Tensor] = {}
+        self.batch_size = 0
+        # valid length of each sample of the current pass (trailing padding cut), and the padded length
+        self.lengths: torch.Tensor | None = None
+        self.padded_length = 0
+
+    def add_squares(self, name: str, squares: torch.Tensor) -> None:
+        """Add `sum_n (per-sample gradient)²`, computed by a rule that never materialised the gradients."""
+        self.sums[name].add_(squares)
+
+    def add_per_sample(self, name: str, grads: torch.Tensor, samples: int | torch.Tensor = 0) -> None:
+        """Add per-sample gradients `[c, *shape]` of samples `samples .. samples + c` (or of the listed samples)."""
+        if name in self.sparse_tied:
+            self._keep_token_rows(name, grads, samples)
+        if name not in self.shared or name in self.sparse_tied:
+            self.sums[name].add_(grads.square_().sum(0) if grads.is_contiguous() else grads.square().sum(0))
+            return
+        if name not in self.stash:
+            self.stash[name] = grads.new_zeros((self.batch_size, *self.sums[name].shape))
+        if isinstance(samples, torch.Tensor):
+            self.stash[name].index_add_(0, samples, grads)
+        else:
+            self.stash[name][samples : samples + grads.shape[0]].add_(grads)
+
+    def _keep_token_rows(self, name: str, grads: torch.Tensor, samples: int | torch.Tensor) -> None:
+        keys = self.tied_keys[name]
+        num_rows = self.sums[name].shape[0]
+        key_samples, key_rows = keys // num_rows, keys % num_rows
+        position = torch.full((self.batch_size,), -1, dtype=torch.long, device=keys.device)
+        if isinstance(samples, torch.Tensor):
+            position[samples] = torch.arange(len(samples), device=keys.device)
+        else:
+            position[samples : samples + grads.shape[0]] = torch.arange(grads.shape[0], device=keys.device)
+        position = position[key_samples]
+        hit = position >= 0
+        if name not in self.tied_dense:
+            self.tied_dense[name] = grads.new_zeros((len(keys), *grads.shape[2:]))
+        self.tied_dense[name][hit] += grads[position[hit], key_rows[hit]]
+
+    def add_rows(self, name: str, rows: torch.Tensor, index: torch.Tensor, sample: torch.Tensor) -> None:
+        """Add row-sparse per-sample gradients: `rows[k]` goes to row `index[k]` of sample `sample[k]`.
+
+        Rows are summed per (sample, row) before squaring.
+        """
+        num_rows = self.sums[name].shape[0]
+        keys = sample * num_rows + index
+        if name in self.sparse_tied:
+            tied_keys = self.tied_keys[name]
+            per_key = rows.new_zeros((len(tied_keys), *rows.shape[1:]))
+            per_key.index_add_(0, torch.searchsorted(tied_keys, keys), rows)
+            if name in self.tied_sparse:
+                per_key += self.tied_sparse[name]
+            self.tied_sparse[name] = per_key
+            return
+        if name in self.shared:
+            if name not in self.stash:
+                self.stash[name] = rows.new_zeros((self.batch_size, *self.sums[name].shape))
+            self.stash[name].view(-1, *rows.shape[1:]).index_add_(0, keys, rows)
+            return
+        unique, inverse = torch.unique(keys, return_inverse=True)
+        per_sample_rows = rows.new_zeros((len(unique), *rows.shape[1:])).index_add_(0, inverse, rows)
+        self.sums[name].index_add_(0, unique % num_rows, per_sample_rows.square())
+
+    def flush(self) -> None:
+        """Square and add the stashed per-sample gradients (after each backward pass)."""
+        for name, grads in self.stash.items():
+            self.sums[name].add_(grads.square().sum(0))
+        self.stash.clear()
+        for name, sparse in self.tied_sparse.items():
+            dense = self.tied_dense.get(name)
+            cross = sparse.square() if dense is None else sparse * (2 * dense + sparse)
+            self.sums[name].index_add_(0, self.tied_keys[name] % self.sums[name].shape[0], cross)
+        self.tied_sparse.clear()
+        self.tied_dense.clear()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per-layer rules
+
+
+def _chunks(total: int, per_sample_bytes: int, budget_bytes: int) -> Iterator[slice]:
+    size = max(1, budget_bytes // max(per_sample_bytes, 1))
+    for start in range(0, total, size):
+        yield slice(start, min(start + size, total))
+
+
+@dataclass
+class _Use:
+    """One call of a hooked module: what its rule needs from the forward pass."""
+
+    inputs: tuple
+    kwargs: dict
+    rule: _Rule | None = None
+    versions: list[tuple[torch.Tensor, int]] = field(default_factory=list)
+
+
+class _Rule:
+    """Computes squared per-sample gradients of one module's own parameters in scope."""
+
+    def __init__(self, module: nn.Module, params: dict[str, str], sink: _Sink, budget_bytes: int):
+        self.module = module
+        self.params = params  # local attribute name -> scope name
+        self.sink = sink
+        self.budget_bytes = budget_bytes
+
+    def backward(self, use: _Use, grad_outputs: list[torch.Tensor | None]) -> None:
+        raise NotImplementedError
+
+
+# samples per length bucket when trailing padding is cut from per-sample products
+_BUCKET = 8
+
+
+def _per_sample_linear(sink: _Sink, name: str, a: torch.Tensor, g: torch.Tensor, budget: int, transpose: bool):
+    """Weight of `y = a W^T` (`[out, in]`, or `[in, out]` when `transpose`) from `a` `[N, T, in]`, `g` `[N, T, out]`.
+
+    Per sample, `sum_t g_t a_tᵀ` is one matrix product. With padded sequences, samples are sorted by length and
+    multiplied in buckets cut to their longest member, so trailing padding costs nothing.
+    """
+    n, length, d_in = a.shape
+    d_out = g.shape[-1]
+    if length == 1 and name not in sink.shared:
+        # no sequence axis: sum_n (g_n a_nᵀ)² = (g²)ᵀ (a²), one matrix product (BackPACK's SumGradSquared)
+        squares = g[:, 0].square().T @ a[:, 0].square()
+        sink.add_squares(name, squares.T if transpose else squares)
+        return
+
+    def product(a_part, g_part):
+        return torch.bmm(a_part.transpose(1, 2), g_part) if transpose else torch.bmm(g_part.transpose(1, 2), a_part)
+
+    per_sample_bytes = 4 * d_in * d_out
+    if sink.lengths is None or length != sink.padded_length or bool((sink.lengths == length).all()):
+        for chunk in _chunks(n, per_sample_bytes, budget):
+            sink.add_per_sample(name, product(a[chunk], g[chunk]), chunk.start)
+        return
+    order = torch.argsort(sink.lengths, descending=True)
+    size = max(1, min(_BUCKET, budget // per_sample_bytes))
+    for start in range(0, n, size):
+        samples = order[start : start + size]
+        cut = int(sink.lengths[samples[0]])
+        sink.add_per_sample(name, product(a[samples, :cut], g[samples, :cut]), samples)
+
+
+class _LinearRule(_Rule):
+    transpose = False
+
+    def backward(self, use, grad_outputs):
+        (g,) = grad_outputs
+        a = _first_input(use).float()
+        n = a.shape[0]
+        a = a.reshape(n, -1, a.shape[-1])
+        g = g.float().reshape(n, -1, g.shape[-1])
+        if "weight" in self.params:
+            _per_sample_linear(self.sink, self.params["weight"], a, g, self.budget_bytes, self.transpose)
+        if "bias" in self.params:
+            self.sink.add_per_sample(self.params["bias"], g.sum(1), 0)
+
+
+class _Conv1DRule(_LinearRule):
+    transpose = True
+
+
+class _EmbeddingRule(_Rule):
+    def _tokens(self, use: _Use) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`(ids [N, L], keep [N, L], sample [N, L])`: the positions that carry gradient to the weight."""
+        ids = _first_input(use)
+        n = ids.shape[0]
+        ids = ids.reshape(n, -1)
+        sample = torch.arange(n, device=ids.device).unsqueeze(1).expand_as(ids)
+        keep = torch.ones_like(ids, dtype=torch.bool)
+        if self.module.padding_idx is not None:  # nn.Embedding gives the padding row no gradient
+            keep = ids != self.module.padding_idx
+        lengths = self.sink.lengths
+        if lengths is not None and ids.shape[1] == self.sink.padded_length:  # trailing padding is not the sample's
+            keep &= torch.arange(ids.shape[1], device=ids.device)[None, :] < lengths[:, None].to(ids.device)
+        return ids, keep, sample
+
+    def row_keys(self, use: _Use) -> torch.Tensor:
+        """Sorted unique `sample * num_embeddings + token id` over the kept positions."""
+        ids, keep, sample = self._tokens(use)
+        return torch.unique(sample[keep] * self.module.num_embeddings + ids[keep])
+
+    def backward(self, use, grad_outputs):
+        (g,) = grad_outputs
+        ids, keep, sample = self._tokens(use)
+        g = g.float().reshape(*ids.shape, -1)
+        self.sink.add_rows(self.params["weight"], g[keep], ids[keep], sample[keep])
+
+
+class _NormRule(_Rule):
+    """`nn.LayerNorm` / `nn.RMSNorm`: `y = x̂ * w + b`, so the per-sample gradients are sums over positions."""
+
+    def backward(self, use, grad_outputs):
+        (g,) = grad_outputs
+        x = _first_input(use).float()
+        shape = tuple(self.module.normalized_shape)
+        if isinstance(self.module, nn.LayerNorm):
+            x_hat = F.layer_norm(x, shape, None, None, self.module.eps)
+        else:
+            x_hat = F.rms_norm(x, shape, None, self.module.eps)
+        n = x.shape[0]
+        g = g.float().reshape(n, -1, *shape)
+        if "weight" in self.params:
+            self.sink.add_per_sample(self.params["weight"], (g * x_hat.reshape(g.shape)).sum(1), 0)
+        if "bias" in self.params:
+            self.sink.add_per_sample(self.params["bias"], g.sum(1), 0)
+
+
+class _BatchNormRule(_Rule):
+    """`nn.BatchNorm*d` in eval mode: an affine map of `x̂ = (x - running_mean) / sqrt(running_var + eps)`."""
+
+    def backward(self, use, grad_outputs):
+        (g,) = grad_outputs
+        bn = self.module
+        x = _first_input(use).float()
+        n, channels = x.shape[0], x.shape[1]
+        shape = (1, channels) + (1,) * (x.dim() - 2)
+        x_hat = (x - bn.running_mean.float().view(shape)) * torch.rsqrt(bn.running_var.float().view(shape) + bn.eps)
+        g = g.float()
+        if "weight" in self.params:
+            self.sink.add_per_sample(self.params["weight"], (g * x_hat).reshape(n, channels, -1).sum(-1), 0)
+        if "bias" in self.params:
+            self.sink.add_per_sample(self.params["bias"], g.reshape(n, channels, -1).sum(-1), 0)
+
+
+class _Conv2dRule(_Rule):
+    def backward(self, use, grad_outputs):
+        (g,) = grad_outputs
+        conv = self.module
+        x = _first_input(use).float()
+        n, groups = x.shape[0], conv.groups
+        g = g.float().reshape(n, groups, conv.out_channels // groups, -1)  # [N, G, O/G, L]
+        if "weight" in self.params:
+            cols = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
+            cols = cols.reshape(n, groups, -1, cols.shape[-1])  # [N, G, C/G * kh * kw, L]
+            per_sample_bytes = 4 * conv.weight.numel()
+            for chunk in _chunks(n, per_sample_bytes, self.budget_bytes):
+                if groups == 1:  # one batched matrix product: faster than einsum's general path
+                    grads = torch.bmm(g[chunk, 0], cols[chunk, 0].transpose(1, 2))
+                else:
+                    grads = torch.einsum("ngol,ngkl->ngok", g[chunk], cols[chunk])
+                self.sink.add_per_sample(self.params["weight"], grads.reshape(-1, *conv.weight.shape), chunk.start)
+        if "bias" in self.params:
+            self.sink.add_per_sample(self.params["bias"], g.sum(-1).reshape(n, -1), 0)
+
+
+class _FunctionalRule(_Rule):
+    """Any module: per-sample vector-Jacobian products of its own parameters, by `torch.func` or a loop."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.use_vmap = True
+
+    def backward(self, use, grad_outputs):
+        present = [(i, g.float()) for i, g in enumerate(grad_outputs) if g is not None]
+        if not present:
+            return
+        values = {k: self.module.get_parameter(k).detach() for k in self.params}
+        leaves, spec = pytree.tree_flatten((use.inputs, use.kwargs))
+        n = present[0][1].shape[0]
+        grads = None
+        if self.use_vmap:
+            try:
+                grads = self._vmap_grads(values, leaves, spec, present, n)
+            except Exception:  # noqa: BLE001 - vmap cannot trace data-dependent code; the loop below can
+                self.use_vmap = False
+        if grads is None:
+            grads = self._loop_grads(values, leaves, spec, present, n)
+        for k, name in self.params.items():
+            self.sink.add_per_sample(name, grads[k].float(), 0)
+
+    def _dot(self, values, leaves, spec, present) -> torch.Tensor:
+        """`<module output, output gradient>`: its gradient in the parameters is their vector-Jacobian product."""
+        args, kwargs = pytree.tree_unflatten(leaves, spec)
+        outputs = [t for t in pytree.tree_leaves(torch.func.functional_call(self.module, values, args, kwargs))]
+        outputs = [t for t in outputs if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        return sum((outputs[i].float() * grad).sum() for i, grad in present)
+
+    def _vmap_grads(self, values, leaves, spec, present, n):
+        batched = [i for i, leaf in enumerate(leaves) if _in_dim(leaf, n) == 0]
+
+        def one_sample(values, batched_leaves, grads):
+            sample_leaves = list(leaves)
+            for i, leaf in zip(batched, batched_leaves):
+                sample_leaves[i] = leaf.unsqueeze(0)
+            return self._dot(values, sample_leaves, spec, [(i, g.unsqueeze(0)) for (i, _), g in zip(present, grads)])
+
+        per_sample = torch.func.vmap(torch.func.grad(one_sample), in_dims=(None, 0, 0))
+        return per_sample(values, [leaves[i] for i in batched], [g for _, g in present])
+
+    def _loop_grads(self, values, leaves, spec, present, n):
+        per_sample = {k: [] for k in values}
+        for s in range(n):
+            leaf_values = {k: v.clone().requires_grad_() for k, v in values.items()}
+            sample_leaves = [leaf[s : s + 1] if _in_dim(leaf, n) == 0 else leaf for leaf in leaves]
+            with torch.enable_grad():
+                dot = self._dot(leaf_values, sample_leaves, spec, [(i, g[s : s + 1]) for i, g in present])
+                results = torch.autograd.grad(dot, list(leaf_values.values()), allow_unused=True)
+            for (k, v), grad in zip(leaf_values.items(), results):
+                per_sample[k].append(torch.zeros_like(v) if grad is None else grad)
+        return {k: torch.stack(v) for k, v in per_sample.items()}
+
+
+def _own_parameters(module: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """The parameters a module's forward uses directly: its own, and those of its parameter containers."""
+    yield from module.named_parameters(recurse=False)
+    for child_name, child in module.named_children():
+        if isinstance(child, nn.ParameterDict | nn.ParameterList):
+            for key, p in child.named_parameters(recurse=False):
+                yield f"{child_name}.{key}", p
+
+
+def _in_dim(value, n: int) -> int | None:
+    return 0 if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n else None
+
+
+def _first_input(use: _Use) -> torch.Tensor:
+    return use.inputs[0] if use.inputs else next(iter(use.kwargs.values()))
+
+
+def _rule_class(module: nn.Module, local_names: set[str]) -> type[_Rule]:
+    kind = type(module)
+    if kind is nn.Linear:
+        return _LinearRule
+    if Conv1D is not None and kind is Conv1D:
+        return _Conv1DRule
+    if kind is nn.Embedding and module.max_norm is None:
+        return _EmbeddingRule
+    if kind in (nn.LayerNorm, nn.RMSNorm) and local_names <= {"weight", "bias"}:
+        return _NormRule
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not module.training and module.track_running_stats:
+        return _BatchNormRule
+    if kind is nn.Conv2d and module.padding_mode == "zeros" and not isinstance(module.padding, str):
+        return _Conv2dRule
+    return _FunctionalRule
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The engine
+
+
+class _Retry(Exception):
+    """The micro-batch must be redone (a saved input changed in place, or a parameter turned out shared)."""
+
+
+class _FisherEngine:
+    """Hooks on every module that owns parameters in scope; one instance per Fisher computation."""
+
+    def __init__(self, model: nn.Module, params: Mapping[str, nn.Parameter], chunk_memory_mb: float):
+        self.model = model
+        self.budget_bytes = int(chunk_memory_mb * 2**20)
+        model_params = {id(p) for p in model.parameters()}
+        missing = [name for name, p in params.items() if id(p) not in model_params]
+        if missing:
+            raise DeepCleanError(f"--scope: {missing[:3]} are not parameters of the model.")
+        self.sink = _Sink(params)
+        by_id = {id(p): name for name, p in params.items()}
+        self.rules: dict[nn.Module, _Rule] = {}
+        self.module_names: dict[str, str] = {}
+        owners: dict[str, int] = {}
+        for module_name, module in model.named_modules(remove_duplicate=False):
+            if isinstance(module, nn.ParameterDict | nn.ParameterList):
+                continue  # containers are never called: their parameters belong to the module that holds them
+            local = {k: by_id[id(p)] for k, p in _own_parameters(module) if id(p) in by_id}
+            if not local or module in self.rules:
+                continue
+            for name in local.values():
+                owners[name] = owners.get(name, 0) + 1
+                self.module_names.setdefault(name, f"{module_name} ({type(module).__name__})")
+            self.rules[module] = _rule_class(module, set(local))(module, local, self.sink, self.budget_bytes)
+        self.sink.shared = {name for name, count in owners.items() if count > 1}
+        # tied input/output embeddings: exactly one Embedding and one Linear own the weight
+        for name in self.sink.shared:
+            kinds = sorted(type(r).__name__ for r in self.rules.values() if r.params.get("weight") == name)
+            if owners[name] == 2 and kinds in (["_EmbeddingRule", "_LinearRule"], ["_Conv1DRule", "_EmbeddingRule"]):
+                self.sink.sparse_tied.add(name)
+        self.roots: list[torch.Tensor] = []
+        self.uses: list[_Use] = []
+        self.partial: list[tuple[_Rule, _Use, list]] = []
+        self.calls: dict[str, int] = {}
+        self.copy_inputs = False
+        self.recording = True
+
+    # -- hooks ------------------------------------------------------------------------------------------------
+
+    def _forward_hook(self, module, args, kwargs, output):
+        if not self.recording:
+            return None  # a rule is recomputing this module for per-sample gradients
+        rule = self.rules[module]
+        for name in rule.params.values():
+            self.calls[name] = self.calls.get(name, 0) + 1
+        leaves, spec = pytree.tree_flatten(output)
+        slots = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        n = self.sink.batch_size
+        inputs = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim() > 0]
+        broadcast = n > 1 and all(t.shape[0] == 1 for t in inputs) and all(leaves[i].shape[0] == 1 for i in slots)
+        if broadcast:
+            # a call on inputs shared by the batch (position ids [1, T], say) whose output is broadcast over it:
+            # expanding the output to the batch makes its gradient per sample; the inputs are expanded to match
+            args, kwargs = pytree.tree_map(lambda t: _expand(t, n), (args, kwargs))
+        use = _Use(
+            tuple(_saved(a, self.copy_inputs) for a in args),
+            {k: _saved(v, self.copy_inputs) for k, v in kwargs.items()},
+            rule,
+        )
+        saved = pytree.tree_leaves((use.inputs, use.kwargs))
+        use.versions = [(t, t._version) for t in saved if isinstance(t, torch.Tensor)]
+        self.uses.append(use)
+        grads: list[torch.Tensor | None] = [None] * len(slots)
+        state = [rule, use, grads]
+
+        def make_hook(slot: int):
+            def hook(grad):
+                grads[slot] = grad.detach() if grads[slot] is None else grads[slot] + grad.detach()
+                if all(g is not None for g in grads):
+                    self._apply(state)
+                elif state not in self.partial:
+                    self.partial.append(state)
+
+            return hook
+
+        changed = broadcast
+        for slot, i in enumerate(slots):
+            tensor = leaves[i]
+            if not tensor.requires_grad:
+                tensor = tensor.detach().requires_grad_()
+                self.roots.append(tensor)
+                changed = True
+            if broadcast:
+                tensor = _expand(tensor, n)
+            leaves[i] = tensor
+            tensor.register_hook(make_hook(slot))
+        return pytree.tree_unflatten(leaves, spec) if changed else None
+
+    def _apply(self, state) -> None:
+        rule, use, grads = state
+        if state in self.partial:
+            self.partial.remove(state)
+        self.recording = False
+        try:
+            rule.backward(use, grads)
+        finally:
+            self.recording = True
+            grads[:] = [None] * len(grads)
+
+    def _finish_pass(self) -> None:
+        # outputs that did not reach the objective get no gradient: apply the rule with the ones that did
+        for state in list(self.partial):
+            self._apply(state)
+        self.sink.flush()
+
+    @contextmanager
+    def attached(self) -> Iterator[None]:
+        handles = [m.register_forward_hook(self._forward_hook, with_kwargs=True) for m in self.rules]
+        grad_flags = {p: p.requires_grad for p in self.model.parameters()}
+        try:
+            for p in grad_flags:
+                p.requires_grad_(False)
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            for p, flag in grad_flags.items():
+                p.requires_grad_(flag)
+
+    # -- passes ---------------------------------------------------------------------------------------------
+
+    def micro_batch_size(self, batch_size: int) -> int:
+        stashed = sum(self.sink.sums[name].numel() for name in self.sink.shared - self.sink.sparse_tied) * 4
+        if not stashed:
+            return batch_size
+        return max(1, min(batch_size, self.budget_bytes // stashed))
+
+    def run_batch(self, batch: dict[str, torch.Tensor], fisher_type: str, seed: int, first_index: int) -> None:
+        labels = batch.pop("labels")
+        size = labels.shape[0]
+        start = 0
+        retries = 0
+        while start < size:
+            step = self.micro_batch_size(size)
+            part = {k: v[start : start + step] for k, v in batch.items()}
+            try:
+                self._run_micro_batch(part, labels[start : start + step], fisher_type, seed, first_index + start)
+            except _Retry:
+                retries += 1
+                if retries > 2:
+                    raise DeepCleanRunError("Fisher: layer inputs keep changing in place; cannot compute.") from None
+                continue
+            finally:
+                self.roots.clear()
+                self.uses.clear()
+                self.partial.clear()
+            start += step
+
+    def _run_micro_batch(self, batch, labels, fisher_type, seed, first_index) -> None:
+        self.sink.batch_size = labels.shape[0]
+        mask = batch.get("attention_mask")
+        self.sink.lengths = None
+        if mask is not None and mask.dim() == 2:
+            positions = torch.arange(1, mask.shape[1] + 1, device=mask.device)
+            self.sink.lengths = (positions * (mask != 0)).amax(dim=1).clamp(min=1)
+            self.sink.padded_length = mask.shape[1]
+        self.calls.clear()
+        with torch.enable_grad():
+            logits = self.model(**batch).logits
+        # checked before any backward pass, so a retry starts from untouched sums
+        new_shared = {name for name, count in self.calls.items() if count > 1} - self.sink.shared
+        if new_shared:
+            # a module called more than once (a shared layer): contributions must be summed before squaring
+            self.sink.shared |= new_shared
+            raise _Retry
+        self.sink.tied_keys.clear()
+        for name in list(self.sink.sparse_tied):
+            uses = [use for use in self.uses if use.rule.params.get("weight") == name]
+            if self.calls.get(name, 0) != 2 or len(uses) != 2:
+                self.sink.sparse_tied.discard(name)  # not one call each: fall back to the stash
+                raise _Retry
+            (embedding_use,) = [use for use in uses if isinstance(use.rule, _EmbeddingRule)]
+            self.sink.tied_keys[name] = embedding_use.rule.row_keys(embedding_use)
+        if any(t._version != v for use in self.uses for t, v in use.versions):
+            self.copy_inputs = True  # the model changes layer inputs in place after use: keep copies
+            raise _Retry
+        if not self.roots:
+            return  # nothing in scope influences the output: its Fisher is zero
+        if fisher_type == "true" and logits.dim() == 2:
+            # exact expectation over classes: sum_c p(c|x) (d log p(c|x))², as C passes of sqrt(p)-scaled grads
+            log_probs = torch.log_softmax(logits.float(), dim=-1)
+            weights = log_probs.detach().exp().sqrt()
+            num_classes = log_probs.shape[-1]
+            for c in range(num_classes):
+                objective = (weights[:, c] * log_probs[:, c]).sum()
+                torch.autograd.grad(objective, self.roots, retain_graph=c < num_classes - 1, allow_unused=True)
+                self._finish_pass()
+            return
+        if fisher_type == "true":
+            labels = _sampled_token_labels(logits, labels, seed, first_index)
+        objective = sample_log_likelihoods(logits, labels).sum()
+        torch.autograd.grad(objective, self.roots, allow_unused=True)
+        self._finish_pass()
+
+
+def _expand(value, n: int):
+    if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == 1:
+        return value.expand(n, *value.shape[1:])
+    return value
+
+
+def _saved(value, copy: bool):
+    if isinstance(value, torch.Tensor):
+        value = value.detach()
+        return value.clone() if copy else value
+    return value
+
+
+def _real_samples(dataloader, batch_size: int, accelerator: Accelerator | None) -> int:
+    """How many samples of this batch are real: Accelerate pads the last batch of each rank with repeats.
+
+    The last global batch is the ranks' last batches in rank order, and its first `remainder` samples are real
+    (the rule `Accelerator.gather_for_metrics` relies on).
+    """
+    if accelerator is None or accelerator.num_processes == 1 or not accelerator.even_batches:
+        return batch_size
+    if not getattr(dataloader, "end_of_dataloader", False):
+        return batch_size
+    remainder = getattr(dataloader, "remainder", -1)
+    if remainder <= 0:
+        return batch_size
+    return max(0, min(batch_size, remainder - accelerator.process_index * batch_size))
 
 
 def accumulate_fisher_sums(
@@ -84,67 +691,68 @@ def accumulate_fisher_sums(
     accelerator: Accelerator | None = None,
     seed: int = 0,
     desc: str = "Fisher",
+    chunk_memory_mb: float = DEFAULT_CHUNK_MEMORY_MB,
 ) -> tuple[FisherDiagonal, int]:
     """Sum over samples of the squared per-sample gradient of `log p(y|x)`, and the number of samples.
 
+    Under several processes each rank sums over its own shard, then one SUM reduce gives every rank the global
+    sums and count; the repeats Accelerate adds to even out the last batches are not counted.
+
     Args:
-        model: the model (possibly wrapped by `accelerator.prepare`); it is put in eval mode.
+        model: the model, or what `accelerator.prepare` returned for it; it is run in eval mode.
         dataloader: yields dict batches with `labels` and the model's inputs.
-        params: `{name: parameter}` to compute; default: all trainable parameters.
+        params: `{name: parameter}` to compute; default: all trainable parameters. Names are the unwrapped
+            model's.
         fisher_type: `empirical` (dataset labels) or `true` (the model's predictive distribution: the exact
             expectation over classes for classification, one sampled label per token for token-level models).
-        accelerator: used for the device and for logging only in this implementation.
+        accelerator: gives the device, the process layout and the reduce; `None` for a single process.
         seed: seed of label sampling for the `true` Fisher of token-level models.
         desc: progress-bar label.
+        chunk_memory_mb: bound on the memory that per-sample gradients of one layer (or of a tied parameter, for
+            a whole batch) may take at once.
 
     Returns:
-        `(sums, count)`: float32 sums keyed by parameter name, and the number of samples.
+        `(sums, count)`: float32 sums keyed by parameter name, and the global number of samples.
     """
     if fisher_type not in FISHER_TYPES:
         raise DeepCleanError(f"--fisher_type: got {fisher_type!r}; expected one of {', '.join(FISHER_TYPES)}.")
+    if not (isinstance(chunk_memory_mb, int | float) and math.isfinite(chunk_memory_mb) and chunk_memory_mb > 0):
+        raise DeepCleanError(f"--fisher_chunk_memory_mb: got {chunk_memory_mb!r}; expected a number > 0.")
     unwrapped = _unwrap(model, accelerator)
     if params is None:
         params = {name: p for name, p in unwrapped.named_parameters() if p.requires_grad}
     if not params:
         raise DeepCleanError("--scope: no parameters in scope to compute a Fisher diagonal for.")
-    names = list(params)
-    tensors = [params[name] for name in names]
-    sums = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
-    device = accelerator.device if accelerator is not None else tensors[0].device
-    generator = torch.Generator().manual_seed(seed)
+    engine = _FisherEngine(unwrapped, params, chunk_memory_mb)
+    device = accelerator.device if accelerator is not None else next(iter(params.values())).device
     show_bar = accelerator.is_local_main_process if accelerator is not None else True
     was_training = unwrapped.training
     unwrapped.eval()
     count = 0
     try:
-        for batch in tqdm(dataloader, desc=desc, disable=not show_bar, leave=False):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            for sample in _sample_slices(batch):
-                labels = sample.pop("labels")
-                logits = model(**sample).logits
-                if fisher_type == "true" and logits.dim() == 2:
-                    # exact expectation: sum_c p(c|x) * (d log p(c|x))²
-                    log_probs = torch.log_softmax(logits.float(), dim=-1)[0]
-                    weights = log_probs.detach().exp()
-                    for c in range(log_probs.shape[0]):
-                        grads = torch.autograd.grad(log_probs[c], tensors, retain_graph=True, allow_unused=True)
-                        _add_squares(sums, names, grads, weight=float(weights[c]))
-                else:
-                    if fisher_type == "true":
-                        labels = _sampled_labels(logits, labels, generator)
-                    log_likelihood = sample_log_likelihoods(logits, labels).sum()
-                    grads = torch.autograd.grad(log_likelihood, tensors, allow_unused=True)
-                    _add_squares(sums, names, grads)
-                count += 1
+        with engine.attached():
+            for batch in tqdm(dataloader, desc=desc, disable=not show_bar, leave=False):
+                size = next(iter(batch.values())).shape[0]
+                keep = _real_samples(dataloader, size, accelerator)
+                if keep == 0:
+                    continue
+                batch = {k: v[:keep].to(device) for k, v in batch.items()}
+                engine.run_batch(batch, fisher_type, seed, count)
+                count += keep
     finally:
         unwrapped.train(was_training)
+    sums = engine.sink.sums
+    if accelerator is not None and accelerator.num_processes > 1:
+        sums = accelerator.reduce(sums, reduction="sum")
+        count = int(accelerator.reduce(torch.tensor(count, device=accelerator.device), reduction="sum"))
+    for name, total in sums.items():
+        # the entries are >= 0 (or NaN), so their sum is finite exactly when all of them are
+        if not math.isfinite(float(total.sum())):
+            raise DeepCleanRunError(
+                f"{desc}: the Fisher diagonal of {name!r} in module {engine.module_names.get(name, '?')} is not "
+                "finite; check the model's numerics (dtype, loss scale) and the data."
+            )
     return sums, count
-
-
-def _add_squares(sums: FisherDiagonal, names: list[str], grads, weight: float = 1.0) -> None:
-    for name, grad in zip(names, grads):
-        if grad is not None:
-            sums[name].add_(grad.detach().float().square(), alpha=weight)
 
 
 def compute_fisher_diagonal(
@@ -156,8 +764,11 @@ def compute_fisher_diagonal(
     accelerator: Accelerator | None = None,
     seed: int = 0,
     desc: str = "Fisher",
+    chunk_memory_mb: float = DEFAULT_CHUNK_MEMORY_MB,
 ) -> FisherDiagonal:
     """Mean over samples of the squared per-sample gradient of `log p(y|x)` (DESIGN §2).
+
+    The result does not depend on the batch size (up to float32 round-off).
 
     Args: as `accumulate_fisher_sums`.
 
@@ -166,11 +777,28 @@ def compute_fisher_diagonal(
 
     Raises:
         DeepCleanError: if the dataloader yields no sample.
-        DeepCleanRunError: if the result is not finite, naming the first offending parameter.
+        DeepCleanRunError: if the result is not finite, naming the parameter and its module.
     """
     sums, count = accumulate_fisher_sums(
-        model, dataloader, params=params, fisher_type=fisher_type, accelerator=accelerator, seed=seed, desc=desc
+        model,
+        dataloader,
+        params=params,
+        fisher_type=fisher_type,
+        accelerator=accelerator,
+        seed=seed,
+        desc=desc,
+        chunk_memory_mb=chunk_memory_mb,
     )
+    return fisher_from_sums(sums, count, desc)
+
+
+def fisher_from_sums(sums: FisherDiagonal, count: int, desc: str = "Fisher") -> FisherDiagonal:
+    """The mean `sums / count`, checked.
+
+    Raises:
+        DeepCleanError: if `count` is 0 (no sample).
+        DeepCleanRunError: if the result is not finite.
+    """
     if count == 0:
         raise DeepCleanError(f"{desc}: the data set is empty; expected at least one sample.")
     fisher = {name: total / count for name, total in sums.items()}

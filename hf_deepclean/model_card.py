@@ -1,13 +1,15 @@
-"""Model card of a cleaned checkpoint: card data (front matter) and the rendered Markdown.
+"""Model card of a cleaned checkpoint: card data (front matter), the rendered Markdown and its plots.
 
-The card is a pure function of the two json reports the run writes (`deepclean_config.json`,
-`deepclean_results.json`), so it can be re-rendered from an output folder at any time.
+The card and its plots are a pure function of the two json reports the run writes (`deepclean_config.json`,
+`deepclean_results.json`), so they can be re-rendered from an output folder at any time (`save_model_card`).
 """
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from collections.abc import Mapping
+from dataclasses import fields
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,8 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from .data import FILE_BUILDERS
+from .config import FILE_BUILDERS, DeepCleanConfig
+from .plots import available_plots, save_plots
 
 
 TEMPLATE_NAME = "deepclean_template.md"
@@ -93,6 +96,45 @@ def format_results_table(metrics: Mapping[str, Mapping[str, float]]) -> str:
     return header + "\n".join(rows)
 
 
+# arguments outside DeepCleanConfig that change what the procedure computes
+PROCEDURE_ARGUMENTS = ("max_retain_samples", "max_eval_samples", "max_length", "seed")
+
+
+def hyperparameters(config: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """Every method hyperparameter as recorded (all `DeepCleanConfig` fields), then the other settings that shape
+    the procedure and the number of processes."""
+    args = config["arguments"]
+    names = [f.name for f in fields(DeepCleanConfig)] + list(PROCEDURE_ARGUMENTS)
+    # a path-valued setting (a cache file, say) is named by its last part only, like the model and data folders
+    rows = [
+        (name, display_name(args[name]) if isinstance(args[name], str) and "/" in args[name] else args[name])
+        for name in names
+        if name in args
+    ]
+    return [*rows, ("num_processes", config["num_processes"])]
+
+
+def summary_lines(config: Mapping[str, Any], results: Mapping[str, Any]) -> list[str]:
+    """The card's summary bullets: what was forgotten, how much of the model changed, and the headline metrics."""
+    total = results["reset"]["per_parameter"]["__total__"]
+    before, after = results["metrics"]["before"], results["metrics"]["after"]
+    lines = [
+        f"Forgotten: {config['forget']['num_rows']} rows of split `{config['forget']['split']}` "
+        f"({config['forget']['kind']} specification).",
+        f"Changed: {total['share']:.2%} of the weights ({total['reset']} of {total['numel']}) were reset and "
+        "repaired; every other weight is bit-for-bit the original.",
+    ]
+    for key, text in (
+        ("forget_accuracy", "Accuracy on the forgotten rows"),
+        ("retain_accuracy", "Accuracy on the retained rows"),
+        ("test_accuracy", "Accuracy on held-out rows"),
+        ("mia_auc", "Membership-attack AUC, forgotten vs held-out rows"),
+    ):
+        if key in before and key in after:
+            lines.append(f"{text}: {before[key]:.3f} before, {after[key]:.3f} after.")
+    return lines
+
+
 def build_card_data(config: Mapping[str, Any], results: Mapping[str, Any]) -> ModelCardData:
     """Front matter: base model, datasets, tags and `model-index` results of the cleaned model."""
     args, dataset = config["arguments"], config["dataset"]
@@ -104,6 +146,7 @@ def build_card_data(config: Mapping[str, Any], results: Mapping[str, Any]) -> Mo
             dataset_type=dataset_id or Path(args["dataset_name"]).name,
             dataset_name=display_name(args["dataset_name"]),
             dataset_config=args.get("dataset_config_name"),
+            dataset_revision=args.get("dataset_revision"),
             dataset_split=metric_split(name, dataset),
             metric_type=name,
             metric_name=name,
@@ -119,13 +162,16 @@ def build_card_data(config: Mapping[str, Any], results: Mapping[str, Any]) -> Mo
         tags=list(CARD_TAGS),
         library_name="transformers",
         pipeline_tag=task,
-        model_name=Path(args["output_dir"]).name or "cleaned-model",
+        model_name=args.get("hub_model_id") or Path(args["output_dir"]).name or "cleaned-model",
         eval_results=eval_results,
     )
 
 
 def render_model_card(config: Mapping[str, Any], results: Mapping[str, Any]) -> ModelCard:
-    """Render the card from the run's config and results records (see `DeepCleanUnlearner.run`)."""
+    """Render the card from the run's config and results records (see `DeepCleanUnlearner.run`).
+
+    The card embeds the plots `save_model_card` writes next to it (those the results have data for).
+    """
     args, dataset, forget = config["arguments"], config["dataset"], config["forget"]
     reset = results["reset"]
     total = reset["per_parameter"]["__total__"]
@@ -137,11 +183,14 @@ def render_model_card(config: Mapping[str, Any], results: Mapping[str, Any]) -> 
         card_data,
         template_path=str(template_path()),
         model_name=card_data.model_name,
+        summary=summary_lines(config, results),
         base_model=display_name(args["model_name_or_path"]),
         base_revision=args["revision"],
         task=config["model"]["task"],
+        architecture=config["model"].get("architecture"),
         dataset_name=display_name(args["dataset_name"]),
         dataset_config_name=args.get("dataset_config_name"),
+        dataset_revision=args.get("dataset_revision"),
         train_split=dataset["train_split"],
         train_rows=dataset["num_rows"]["train"],
         eval_split=dataset.get("eval_split"),
@@ -163,11 +212,36 @@ def render_model_card(config: Mapping[str, Any], results: Mapping[str, Any]) -> 
         repair_epochs=args["repair_epochs"],
         learning_rate=args["learning_rate"],
         weight_decay=args["weight_decay"],
+        lr_scheduler_type=args["lr_scheduler_type"],
+        warmup_ratio=args["warmup_ratio"],
+        max_grad_norm=args["max_grad_norm"],
+        repair_steps=results["repair"]["steps"],
         batch_size=args["per_device_batch_size"],
         num_processes=config["num_processes"],
         seed=args["seed"],
+        hyperparameters=hyperparameters(config),
         top_modules=[(module, f"{share:.2%}") for module, share in top_modules],
+        num_modules=len(shares),
         results_table=format_results_table(results["metrics"]),
+        plots=available_plots(results),
         timings=", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in results["timings"].items()),
         versions=sorted(config["library_versions"].items()),
     )
+
+
+def save_model_card(folder: str | os.PathLike, config: Mapping[str, Any], results: Mapping[str, Any]) -> ModelCard:
+    """Write the card as `README.md` and its plots as PNG files into `folder`.
+
+    Args:
+        folder: the output folder (or its staging copy).
+        config: the `deepclean_config.json` record.
+        results: the `deepclean_results.json` record.
+
+    Returns:
+        The rendered card.
+    """
+    folder = Path(folder)
+    save_plots(results, folder)
+    card = render_model_card(config, results)
+    card.save(folder / "README.md")
+    return card

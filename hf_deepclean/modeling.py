@@ -98,18 +98,94 @@ def load_model(model_args: ModelArguments, task: str, config: PretrainedConfig |
     return model.eval()
 
 
+def load_adapter(model: nn.Module, model_args: ModelArguments) -> nn.Module:
+    """Load the peft adapter named by `--adapter_name_or_path` onto `model`, trainable (for the repair).
+
+    Returns:
+        The `PeftModel`; `model` itself when no adapter is asked for.
+    """
+    if model_args.adapter_name_or_path is None:
+        return model
+    from peft import PeftModel
+
+    try:
+        adapted = PeftModel.from_pretrained(
+            model,
+            model_args.adapter_name_or_path,
+            revision=model_args.adapter_revision,
+            is_trainable=True,
+        )
+    except (OSError, ValueError, KeyError) as error:
+        raise DeepCleanError(
+            f"--adapter_name_or_path: could not load {model_args.adapter_name_or_path!r}: {_first_line(error)}; "
+            "expected a peft adapter folder or Hub id (adapter_config.json and adapter weights)."
+        ) from error
+    return adapted.eval()
+
+
+SCOPES = ("all", "adapter")
+
+
+def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The weights of the active peft adapters, selected structurally (not by matching names).
+
+    These are the parameters held by peft tuner layers under their adapter containers (for LoRA: `lora_A`,
+    `lora_B`, `lora_embedding_A`, `lora_embedding_B`, and DoRA's magnitude), for the active adapters, plus the
+    active copies of `modules_to_save` (a classification head trained with the adapter, say). Only trainable
+    ones count.
+
+    Returns:
+        An ordered `{name: parameter}` mapping; empty when the model carries no peft adapter (or peft is not
+        installed, in which case it cannot carry one).
+    """
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        from peft.utils import ModulesToSaveWrapper
+    except ImportError:
+        return {}
+    selected: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            for container_name in (*module.adapter_layer_names, *getattr(module, "other_param_names", ())):
+                container = getattr(module, container_name, None)
+                if not isinstance(container, nn.ModuleDict | nn.ParameterDict):
+                    continue
+                for adapter in module.active_adapters:
+                    if adapter in container:
+                        value = container[adapter]
+                        members = [value] if isinstance(value, nn.Parameter) else list(value.parameters())
+                        selected.update(id(p) for p in members)
+        elif isinstance(module, ModulesToSaveWrapper):
+            for adapter in module.active_adapters:
+                if adapter in module.modules_to_save:
+                    selected.update(id(p) for p in module.modules_to_save[adapter].parameters())
+    return {name: p for name, p in model.named_parameters() if id(p) in selected and p.requires_grad}
+
+
 def get_parameters_in_scope(model: nn.Module, scope: str = "all") -> dict[str, nn.Parameter]:
     """The parameters DeepClean may compute Fisher diagonals for and reset.
 
     Args:
         model: the (unwrapped) model.
-        scope: `all` trainable parameters. Tied parameters appear once, under their first name.
+        scope: `all` trainable parameters, or `adapter`: the trainable weights of the active peft adapters
+            (`adapter_parameters`). Tied parameters appear once, under their first name.
 
     Returns:
         An ordered `{name: parameter}` mapping.
+
+    Raises:
+        DeepCleanError: for an unknown scope, a model without adapter under `adapter`, or an empty scope.
     """
-    if scope != "all":
-        raise DeepCleanError(f"--scope: got {scope!r}; expected all.")
+    if scope not in SCOPES:
+        raise DeepCleanError(f"--scope: got {scope!r}; expected one of {', '.join(SCOPES)}.")
+    if scope == "adapter":
+        params = adapter_parameters(model)
+        if not params:
+            raise DeepCleanError(
+                "--scope: got 'adapter', but the model has no trainable peft adapter weights; pass "
+                "--adapter_name_or_path, or use --scope all."
+            )
+        return params
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     if not params:
         raise DeepCleanError("--scope: the model has no trainable parameters in scope 'all'.")

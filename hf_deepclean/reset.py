@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy as copy_module
 import logging
 from collections.abc import Callable, Mapping
 
@@ -126,16 +127,68 @@ def reset_statistics(masks: Mapping[str, torch.Tensor]) -> dict[str, dict[str, f
 
 
 def initial_values(model: nn.Module, names: list[str], seed: int) -> dict[str, torch.Tensor]:
-    """Fresh values for the named parameters, drawn by the model class's own initialisation with `seed`.
+    """Fresh values for the named parameters, drawn by their own initialisation with `seed`.
 
-    A fresh model is built from the same config (its `_init_weights` is the initialisation the architecture was
-    designed for); only the requested tensors are kept.
+    - Adapter weights (LoRA): the tuner layer's own `reset_lora_parameters`, as at adapter creation: LoRA's A
+      matrices get fresh random values and B matrices zeros (embedding adapters the other way round), so a reset
+      element of B switches its rank-one contribution off and a reset element of A is a new random direction
+      that the repair can use once B is trained. Active copies of `modules_to_save` get the base model's
+      `_init_weights`.
+    - Everything else: a fresh model is built from the same config (its `_init_weights` is the initialisation the
+      architecture was designed for); only the requested tensors are kept.
     """
+    wanted = set(names)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        fresh = type(model)(model.config)
-    fresh_params = dict(fresh.named_parameters())
-    return {name: fresh_params[name].detach().to(dtype=model.dtype) for name in names}
+        fresh = _adapter_initial_values(model, wanted)
+        rest = [name for name in names if name not in fresh]
+        if rest:
+            fresh_params = dict(type(model)(model.config).named_parameters())
+            fresh.update({name: fresh_params[name].detach() for name in rest})
+    return {name: fresh[name].to(dtype=dict(model.named_parameters())[name].dtype) for name in names}
+
+
+def _adapter_initial_values(model: nn.Module, wanted: set[str]) -> dict[str, torch.Tensor]:
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        from peft.utils import ModulesToSaveWrapper
+    except ImportError:
+        return {}
+    fresh: dict[str, torch.Tensor] = {}
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        if isinstance(module, BaseTunerLayer):
+            base = module.get_base_layer()
+            base_ids = {id(p) for p in base.parameters()}
+            own = {prefix + k: p for k, p in module.named_parameters() if id(p) not in base_ids}
+            if not wanted & set(own):
+                continue
+            if not hasattr(module, "reset_lora_parameters"):
+                raise DeepCleanError(
+                    f"--reset: got 'init', but the adapter layer {type(module).__name__} has no initialisation "
+                    "routine; expected --reset zero for this adapter type."
+                )
+            # re-run the layer's initialisation in place, read the values, and put the trained ones back
+            saved = {name: p.detach().clone() for name, p in own.items()}
+            with torch.no_grad():
+                for adapter in module.active_adapters:
+                    module.reset_lora_parameters(adapter, True)
+                for name, p in own.items():
+                    fresh[name] = p.detach().clone()
+                    p.copy_(saved[name])
+        elif isinstance(module, ModulesToSaveWrapper):
+            owner = model.get_base_model() if hasattr(model, "get_base_model") else model
+            for adapter in module.active_adapters:
+                copy = module.modules_to_save[adapter]
+                names = {prefix + f"modules_to_save.{adapter}.{k}" for k, _ in copy.named_parameters()}
+                if not wanted & names:
+                    continue
+                copy = copy_module.deepcopy(copy)
+                for submodule in copy.modules():
+                    owner._init_weights(submodule)
+                for k, p in copy.named_parameters():
+                    fresh[prefix + f"modules_to_save.{adapter}.{k}"] = p.detach()
+    return {name: value for name, value in fresh.items() if name in wanted}
 
 
 def reset_selected_weights(

@@ -1,13 +1,14 @@
 """`DeepCleanUnlearner.run()`: the whole pipeline, top to bottom.
 
 load -> evaluate before -> Fisher(forget), Fisher(retain) -> select + reset -> repair -> evaluate after
--> save folder + card.
+-> save folder + card (with its plots) -> push to the Hub.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import time
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ from torch import nn
 
 from .config import DataArguments, DeepCleanConfig, ModelArguments, OutputArguments, arguments_to_dict
 from .data import (
+    ForgetSelection,
     UnlearningData,
     load_dataset_splits,
     make_dataloader,
@@ -36,10 +38,26 @@ from .data import (
 )
 from .errors import DeepCleanError
 from .evaluation import evaluate_unlearning
-from .fisher import compute_fisher_diagonal
-from .hub import atomic_output_dir, check_output_dir
-from .model_card import module_reset_shares, render_model_card
-from .modeling import get_parameters_in_scope, infer_task, load_model, load_model_config, load_processor
+from .fisher import FisherDiagonal, accumulate_fisher_sums, fisher_from_sums
+from .fisher_cache import (
+    FisherCacheInfo,
+    check_fisher_cache,
+    load_fisher_sums,
+    retain_sums_from_cache,
+    save_fisher_sums,
+    weights_fingerprint,
+)
+from .hub import CONFIG_NAME, RESULTS_NAME, atomic_output_dir, check_hub_token, check_output_dir, push_output_dir
+from .model_card import module_reset_shares, save_model_card
+from .modeling import (
+    get_parameters_in_scope,
+    infer_task,
+    load_adapter,
+    load_model,
+    load_model_config,
+    load_processor,
+)
+from .plots import fisher_ratio_histogram, loss_histograms
 from .reset import (
     RepairMonitor,
     build_repair_monitor,
@@ -54,8 +72,6 @@ from .reset import (
 logger = get_logger(__name__)
 
 LIBRARIES = ("hf_deepclean", "torch", "transformers", "datasets", "accelerate", "huggingface_hub", "safetensors")
-CONFIG_NAME = "deepclean_config.json"
-RESULTS_NAME = "deepclean_results.json"
 
 
 def library_versions() -> dict[str, str]:
@@ -66,6 +82,14 @@ def library_versions() -> dict[str, str]:
         except PackageNotFoundError:
             versions[name] = "not installed"
     return versions
+
+
+def default_accelerator() -> Accelerator:
+    """Accelerate's default set-up, except on a machine without GPUs under a multi-process launch (`torchrun`,
+    `accelerate launch --multi_gpu`): there `Accelerator()` would run as independent single-process copies that each
+    do all the work, so the CPU backend (gloo) is asked for explicitly."""
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(cpu=True) if launched and not torch.cuda.is_available() else Accelerator()
 
 
 @dataclass
@@ -124,17 +148,20 @@ class DeepCleanUnlearner:
         self.processor = None
         self.task: str | None = None
         self.data: UnlearningData | None = None
+        self.train_split = None
+        self._fisher_cache: tuple[FisherDiagonal, FisherCacheInfo] | None = None
         self.timer = StageTimer()
 
     # -- stages --------------------------------------------------------------------------------------------------
 
     def load(self) -> None:
         """Load the model, its processor and the data; resolve the forget set."""
-        parse_forget_spec(self.data_args.forget)  # fail on a malformed spec before loading anything heavy
-        self.accelerator = self.accelerator or Accelerator()
+        if self.data_args.forget is not None:
+            parse_forget_spec(self.data_args.forget)  # fail on a malformed spec before loading anything heavy
+        self.accelerator = self.accelerator or default_accelerator()
         model_config = load_model_config(self.model_args)
         splits = load_dataset_splits(self.data_args)
-        train = splits[self.data_args.train_split]
+        train = self.train_split = splits[self.data_args.train_split]
         has_image = self.data_args.image_column is not None or any(
             isinstance(feature, Image) for feature in train.features.values()
         )
@@ -144,7 +171,7 @@ class DeepCleanUnlearner:
         self.data = prepare_unlearning_data(
             self.data_args, splits, self.task, model_config, self.processor, seed=self.output_args.seed
         )
-        model = load_model(self.model_args, self.task, model_config)
+        model = load_adapter(load_model(self.model_args, self.task, model_config), self.model_args)
         self.model = self.accelerator.prepare_model(model, evaluation_mode=True)
         logger.info(
             f"Forget set: {self.data.selection.num_rows} rows of split {self.data.selection.split!r}; retain set: "
@@ -172,10 +199,15 @@ class DeepCleanUnlearner:
             loaders["test"] = self.dataloader("test", max_rows=self.data_args.max_eval_samples)
         return loaders
 
-    def evaluate(self, model: nn.Module | None = None, prefix: str = "") -> dict[str, float]:
-        """Metrics of `model` (default: the model being cleaned) on the forget, retain and held-out splits."""
+    def evaluate(self, model: nn.Module | None = None, prefix: str = "", return_outputs: bool = False):
+        """Metrics of `model` (default: the model being cleaned) on the forget, retain and held-out splits; with
+        `return_outputs`, also the per-sample outputs (see `evaluate_unlearning`)."""
         return evaluate_unlearning(
-            model if model is not None else self.model, self.evaluation_dataloaders(), self.accelerator, prefix
+            model if model is not None else self.model,
+            self.evaluation_dataloaders(),
+            self.accelerator,
+            prefix,
+            return_outputs=return_outputs,
         )
 
     def repair_monitor(self, steps_per_epoch: int) -> RepairMonitor:
@@ -204,7 +236,9 @@ class DeepCleanUnlearner:
             statistics, Fisher sample counts, repair summary and timings.
         """
         check_output_dir(self.output_args.output_dir, self.output_args.overwrite_output_dir)
-        self.accelerator = self.accelerator or Accelerator()
+        if self.output_args.push_to_hub:
+            check_hub_token()
+        self.accelerator = self.accelerator or default_accelerator()
         if self.accelerator.num_processes > 1:
             raise DeepCleanError(
                 f"accelerate: got {self.accelerator.num_processes} processes; this version runs on one process."
@@ -215,23 +249,13 @@ class DeepCleanUnlearner:
 
         with timer("load"):
             self.load()
+            if method.fisher_cache is not None:
+                self.load_fisher_cache()  # a stale cache is refused before any work
         with timer("evaluate_before"):
-            metrics_before = self.evaluate(prefix="before ")
+            metrics_before, outputs_before = self.evaluate(prefix="before ", return_outputs=True)
         unwrapped = self.accelerator.unwrap_model(self.model)
         params = get_parameters_in_scope(unwrapped, method.scope)
-        retain_fisher_loader = self.dataloader("retain", max_rows=self.data_args.max_retain_samples)
-        fisher = {}
-        for split, loader in (("forget", self.dataloader("forget")), ("retain", retain_fisher_loader)):
-            with timer(f"fisher_{split}"):
-                fisher[split] = compute_fisher_diagonal(
-                    self.model,
-                    loader,
-                    params=params,
-                    fisher_type=method.fisher_type,
-                    accelerator=self.accelerator,
-                    seed=self.output_args.seed,
-                    desc=f"Fisher {split}",
-                )
+        fisher, fisher_record = self.compute_fisher(params)
         repair_loader = self.dataloader("retain", shuffle=True)
         # built before the reset: the recovery target is the original model's retain accuracy
         monitor = self.repair_monitor(len(repair_loader)) if method.early_stopping else None
@@ -246,6 +270,8 @@ class DeepCleanUnlearner:
             )
             reset_selected_weights(unwrapped, masks, reset=method.reset, seed=self.output_args.seed)
         stats = reset_statistics(masks)
+        ratio_histogram = fisher_ratio_histogram(ratios, masks)  # a compact summary for the card; ratios are freed
+        del ratios
         logger.info(
             f"Reset {stats['__total__']['reset']} of {stats['__total__']['numel']} weights "
             f"({stats['__total__']['share']:.2%}).",
@@ -266,7 +292,7 @@ class DeepCleanUnlearner:
                 should_stop=monitor,
             )
         with timer("evaluate_after"):
-            metrics_after = self.evaluate(prefix="after ")
+            metrics_after, outputs_after = self.evaluate(prefix="after ", return_outputs=True)
         timings = dict(timer.seconds)
         timings["unlearning"] = sum(
             timings[stage] for stage in ("fisher_forget", "fisher_retain", "select_and_reset", "repair")
@@ -278,19 +304,133 @@ class DeepCleanUnlearner:
                 "per_parameter": stats,
                 "per_module": module_reset_shares({k: v for k, v in stats.items() if k != "__total__"}),
             },
-            "fisher": {
-                "forget_samples": self.data.selection.num_rows,
-                "retain_samples": len(retain_fisher_loader.dataset),
-            },
+            "fisher": fisher_record,
             "repair": repair,
             "timings": timings,
+            "ratio_histogram": ratio_histogram,
+            "loss_histograms": loss_histograms({"before": outputs_before, "after": outputs_after}),
         }
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             with timer("save"):
                 self.save(results)
             results["timings"]["save"] = timer.seconds["save"]
+            if self.output_args.push_to_hub:
+                commit = push_output_dir(
+                    self.output_args.output_dir,
+                    self.output_args.hub_model_id,
+                    private=self.output_args.hub_private_repo,
+                    revision=self.output_args.hub_revision,
+                )
+                results["hub_commit_url"] = commit.commit_url
         return results
+
+    def compute_fisher(self, params: dict[str, nn.Parameter]) -> tuple[dict[str, FisherDiagonal], dict[str, Any]]:
+        """Fisher diagonals of the forget and retain sets (timed as `fisher_forget`, `fisher_retain`).
+
+        With `fisher_cache`, the retain Fisher comes from the cached sums over the whole training split:
+        `(S_all - S_forget) / (N - N_forget)`, at the cost of the forget pass only.
+
+        Returns:
+            `({"forget": F_forget, "retain": F_retain}, record)`, the record holding sample counts and the source.
+        """
+        method = self.config
+        options = {
+            "params": params,
+            "fisher_type": method.fisher_type,
+            "accelerator": self.accelerator,
+            "seed": self.output_args.seed,
+            "chunk_memory_mb": method.fisher_chunk_memory_mb,
+        }
+        if method.fisher_cache is not None:
+            with self.timer("fisher_retain"):
+                cached_sums, cached = self.load_fisher_cache()
+        with self.timer("fisher_forget"):
+            forget_sums, forget_count = accumulate_fisher_sums(
+                self.model, self.dataloader("forget"), desc="Fisher forget", **options
+            )
+        with self.timer("fisher_retain"):
+            if method.fisher_cache is not None:
+                if self.data.selection.is_separate_split:  # the forget rows are not part of the cached split
+                    retain_sums, retain_count = cached_sums, cached.count
+                else:
+                    retain_sums, retain_count = retain_sums_from_cache(
+                        cached_sums, cached.count, forget_sums, forget_count
+                    )
+            else:
+                loader = self.dataloader("retain", max_rows=self.data_args.max_retain_samples)
+                retain_sums, retain_count = accumulate_fisher_sums(self.model, loader, desc="Fisher retain", **options)
+        fisher = {
+            "forget": fisher_from_sums(forget_sums, forget_count, "Fisher forget"),
+            "retain": fisher_from_sums(retain_sums, retain_count, "Fisher retain"),
+        }
+        record = {
+            "forget_samples": forget_count,
+            "retain_samples": retain_count,
+            "retain_source": "cache" if method.fisher_cache is not None else "pass",
+        }
+        return fisher, record
+
+    def load_fisher_cache(self) -> tuple[FisherDiagonal, FisherCacheInfo]:
+        """Read `--fisher_cache` and refuse it unless it covers this model's weights and whole training split."""
+        if self._fisher_cache is None:
+            path = self.config.fisher_cache
+            sums, info = load_fisher_sums(path)
+            check_fisher_cache(info, self.fisher_cache_info(None, len(self.train_split)), path)
+            self._fisher_cache = sums, info
+        return self._fisher_cache
+
+    def fisher_cache_info(self, indices: list[int] | None, count: int) -> FisherCacheInfo:
+        """What a Fisher cache of this model over `indices` of the training split (all rows if None) is keyed by."""
+        split = self.data_args.train_split
+        rows = ForgetSelection("cache", split, list(range(len(self.train_split))) if indices is None else indices)
+        return FisherCacheInfo(
+            weights_sha256=weights_fingerprint(self.accelerator.unwrap_model(self.model)),
+            dataset_fingerprint=self.train_split._fingerprint,
+            split=split,
+            rows_sha256=rows.sha256,
+            num_rows=len(self.train_split),
+            count=count,
+            fisher_type=self.config.fisher_type,
+            scope=self.config.scope,
+        )
+
+    def write_fisher_cache(self, path: str, overwrite: bool = False) -> FisherCacheInfo:
+        """Compute the Fisher sums over the training split (or the rows of `--forget`) and save them to `path`.
+
+        Returns:
+            The cache's description (also stored in the file's metadata).
+        """
+        if Path(path).exists() and not overwrite:
+            raise DeepCleanError(
+                f"--fisher_output: {path!r} exists; pass --overwrite_output_dir to replace it, or choose another."
+            )
+        set_seed(self.output_args.seed)
+        with self.timer("load"):
+            self.load()
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        params = get_parameters_in_scope(unwrapped, self.config.scope)
+        rows = "retain" if self.data_args.forget is None else "forget"
+        if rows == "forget" and self.data.selection.is_separate_split:
+            raise DeepCleanError("--forget: `split:` specs name another split; a cache covers rows of --train_split.")
+        with self.timer("fisher"):
+            # prepared, so that under several processes each rank takes its shard (the engine reduces once)
+            sums, count = accumulate_fisher_sums(
+                self.model,
+                self.accelerator.prepare_data_loader(self.dataloader(rows)),
+                params=params,
+                fisher_type=self.config.fisher_type,
+                accelerator=self.accelerator,
+                seed=self.output_args.seed,
+                desc="Fisher",
+                chunk_memory_mb=self.config.fisher_chunk_memory_mb,
+            )
+        fisher_from_sums(sums, count, "Fisher")  # refuses an empty or non-finite result
+        info = self.fisher_cache_info(None if rows == "retain" else self.data.selection.indices, count)
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            save_fisher_sums(path, sums, info, overwrite)
+        return info
 
     # -- output --------------------------------------------------------------------------------------------------
 
@@ -331,7 +471,7 @@ class DeepCleanUnlearner:
             self.processor.save_pretrained(staging)
             (staging / CONFIG_NAME).write_text(to_json(record))
             (staging / RESULTS_NAME).write_text(to_json(results))
-            render_model_card(record, results).save(staging / "README.md")
+            save_model_card(staging, record, results)
         logger.info(f"Saved the cleaned model to {self.output_args.output_dir}", main_process_only=True)
         return Path(self.output_args.output_dir)
 

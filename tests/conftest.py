@@ -133,3 +133,109 @@ def image_dataset_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("digits")
     make_image_splits().save_to_disk(str(path))
     return path
+
+
+# --------------------------------------------------------------------------------------------------------------
+# A Hub-speaking server on loopback (tests/hub_server.py), for the tests of loading by repo id and pushing
+# --------------------------------------------------------------------------------------------------------------
+
+HUB_TOKEN = "hf_loopback_" + os.urandom(8).hex()  # unique per session, so that a leak is found by searching for it
+
+
+class LoopbackHub:
+    """A running `tests/hub_server.py`: its endpoint, its inspection folder and the environment to reach it."""
+
+    def __init__(self, endpoint: str, root, token: str, home):
+        self.endpoint = endpoint
+        self.root = root
+        self.token = token
+        self.home = home
+
+    def env(self, token: str | None = None) -> dict[str, str]:
+        """Environment for a subprocess that talks to this server with the unmodified client libraries.
+
+        `HF_ENDPOINT` is read when `huggingface_hub` is imported, so it can only be set for a fresh process; offline
+        mode is switched off there and only there.
+        """
+        env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+        env.update(
+            HF_ENDPOINT=self.endpoint,
+            HF_TOKEN=self.token if token is None else token,
+            HF_HOME=str(self.home),  # a private cache: nothing downloaded earlier can stand in for the server
+            HF_HUB_DISABLE_XET="1",  # LFS files go through the server's basic LFS transfer, not Xet storage
+            HF_HUB_DISABLE_TELEMETRY="1",
+        )
+        return env
+
+    def state(self) -> dict:
+        import json
+
+        return json.loads((self.root / "state.json").read_text())
+
+    def files(self, repo_id: str, branch: str = "main", repo_type: str = "model"):
+        """Files of a branch head as the server stores them (`root/files/{type}s/{repo}/@{branch}`)."""
+        return self.root / "files" / f"{repo_type}s" / repo_id / f"@{branch}"
+
+    def requests(self) -> list[str]:
+        return (self.root / "requests.log").read_text().splitlines()
+
+
+@pytest.fixture(scope="session")
+def hub_server(tmp_path_factory):
+    """Start `tests/hub_server.py` in its own process; stop it by its PID when the session ends."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = tmp_path_factory.mktemp("hub-server")
+    port_file = root / "port"
+    process = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("hub_server.py")), "--root", str(root / "data"), "--token",
+         HUB_TOKEN, "--port-file", str(port_file)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while not port_file.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"hub_server.py did not start: {process.stderr.read().decode()[-2000:]}")
+        time.sleep(0.05)
+    try:
+        yield LoopbackHub(f"http://127.0.0.1:{port_file.read_text()}", root / "data", HUB_TOKEN, root / "hf-home")
+    finally:
+        os.kill(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait()
+        process.stderr.close()
+
+
+def run_torchrun(arguments: list[str], nproc: int = 2, timeout: float = 600) -> str:
+    """Run `python -m torch.distributed.run --standalone --nproc_per_node NPROC ARGUMENTS` with `tests/` importable;
+    return its output. Killed after `timeout` seconds: callers check the files the run was to write."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests_dir = str(Path(__file__).parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests_dir, os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    with subprocess.Popen(
+        [*command, *arguments],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    ) as process:
+        try:
+            output, _ = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, 9)
+            output, _ = process.communicate()
+    return output

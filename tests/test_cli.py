@@ -225,7 +225,7 @@ def test_forget_split_and_retain_subsample(tmp_path, image_model_dir):
     results = json.loads((output_dir / "deepclean_results.json").read_text())
     assert config["forget"] == {**config["forget"], "split": "leaked", "num_rows": 10, "kind": "split"}
     assert config["dataset"]["num_rows"]["retain"] == 60
-    assert results["fisher"] == {"forget_samples": 10, "retain_samples": 25}
+    assert results["fisher"] == {"forget_samples": 10, "retain_samples": 25, "retain_source": "pass"}
     assert results["repair"]["steps"] == 1  # half an epoch of 2 batches of 32
 
 
@@ -366,3 +366,49 @@ def test_early_stopping_and_per_parameter_selection(tmp_path, image_model_dir, i
     assert results["repair"]["steps"] <= 2 * 3  # 2 epochs of 3 batches (64 retain rows, batch 32) at most
     config = json.loads((output_dir / "deepclean_config.json").read_text())["arguments"]
     assert config["early_stopping"] is True and config["selection_scope"] == "per_parameter"
+
+
+def test_adapter_scope_end_to_end(tmp_path, text_model_dir, text_csv_files):
+    """`--adapter_name_or_path` + `--scope adapter`: Fisher, selection, reset and repair touch the LoRA weights (and
+    the head peft trains with them) only; the output is a peft adapter folder that PeftModel loads."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    base = AutoModelForSequenceClassification.from_pretrained(text_model_dir)
+    config = LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS", init_lora_weights=False)
+    torch.manual_seed(0)
+    adapter_dir = tmp_path / "adapter"
+    get_peft_model(base, config).save_pretrained(adapter_dir)
+    output_dir = tmp_path / "cleaned"
+    args = _text_args(text_model_dir, text_csv_files, output_dir, "--forget", "class:pos")
+    assert main([*args, "--adapter_name_or_path", str(adapter_dir), "--scope", "adapter"]) == 0
+
+    assert (output_dir / "adapter_config.json").exists() and (output_dir / "adapter_model.safetensors").exists()
+    assert not (output_dir / "model.safetensors").exists()
+    before, after = (
+        load_file(adapter_dir / "adapter_model.safetensors"),
+        load_file(output_dir / "adapter_model.safetensors"),
+    )
+    assert set(before) == set(after)
+    changed = sum(int((before[k] != after[k]).sum()) for k in before)
+    stats = json.loads((output_dir / "deepclean_results.json").read_text())["reset"]["per_parameter"]
+    assert 0 < changed <= stats["__total__"]["reset"]
+    adapter_numel = sum(v.numel() for v in before.values())
+    assert stats["__total__"]["numel"] == adapter_numel  # the scope was the adapter, nothing else
+    assert all("lora_" in name or "modules_to_save" in name for name in stats if name != "__total__")
+
+    reloaded = PeftModel.from_pretrained(
+        AutoModelForSequenceClassification.from_pretrained(text_model_dir), output_dir
+    )
+    base_after = {k: v for k, v in reloaded.named_parameters() if "lora_" not in k and "modules_to_save" not in k}
+    original = dict(AutoModelForSequenceClassification.from_pretrained(text_model_dir).named_parameters())
+    for name, value in base_after.items():
+        plain = name.removeprefix("base_model.model.").replace(".base_layer", "").replace(".original_module", "")
+        assert torch.equal(value, original[plain]), name
+
+
+def test_adapter_scope_without_adapter(tmp_path, text_model_dir, text_csv_files, capsys):
+    args = _text_args(text_model_dir, text_csv_files, tmp_path / "out", "--forget", "class:pos", "--scope", "adapter")
+    assert main(args) == 2
+    assert "--scope: got 'adapter'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -321,3 +321,54 @@ def test_config_yaml_string_for_a_list_argument_is_one_element(tmp_path):
     path = write_yaml(tmp_path, RUN_YAML + "data_files: /data/train.csv\n")
     _, data_args, _, _, _ = parse_unlearn_args(["--config", path])
     assert data_args.data_files == ["/data/train.csv"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Hub arguments (unlearn --push_to_hub, and the push command)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_parse_hub_flags():
+    argv = [*REQUIRED_FLAGS, "--push_to_hub", "--hub_model_id", "org/x", "--hub_private_repo", "false"]
+    output_args = parse_unlearn_args([*argv, "--hub_revision", "exp-1"])[3]
+    assert output_args == OutputArguments(
+        output_dir="o", push_to_hub=True, hub_model_id="org/x", hub_private_repo=False, hub_revision="exp-1"
+    )
+    defaults = OutputArguments("o")
+    assert (defaults.push_to_hub, defaults.hub_model_id, defaults.hub_private_repo) == (False, None, True)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"hub_model_id": "a/b/c"}, "--hub_model_id: got 'a/b/c'; expected a Hub repository id"),
+        ({"hub_model_id": "bad id"}, "--hub_model_id: got 'bad id'; expected a Hub repository id"),
+        ({"push_to_hub": True}, "--hub_model_id: got None; expected ORG/NAME when --push_to_hub is set."),
+        ({"hub_revision": "two words"}, "--hub_revision: got 'two words'; expected a branch name"),
+        ({"hub_revision": ""}, "--hub_revision: got ''; expected a branch name"),
+    ],
+)
+def test_bad_hub_values(values, message):
+    with pytest.raises(DeepCleanError) as error:
+        OutputArguments("o", **values)
+    assert str(error.value).startswith(message)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["push", "out"], "the following arguments are required: --hub_model_id"),
+        (["push", "--hub_model_id", "org/x"], "the following arguments are required: output_dir"),
+        (
+            ["push", "out", "--hub_model_id", "org/x", "--hub_private_repo", "maybe"],
+            "--hub_private_repo: Truthy value expected: got maybe",
+        ),
+        (["push", "out", "--hub_model_id", "a/b/c"], "--hub_model_id: got 'a/b/c'"),
+        (["push", "out", "--hub_model_id", "org/x"], "output_dir: 'out' is not an hf_deepclean output folder"),
+    ],
+)
+def test_push_command_usage_errors(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and error.startswith("hf-deepclean push: error: ") and message in error

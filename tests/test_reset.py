@@ -242,3 +242,28 @@ def test_reset_statistics():
         "c": {"reset": 10, "numel": 10, "share": 1.0},
         "__total__": {"reset": 12, "numel": 20, "share": 0.6},
     }
+
+
+def test_adapter_initial_values_follow_lora_init_and_leave_the_model_unchanged():
+    """`reset=init` on LoRA weights: A gets fresh random values, B zeros (peft's own initialisation), the
+    modules_to_save head the architecture's init; reading them does not change the model."""
+    from peft import LoraConfig, get_peft_model
+
+    from hf_deepclean.modeling import get_parameters_in_scope
+    from hf_deepclean.reset import initial_values
+
+    model, _ = build_tiny_bert()
+    config = LoraConfig(r=2, target_modules=["query"], task_type="SEQ_CLS", init_lora_weights=False)
+    model = get_peft_model(model, config)
+    names = list(get_parameters_in_scope(model, "adapter"))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    fresh = initial_values(model, names, seed=0)
+    assert set(fresh) == set(names)
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+    for name in names:
+        assert fresh[name].shape == before[name].shape
+        if "lora_B" in name:
+            assert not bool(fresh[name].any()), name
+        elif name.endswith("weight"):  # (the head's bias starts at zero, as it is now)
+            assert not torch.equal(fresh[name], before[name]), name
+    assert torch.equal(initial_values(model, names, seed=0)[names[0]], fresh[names[0]])  # seeded

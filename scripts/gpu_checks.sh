@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The checks that need a CUDA device, in one go: the tests marked `gpu`, then the Fisher engine benchmark on the GPU.
+#
+#   bash scripts/gpu_checks.sh [RESULTS_DIR]      # from the repository root, with the package importable
+#
+# Results (logs, the benchmark table and its JSON) go to RESULTS_DIR (default: $OUT, else gpu_results/).
+set -uo pipefail
+RESULTS=${1:-${OUT:-gpu_results}}
+mkdir -p "$RESULTS"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+python3 - <<'PY' 2>&1 | tee "$RESULTS/environment.txt"
+import torch, transformers, accelerate, peft
+print("torch", torch.__version__, "| transformers", transformers.__version__, "| accelerate", accelerate.__version__,
+      "| peft", peft.__version__)
+print("device:", torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device")
+PY
+python3 -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider -rs 2>&1 | tee "$RESULTS/gpu_tests.log"
+tests_status=${PIPESTATUS[0]}
+python3 scripts/benchmark_fisher.py --device cuda --rounds 5 --json "$RESULTS/benchmark_fisher_gpu.json" 2>&1 \
+    | tee "$RESULTS/benchmark_fisher_gpu.md"
+exit "$tests_status"

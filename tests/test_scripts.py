@@ -1,0 +1,30 @@
+"""The benchmark scripts run (tiny sizes) and print the table they promise; the figures themselves are measured by
+hand on an idle machine and recorded in the README, never asserted."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+
+SCRIPTS = Path(__file__).parent.parent / "scripts"
+
+
+def test_benchmark_fisher_quick_prints_one_row_per_model():
+    result = subprocess.run(
+        [sys.executable, str(SCRIPTS / "benchmark_fisher.py"), "--quick", "--no-memory", "--threads", "1"]
+        + ["--models", "mlp-digits,bert-minilm,gpt2-small"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [row.split(" | ")[0].split()[1] for row in rows] == ["MLP", "BERT", "GPT-2"]
+    for row in rows:
+        ratios = row.split(" | ")[2:5]
+        assert all(re.fullmatch(r"\d+\.\d\d", value) for value in ratios), row
