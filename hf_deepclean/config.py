@@ -76,6 +76,13 @@ class ModelArguments:
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow custom modelling code from the model repository (off by default)."}
     )
+    allow_pickle_weights: bool = field(
+        default=False,
+        metadata={
+            "help": "Also load weights stored as pickle (`pytorch_model.bin`); off by default because unpickling a "
+            "file can run code. Without it only safetensors weights load."
+        },
+    )
     adapter_name_or_path: str | None = field(
         default=None,
         metadata={"help": "A peft adapter (Hub id or local folder) to load onto the model; see --scope adapter."},

@@ -78,7 +78,7 @@ def load_processor(model_args: ModelArguments, task: str):
 def load_model(model_args: ModelArguments, task: str, config: PretrainedConfig | None = None) -> nn.Module:
     """Load the model with its head for `task`, in float32 and eval mode.
 
-    Weights load from safetensors only: a pickle checkpoint can run arbitrary code.
+    Weights load from safetensors only unless `--allow_pickle_weights`: a pickle checkpoint can run arbitrary code.
     """
     config = config if config is not None else load_model_config(model_args)
     try:
@@ -87,13 +87,14 @@ def load_model(model_args: ModelArguments, task: str, config: PretrainedConfig |
             config=config,
             revision=model_args.revision,
             trust_remote_code=model_args.trust_remote_code,
-            use_safetensors=True,
+            use_safetensors=None if model_args.allow_pickle_weights else True,
             dtype=torch.float32,
         )
     except (OSError, ValueError) as error:
         raise DeepCleanError(
             f"--model_name_or_path: could not load {model_args.model_name_or_path!r} as a {task} model: "
-            f"{_first_line(error)}; expected safetensors weights for this task."
+            f"{_first_line(error)}; expected safetensors weights for this task (pickle weights load only with "
+            "--allow_pickle_weights)."
         ) from error
     return model.eval()
 

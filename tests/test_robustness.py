@@ -109,3 +109,25 @@ def test_same_inputs_and_seed_give_bit_identical_weights(tmp_path, text_model_di
     assert all(torch.equal(first[name], second[name]) for name in first)
     original = load_file(text_model_dir / "model.safetensors")
     assert any(not torch.equal(first[name], original[name]) for name in first)  # the run did change weights
+
+
+def test_pickle_weights_load_only_when_allowed(tmp_path, text_model_dir, text_csv_files, capsys):
+    """A checkpoint with only `pytorch_model.bin` is refused (one line, nothing written) unless
+    `--allow_pickle_weights`; then it loads and unlearning runs."""
+    import shutil
+
+    from hf_deepclean.cli import main
+
+    pickled = tmp_path / "pickled"
+    shutil.copytree(text_model_dir, pickled)
+    torch.save(load_file(pickled / "model.safetensors"), pickled / "pytorch_model.bin")
+    (pickled / "model.safetensors").unlink()
+    args = ["unlearn", "--model_name_or_path", str(pickled), "--dataset_name", "csv", "--data_files"]
+    args += [f"train={text_csv_files / 'train.csv'}", f"test={text_csv_files / 'test.csv'}"]
+    args += ["--forget", "class:pos", "--repair_epochs", "1"]
+    assert main([*args, "--output_dir", str(tmp_path / "refused")]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("hf-deepclean unlearn: error: --model_name_or_path") and "--allow_pickle_weights" in error
+    assert not (tmp_path / "refused").exists()
+    assert main([*args, "--output_dir", str(tmp_path / "allowed"), "--allow_pickle_weights"]) == 0
+    assert (tmp_path / "allowed" / "model.safetensors").exists()  # written back as safetensors
