@@ -9,8 +9,11 @@ import argparse
 import dataclasses
 import json
 import logging
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import yaml
@@ -240,12 +243,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("hf_deepclean").setLevel(logging.DEBUG if debug else logging.INFO)
     try:
-        return RUNNERS[command](rest)
+        with _terminate_as_interrupt():
+            return RUNNERS[command](rest)
     except DeepCleanError as error:
         if debug:
             raise
         print(f"{PROG} {command}: error: {error}", file=sys.stderr)
         return error.exit_code
+    except _Interrupted as interrupt:
+        # the `finally` blocks on the way out removed temporary folders and files; nothing partial is left
+        print(f"{PROG} {command}: interrupted by {interrupt.name}; nothing was written.", file=sys.stderr)
+        return 128 + interrupt.signum
+
+
+class _Interrupted(BaseException):
+    """SIGINT or SIGTERM, raised where the program is, so that cleanup runs on the way out."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+        self.name = signal.Signals(signum).name
+
+
+@contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """Turn SIGINT and SIGTERM into `_Interrupted` for the duration of a command (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise _Interrupted(signum)
+
+    previous = {signum: signal.signal(signum, handler) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, action in previous.items():
+            signal.signal(signum, action)
 
 
 if __name__ == "__main__":

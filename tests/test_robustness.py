@@ -131,3 +131,36 @@ def test_pickle_weights_load_only_when_allowed(tmp_path, text_model_dir, text_cs
     assert not (tmp_path / "refused").exists()
     assert main([*args, "--output_dir", str(tmp_path / "allowed"), "--allow_pickle_weights"]) == 0
     assert (tmp_path / "allowed" / "model.safetensors").exists()  # written back as safetensors
+
+
+@pytest.mark.parametrize(
+    ("signum", "after", "code"),
+    [("SIGINT", "Forget set:", 130), ("SIGTERM", "Reset ", 143)],
+    ids=["sigint-before-fisher", "sigterm-in-repair"],
+)
+def test_interrupted_run_leaves_nothing_behind(tmp_path, text_model_dir, text_csv_files, signum, after, code):
+    """A real `hf-deepclean unlearn` is sent the signal once its log shows the stage; it exits 128 + signal number
+    with a one-line message, and neither the output folder nor a temporary sibling of it exists."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    output = tmp_path / "out"
+    args = [sys.executable, "-m", "hf_deepclean.cli", "unlearn", "--model_name_or_path", str(text_model_dir)]
+    args += ["--dataset_name", "csv", "--data_files", f"train={text_csv_files / 'train.csv'}"]
+    args += [f"test={text_csv_files / 'test.csv'}", "--forget", "class:pos", "--output_dir", str(output)]
+    args += ["--repair_epochs", "400", "--per_device_batch_size", "4"]
+    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    with subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env) as process:
+        seen = []
+        for line in process.stderr:
+            seen.append(line)
+            if after in line:
+                process.send_signal(getattr(signal, signum))
+                break
+        rest = process.stderr.read()
+        assert process.wait(timeout=300) == code, "".join(seen) + rest
+    assert rest.strip().splitlines()[-1] == f"hf-deepclean unlearn: interrupted by {signum}; nothing was written."
+    assert not output.exists()
+    assert [p.name for p in tmp_path.iterdir()] == []  # no temporary folder either
