@@ -25,6 +25,7 @@ from accelerate.utils import set_seed
 from datasets import Image
 from torch import nn
 
+from .baselines import TrainingSchedule
 from .config import DataArguments, DeepCleanConfig, ModelArguments, OutputArguments, arguments_to_dict
 from .data import (
     ForgetSelection,
@@ -283,12 +284,7 @@ class DeepCleanUnlearner:
                 masks,
                 repair_loader,
                 self.accelerator,
-                epochs=method.repair_epochs,
-                learning_rate=method.learning_rate,
-                weight_decay=method.weight_decay,
-                warmup_ratio=method.warmup_ratio,
-                lr_scheduler_type=method.lr_scheduler_type,
-                max_grad_norm=method.max_grad_norm,
+                **TrainingSchedule.repair_budget(method, method.per_device_batch_size).optimizer_arguments(),
                 should_stop=monitor,
             )
         with timer("evaluate_after"):
@@ -335,13 +331,7 @@ class DeepCleanUnlearner:
             `({"forget": F_forget, "retain": F_retain}, record)`, the record holding sample counts and the source.
         """
         method = self.config
-        options = {
-            "params": params,
-            "fisher_type": method.fisher_type,
-            "accelerator": self.accelerator,
-            "seed": self.output_args.seed,
-            "chunk_memory_mb": method.fisher_chunk_memory_mb,
-        }
+        options = self._fisher_options(params)
         if method.fisher_cache is not None:
             with self.timer("fisher_retain"):
                 cached_sums, cached = self.load_fisher_cache()
@@ -370,6 +360,16 @@ class DeepCleanUnlearner:
             "retain_source": "cache" if method.fisher_cache is not None else "pass",
         }
         return fisher, record
+
+    def _fisher_options(self, params: dict[str, nn.Parameter]) -> dict[str, Any]:
+        """The `accumulate_fisher_sums` settings of this run."""
+        return {
+            "params": params,
+            "fisher_type": self.config.fisher_type,
+            "accelerator": self.accelerator,
+            "seed": self.output_args.seed,
+            "chunk_memory_mb": self.config.fisher_chunk_memory_mb,
+        }
 
     def load_fisher_cache(self) -> tuple[FisherDiagonal, FisherCacheInfo]:
         """Read `--fisher_cache` and refuse it unless it covers this model's weights and whole training split."""
@@ -415,16 +415,8 @@ class DeepCleanUnlearner:
             raise DeepCleanError("--forget: `split:` specs name another split; a cache covers rows of --train_split.")
         with self.timer("fisher"):
             # prepared, so that under several processes each rank takes its shard (the engine reduces once)
-            sums, count = accumulate_fisher_sums(
-                self.model,
-                self.accelerator.prepare_data_loader(self.dataloader(rows)),
-                params=params,
-                fisher_type=self.config.fisher_type,
-                accelerator=self.accelerator,
-                seed=self.output_args.seed,
-                desc="Fisher",
-                chunk_memory_mb=self.config.fisher_chunk_memory_mb,
-            )
+            loader = self.accelerator.prepare_data_loader(self.dataloader(rows))
+            sums, count = accumulate_fisher_sums(self.model, loader, desc="Fisher", **self._fisher_options(params))
         fisher_from_sums(sums, count, "Fisher")  # refuses an empty or non-finite result
         info = self.fisher_cache_info(None if rows == "retain" else self.data.selection.indices, count)
         self.accelerator.wait_for_everyone()
