@@ -326,6 +326,13 @@ class OutputArguments:
         default=False, metadata={"help": "Replace an existing non-empty --output_dir (only once the run succeeded)."}
     )
     seed: int = field(default=42, metadata={"help": "Seed for sampling, initialisation and the repair."})
+    merge_adapter: bool = field(
+        default=False,
+        metadata={
+            "help": "With --adapter_name_or_path: write the full model with the cleaned adapter merged into its "
+            "weights (peft `merge_and_unload`) instead of the adapter folder."
+        },
+    )
     push_to_hub: bool = field(
         default=False, metadata={"help": "Upload the output folder to the Hub as --hub_model_id once it is written."}
     )

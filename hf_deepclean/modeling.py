@@ -124,6 +124,25 @@ def load_adapter(model: nn.Module, model_args: ModelArguments) -> nn.Module:
     return adapted.eval()
 
 
+def merge_adapter(model: nn.Module) -> nn.Module:
+    """Merge a peft adapter into its base model's weights (`merge_and_unload`) for a plain full-model checkpoint.
+
+    The base layers are changed in place: call it last, on a model that is not used as a `PeftModel` again.
+
+    Returns:
+        The base `transformers` model with the merged weights.
+
+    Raises:
+        DeepCleanError: when `model` carries no peft adapter.
+    """
+    if not hasattr(model, "merge_and_unload"):
+        raise DeepCleanError(
+            "--merge_adapter: the model carries no peft adapter to merge; pass --adapter_name_or_path, or drop "
+            "--merge_adapter."
+        )
+    return model.merge_and_unload()
+
+
 SCOPES = ("all", "adapter")
 
 

@@ -57,6 +57,7 @@ from .modeling import (
     load_model,
     load_model_config,
     load_processor,
+    merge_adapter,
 )
 from .plots import fisher_ratio_histogram, loss_histograms
 from .reset import (
@@ -159,6 +160,8 @@ class DeepCleanUnlearner:
         """Load the model, its processor and the data; resolve the forget set."""
         if self.data_args.forget is not None:
             parse_forget_spec(self.data_args.forget)  # fail on a malformed spec before loading anything heavy
+        if self.output_args.merge_adapter and self.model_args.adapter_name_or_path is None:
+            raise DeepCleanError("--merge_adapter: needs --adapter_name_or_path (there is no adapter to merge).")
         self.accelerator = self.accelerator or default_accelerator()
         model_config = load_model_config(self.model_args)
         splits = load_dataset_splits(self.data_args)
@@ -458,6 +461,10 @@ class DeepCleanUnlearner:
         """Write model, processor, card and json reports to `output_dir`, atomically."""
         record = self.config_record()
         model = self.accelerator.unwrap_model(self.model)
+        if self.output_args.merge_adapter:
+            # merging rewrites the base layers in place: from here on the run's model is the merged one
+            model = merge_adapter(model)
+            self.model = model
         with atomic_output_dir(self.output_args.output_dir, self.output_args.overwrite_output_dir) as staging:
             model.save_pretrained(staging)
             self.processor.save_pretrained(staging)
