@@ -19,7 +19,7 @@ from huggingface_hub.utils import validate_repo_id
 from .errors import DeepCleanError
 
 
-TASKS = ("text-classification", "image-classification")
+TASKS = ("text-classification", "image-classification", "causal-lm")
 SELECTION_SCOPES = ("global", "per_parameter")
 # `datasets` builders that read local files given with --data_files (a --dataset_name, but never a Hub id)
 FILE_BUILDERS = ("csv", "json", "parquet", "text")
@@ -68,8 +68,8 @@ class ModelArguments:
     task: str = field(
         default="auto",
         metadata={
-            "help": "Model head: `text-classification`, `image-classification`, or `auto` (read from the model's "
-            "config `architectures`, then from the dataset's columns).",
+            "help": "Model head: `text-classification`, `image-classification`, `causal-lm`, or `auto` (read from the "
+            "model's config `architectures`, then from the dataset's columns).",
             "choices": ("auto", *TASKS),
         },
     )
@@ -143,6 +143,14 @@ class DataArguments:
     label_column: str | None = field(default=None, metadata={"help": "Label column (auto-detected when unset)."})
     max_length: int | None = field(
         default=None, metadata={"help": "Truncate texts to this many tokens (default: the tokenizer's limit)."}
+    )
+    canaries: str | None = field(
+        default=None,
+        metadata={
+            "help": 'Causal LMs: a JSON-lines file of canaries, `{"text": ..., "planted": true|false}` per line: '
+            "secret strings planted in the training data and never-seen ones of the same format; their exposure "
+            "(Carlini et al. 2019) is measured before and after. Reports hold counts and a hash, never the texts."
+        },
     )
     max_retain_samples: int | None = field(
         default=None,

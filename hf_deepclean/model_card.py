@@ -31,8 +31,14 @@ TABLE_METRICS = (
     "forget_loss",
     "retain_loss",
     "test_loss",
+    "forget_perplexity",
+    "retain_perplexity",
+    "test_perplexity",
     "mia_auc",
     "mia_efficacy",
+    "mia_min_k_auc",
+    "canary_exposure",
+    "canary_exposure_unseen",
 )
 
 
@@ -128,10 +134,18 @@ def summary_lines(config: Mapping[str, Any], results: Mapping[str, Any]) -> list
         ("forget_accuracy", "Accuracy on the forgotten rows"),
         ("retain_accuracy", "Accuracy on the retained rows"),
         ("test_accuracy", "Accuracy on held-out rows"),
+        ("forget_perplexity", "Perplexity on the forgotten rows"),
+        ("retain_perplexity", "Perplexity on the retained rows"),
         ("mia_auc", "Membership-attack AUC, forgotten vs held-out rows"),
+        ("canary_exposure", "Exposure of the planted canaries, in bits"),
     ):
         if key in before and key in after:
             lines.append(f"{text}: {before[key]:.3f} before, {after[key]:.3f} after.")
+    if "canary_exposure_unseen" in after:
+        lines.append(
+            f"Exposure of never-seen canaries of the same format (the level of a secret the model never saw): "
+            f"{after['canary_exposure_unseen']:.3f} bits, out of at most {after['canary_exposure_max']:.3f}."
+        )
     return lines
 
 

@@ -7,6 +7,7 @@ from torch import nn
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
+    AutoModelForCausalLM,
     AutoModelForImageClassification,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -20,6 +21,7 @@ from .errors import DeepCleanError
 AUTO_MODEL_CLASSES = {
     "text-classification": AutoModelForSequenceClassification,
     "image-classification": AutoModelForImageClassification,
+    "causal-lm": AutoModelForCausalLM,
 }
 
 
@@ -53,6 +55,8 @@ def infer_task(config: PretrainedConfig, requested: str = "auto", has_image_colu
             return "image-classification"
         if architecture.endswith("ForSequenceClassification"):
             return "text-classification"
+        if architecture.endswith(("ForCausalLM", "LMHeadModel")):  # GPT-2's head class is `GPT2LMHeadModel`
+            return "causal-lm"
     if has_image_column is not None:
         return "image-classification" if has_image_column else "text-classification"
     raise DeepCleanError(

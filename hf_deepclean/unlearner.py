@@ -26,6 +26,7 @@ from datasets import Image
 from torch import nn
 
 from .baselines import TrainingSchedule
+from .causal_lm import Canaries, evaluate_causal_lm, load_canaries
 from .config import DataArguments, DeepCleanConfig, ModelArguments, OutputArguments, arguments_to_dict
 from .data import (
     ForgetSelection,
@@ -39,7 +40,7 @@ from .data import (
 )
 from .errors import DeepCleanError
 from .evaluation import evaluate_unlearning
-from .fisher import FisherDiagonal, accumulate_fisher_sums, fisher_from_sums
+from .fisher import FisherDiagonal, accumulate_fisher_sums, accumulator_bytes, fisher_from_sums
 from .fisher_cache import (
     FisherCacheInfo,
     check_fisher_cache,
@@ -151,6 +152,7 @@ class DeepCleanUnlearner:
         self.task: str | None = None
         self.data: UnlearningData | None = None
         self.train_split = None
+        self.canaries: Canaries | None = None
         self._fisher_cache: tuple[FisherDiagonal, FisherCacheInfo] | None = None
         self.timer = StageTimer()
 
@@ -170,6 +172,7 @@ class DeepCleanUnlearner:
             isinstance(feature, Image) for feature in train.features.values()
         )
         self.task = infer_task(model_config, self.model_args.task, has_image_column=has_image)
+        self.canaries = self.load_canaries()
         self.processor = load_processor(self.model_args, self.task)
         # data problems (columns, labels, the forget set) surface before the weights are loaded
         self.data = prepare_unlearning_data(
@@ -182,6 +185,14 @@ class DeepCleanUnlearner:
             f"{len(self.data.retain)} rows; held-out: {self.data.eval_split!r}.",
             main_process_only=True,
         )
+
+    def load_canaries(self) -> Canaries | None:
+        """Read `--canaries` (causal LMs only)."""
+        if self.data_args.canaries is None:
+            return None
+        if self.task != "causal-lm":
+            raise DeepCleanError(f"--canaries: measures causal LMs; this model's task is {self.task!r}.")
+        return load_canaries(self.data_args.canaries)
 
     def dataloader(self, split: str, *, shuffle: bool = False, max_rows: int | None = None):
         datasets = {"forget": self.data.forget, "retain": self.data.retain, "test": self.data.test}
@@ -201,17 +212,24 @@ class DeepCleanUnlearner:
         }
         if self.data.test is not None:
             loaders["test"] = self.dataloader("test", max_rows=self.data_args.max_eval_samples)
+        if self.canaries is not None:
+            canaries = self.canaries.dataset(self.data.columns.text)
+            loaders["canaries"] = make_dataloader(canaries, self.data.collator, self.config.per_device_batch_size)
         return loaders
 
     def evaluate(self, model: nn.Module | None = None, prefix: str = "", return_outputs: bool = False):
         """Metrics of `model` (default: the model being cleaned) on the forget, retain and held-out splits; with
-        `return_outputs`, also the per-sample outputs (see `evaluate_unlearning`)."""
-        return evaluate_unlearning(
+        `return_outputs`, also the per-sample outputs (see `evaluate_unlearning`, `evaluate_causal_lm`)."""
+        evaluate, extra = evaluate_unlearning, {}
+        if self.task == "causal-lm":
+            evaluate, extra = evaluate_causal_lm, {"canaries": self.canaries}
+        return evaluate(
             model if model is not None else self.model,
             self.evaluation_dataloaders(),
             self.accelerator,
             prefix,
             return_outputs=return_outputs,
+            **extra,
         )
 
     def repair_monitor(self, steps_per_epoch: int) -> RepairMonitor:
@@ -219,6 +237,8 @@ class DeepCleanUnlearner:
         the current model's retain accuracy."""
         if self.data.test is None:
             raise DeepCleanError("--early_stopping: needs a held-out split (--eval_split); the dataset has none.")
+        if self.task == "causal-lm":
+            raise DeepCleanError("--early_stopping: watches classification accuracy; causal LMs are not supported.")
         return build_repair_monitor(
             self.model,
             original_model=self.model,
@@ -361,6 +381,7 @@ class DeepCleanUnlearner:
             "forget_samples": forget_count,
             "retain_samples": retain_count,
             "retain_source": "cache" if method.fisher_cache is not None else "pass",
+            "accumulator_bytes": accumulator_bytes(params),
         }
         return fisher, record
 
@@ -445,6 +466,7 @@ class DeepCleanUnlearner:
                 "architecture": type(self.accelerator.unwrap_model(self.model)).__name__,
             },
             "dataset": self.data.info,
+            **({"canaries": self.canaries.record()} if self.canaries is not None else {}),
             "forget": {
                 "kind": parse_forget_spec(self.data_args.forget).kind,
                 "split": selection.split,
