@@ -149,10 +149,14 @@ def summary_lines(config: Mapping[str, Any], results: Mapping[str, Any]) -> list
     return lines
 
 
+# this library's task names where the Hub's pipeline tags differ
+HUB_PIPELINE_TAGS = {"causal-lm": "text-generation"}
+
+
 def build_card_data(config: Mapping[str, Any], results: Mapping[str, Any]) -> ModelCardData:
     """Front matter: base model, datasets, tags and `model-index` results of the cleaned model."""
     args, dataset = config["arguments"], config["dataset"]
-    task = config["model"]["task"]
+    task = HUB_PIPELINE_TAGS.get(config["model"]["task"], config["model"]["task"])
     dataset_id = hub_id_or_none(args["dataset_name"])
     eval_results = [
         EvalResult(
@@ -174,7 +178,8 @@ def build_card_data(config: Mapping[str, Any], results: Mapping[str, Any]) -> Mo
         base_model=hub_id_or_none(args["model_name_or_path"]),
         datasets=[dataset_id] if dataset_id else None,
         tags=list(CARD_TAGS),
-        library_name="transformers",
+        # an adapter folder is loaded with peft; a merged or full model with transformers alone
+        library_name="peft" if args.get("adapter_name_or_path") and not args.get("merge_adapter") else "transformers",
         pipeline_tag=task,
         model_name=args.get("hub_model_id") or Path(args["output_dir"]).name or "cleaned-model",
         eval_results=eval_results,

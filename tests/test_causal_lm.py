@@ -226,10 +226,7 @@ def _lm_args(root, output_dir, *extra):
         "indices:" + str(root / "forget.txt"),
         "--output_dir",
         str(output_dir),
-        "--repair_epochs",
-        "1",
-        "--per_device_batch_size",
-        "8",
+        *"--repair_epochs 1 --per_device_batch_size 8".split(),
         *extra,
     ]
 
@@ -259,6 +256,11 @@ def test_unlearn_causal_lm_with_canaries_and_merge(lm_folders, tmp_path, capsys)
     assert (
         results["fisher"]["accumulator_bytes"]["total"] == 13 * results["reset"]["per_parameter"]["__total__"]["numel"]
     )
+    from huggingface_hub import ModelCard
+
+    cards = {name: ModelCard.load(folder / "README.md").data for name, folder in runs.items()}
+    assert cards["adapter"].pipeline_tag == "text-generation" and cards["adapter"].library_name == "peft"
+    assert cards["merged"].library_name == "transformers"
     config = json.loads((runs["adapter"] / "deepclean_config.json").read_text())
     assert config["model"]["task"] == "causal-lm" and config["canaries"]["planted"] == 2
     texts = [json.loads(line)["text"] for line in (lm_folders / "canaries.jsonl").read_text().splitlines()]
