@@ -225,7 +225,13 @@ def test_forget_split_and_retain_subsample(tmp_path, image_model_dir):
     results = json.loads((output_dir / "deepclean_results.json").read_text())
     assert config["forget"] == {**config["forget"], "split": "leaked", "num_rows": 10, "kind": "split"}
     assert config["dataset"]["num_rows"]["retain"] == 60
-    assert results["fisher"] == {"forget_samples": 10, "retain_samples": 25, "retain_source": "pass"}
+    assert results["fisher"] == {
+        "forget_samples": 10,
+        "retain_samples": 25,
+        "retain_source": "pass",
+        "accumulator_bytes": {"params_in_scope": 3306, "fisher_sums": 8 * 3306, "ratio": 4 * 3306, "mask": 3306,
+                              "total": 13 * 3306},
+    }  # fmt: skip
     assert results["repair"]["steps"] == 1  # half an epoch of 2 batches of 32
 
 
