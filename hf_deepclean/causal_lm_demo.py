@@ -267,7 +267,8 @@ def run_causal_lm_demo(
         work_dir: scratch folder; its `base/`, `adapter/`, `data/` and the canary file are replaced on each run.
         method: DeepClean hyperparameters (default: `DEMO_METHOD`, the library defaults with `scope=adapter` and
             `reset_fraction=0.5`).
-        measure_scopes: also time the Fisher pass of `scope=adapter` against `scope=all` (`measure_fisher_scopes`).
+        measure_scopes: also time the Fisher pass of `scope=adapter` against `scope=all` (`measure_fisher_scopes`);
+            the figures are written to `work_dir/fisher_scopes.json` too.
     """
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
     disable_progress_bars()
@@ -285,6 +286,8 @@ def run_causal_lm_demo(
     results = unlearner.run()
     metrics = {"original": results["metrics"]["before"], "deepclean": results["metrics"]["after"]}
     scopes = measure_fisher_scopes(unlearner) if measure_scopes else {}
+    if scopes:
+        (work / "fisher_scopes.json").write_text(json.dumps(scopes, indent=2) + "\n")
     return DemoResult(metrics, results["timings"]["unlearning"], None, Path(output_dir), scopes)
 
 

@@ -275,6 +275,20 @@ def test_unlearn_causal_lm_with_canaries_and_merge(lm_folders, tmp_path, capsys)
         torch.testing.assert_close(merged(**batch).logits, adapted.eval()(**batch).logits, rtol=1e-5, atol=1e-5)
 
 
+def test_default_max_length_is_capped_by_the_model_positions(lm_folders):
+    from hf_deepclean import DataArguments, DeepCleanConfig, DeepCleanUnlearner, ModelArguments, OutputArguments
+
+    unlearner = DeepCleanUnlearner(
+        DeepCleanConfig(),
+        ModelArguments(str(lm_folders / "base")),
+        DataArguments(str(lm_folders / "data"), forget="random:4"),
+        OutputArguments(str(lm_folders / "unused")),
+    )
+    unlearner.load()
+    assert unlearner.task == "causal-lm" and unlearner.data.collator.max_length == 32  # n_positions, not 512
+    assert unlearner.data.columns.text == "text" and unlearner.data.columns.label is None
+
+
 def test_unlearn_refuses_a_bad_canary_file(lm_folders, tmp_path, capsys):
     from hf_deepclean.cli import main
 
@@ -285,3 +299,50 @@ def test_unlearn_refuses_a_bad_canary_file(lm_folders, tmp_path, capsys):
     error = capsys.readouterr().err
     assert "--canaries: line 1" in error and "1 2 3 4 5 6" not in error
     assert not (tmp_path / "out").exists()
+
+
+TWO_PROCESS_SCRIPT = """
+import sys, torch
+from accelerate import Accelerator
+from datasets import Dataset
+sys.path.insert(0, {tests!r})
+from test_causal_lm import _tiny_gpt2, TEXTS
+from hf_deepclean.causal_lm import CausalLMCollator, compute_sequence_outputs
+from hf_deepclean.causal_lm_demo import build_tokenizer
+from hf_deepclean.data import make_dataloader
+
+accelerator = Accelerator(cpu=True)
+tokenizer = build_tokenizer()
+loader = make_dataloader(Dataset.from_dict({{"text": TEXTS}}), CausalLMCollator(tokenizer, "text", 32), 2)
+outputs = compute_sequence_outputs(_tiny_gpt2(len(tokenizer)), loader, accelerator)
+print(f"rank={{accelerator.process_index}} n={{len(outputs['nll'])}} tokens={{int(outputs['tokens'].sum())}} "
+      f"nll={{outputs['nll'].sum():.4f}}", flush=True)
+"""
+TEXTS = [
+    "note from alice : the old cat slept",
+    "my PIN is 1 2 3 4 5 6 .",
+    "note from bob :",
+    "the red car waited near the park on monday .",
+    "note from carol : the small dog",
+    "my PIN is 9 9 0 1 2 3 .",
+    "note from dave : the busy shop moved near the river on friday .",
+]
+
+
+def test_sequence_outputs_are_gathered_once_across_two_processes(tmp_path):
+    """7 sequences over 2 processes: Accelerate pads the last batch, gather_for_metrics drops the repeat, and every
+    rank gets the same per-sequence figures as one process."""
+    import re
+    from pathlib import Path
+
+    from conftest import run_torchrun
+
+    tokenizer = build_tokenizer()
+    loader = make_dataloader(Dataset.from_dict({"text": TEXTS}), CausalLMCollator(tokenizer, "text", 32), 2)
+    single = compute_sequence_outputs(_tiny_gpt2(len(tokenizer)), loader, Accelerator(cpu=True))
+    script = tmp_path / "two_process_lm_eval.py"
+    script.write_text(TWO_PROCESS_SCRIPT.format(tests=str(Path(__file__).parent)))
+    output = run_torchrun([str(script)], timeout=300)
+    lines = sorted(re.findall(r"rank=\d n=\d+ tokens=\d+ nll=[\d.]+", output))
+    expected = f"n=7 tokens={int(single['tokens'].sum())} nll={single['nll'].sum():.4f}"
+    assert lines == [f"rank=0 {expected}", f"rank=1 {expected}"], output[-2000:]

@@ -61,6 +61,7 @@ def test_causal_lm_demo_forgets_the_secrets(tmp_path):
 
     # Fisher scopes: the adapter's accumulators are the adapter's size (13 bytes per element), far below all's
     scopes = result.fisher_scopes
+    assert json.loads((work / "fisher_scopes.json").read_text()) == scopes
     assert scopes["adapter"]["params_in_scope"] == sum(v.numel() for v in original.values())
     assert scopes["adapter"]["accumulator_bytes"] == 13 * scopes["adapter"]["params_in_scope"]
     assert scopes["all"]["params_in_scope"] > 5 * scopes["adapter"]["params_in_scope"]
