@@ -188,3 +188,33 @@ def test_unlearner_refuses_a_sharded_accelerator_before_loading(tmp_path):
     with pytest.raises(DeepCleanError, match="got FSDP, which splits the weights"):
         unlearner.run()
     assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Every command takes its Accelerator from `default_accelerator()` (gloo by itself under a CPU launch)
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["unlearn", "fisher", "evaluate", "benchmark"])
+def test_every_command_asks_default_accelerator(
+    command, monkeypatch, capsys, text_model_dir, text_csv_files, tmp_path
+):
+    from hf_deepclean.cli import main
+
+    asked = []
+
+    def spy():
+        asked.append(command)
+        raise DeepCleanError("stopped by the test")
+
+    for module in ("unlearner", "benchmark"):
+        monkeypatch.setattr(f"hf_deepclean.{module}.default_accelerator", spy)
+    data = _unlearn_arguments(text_model_dir, text_csv_files, tmp_path / "out", 8)[:7]  # model and data flags
+    arguments = {
+        "unlearn": [*data, "--forget", "random:0.2", "--output_dir", str(tmp_path / "out")],
+        "fisher": [*data, "--fisher_output", str(tmp_path / "sums.safetensors")],
+        "evaluate": [*data, "--forget", "random:0.2"],
+        "benchmark": ["--output_dir", str(tmp_path / "bench")],
+    }[command]
+    assert main([command, *arguments]) == 2
+    assert asked == [command] and "stopped by the test" in capsys.readouterr().err
