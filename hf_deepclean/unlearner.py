@@ -111,7 +111,12 @@ class DeepCleanUnlearner:
         model_args: which model to clean.
         data_args: its training data and the forget specification.
         output_args: output folder and seed.
-        accelerator: an existing `Accelerator` (one is created otherwise).
+        accelerator: an existing `Accelerator` (`default_accelerator()` otherwise). Set-ups that shard the weights
+            (FSDP, DeepSpeed) are refused.
+
+    The same run works on several processes (`torchrun`, `accelerate launch`): Fisher passes are sharded and reduced,
+    the selection (kept as `masks` after `run()`) is the same on every process, the repair is data parallel, and
+    only the main process writes and pushes.
 
     Example:
         ```python
