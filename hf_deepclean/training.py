@@ -63,7 +63,7 @@ def train_model(
         trainable = {name: p for name, p in named.items() if p.requires_grad}
     else:
         trainable = {name: named[name] for name, mask in masks.items() if bool(mask.any())}
-    dataloader = accelerator.prepare_data_loader(dataloader)  # each process its shard of every global batch
+    dataloader = accelerator.prepare(dataloader)  # each process its shard of every global batch (a DataLoader)
     total_steps = math.ceil(epochs * len(dataloader))
     if total_steps == 0 or not trainable:
         return {"steps": 0, "final_loss": None, "stopped_early": False}
@@ -143,7 +143,7 @@ def train_model(
 
 def optimizer_steps_per_epoch(dataloader: DataLoader, accelerator: Accelerator) -> int:
     """Optimizer steps in one epoch over a plain `dataloader` once Accelerate has sharded it across processes."""
-    return len(accelerator.prepare_data_loader(dataloader))
+    return len(accelerator.prepare(dataloader))
 
 
 def _set_train_mode(model: nn.Module, *, frozen_statistics: bool) -> None:
