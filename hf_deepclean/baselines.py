@@ -156,7 +156,10 @@ class UnlearningInputs:
 
     def copy_model(self) -> nn.Module:
         """A copy of the trained model, in eval mode, on the accelerator's device."""
-        return copy.deepcopy(self.accelerator.unwrap_model(self.model)).eval()
+        model = copy.deepcopy(self.accelerator.unwrap_model(self.model)).eval()
+        # Accelerate's mark of a prepared module would make it return the copy unwrapped (no DDP) when preparing it
+        model.__dict__.pop("_is_accelerate_prepared", None)
+        return model
 
     def fisher_sums(self, split: str, fisher_type: str = "empirical") -> tuple[FisherDiagonal, int]:
         """Sums of squared per-sample gradients of the trained model over `forget` or `retain`, and the count."""
