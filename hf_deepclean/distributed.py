@@ -10,7 +10,7 @@ the rows, and one reduce gives all of them the same sums, hence the same selecti
 from __future__ import annotations
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedType
 from accelerate.utils.environment import get_int_from_env
 
@@ -99,5 +99,6 @@ def end_processes() -> None:
     program, on the path where every process finished; nothing happens on one process.
     """
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+        state = PartialState()  # the state of the run's Accelerator: its barrier suits the backend and device
+        state.wait_for_everyone()
+        state.destroy_process_group()
