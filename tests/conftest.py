@@ -14,6 +14,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import random  # noqa: E402
+import subprocess  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -184,7 +185,6 @@ class LoopbackHub:
 def hub_server(tmp_path_factory):
     """Start `tests/hub_server.py` in its own process; stop it by its PID when the session ends."""
     import signal
-    import subprocess
     import sys
     import time
     from pathlib import Path
@@ -218,12 +218,20 @@ def hub_server(tmp_path_factory):
 def run_torchrun(arguments: list[str], nproc: int = 2, timeout: float = 600) -> str:
     """Run `python -m torch.distributed.run --standalone --nproc_per_node NPROC ARGUMENTS` with `tests/` importable;
     return its output. Killed after `timeout` seconds: callers check the files the run was to write."""
-    import subprocess
+    return torchrun_process(arguments, nproc, timeout).stdout
+
+
+def torchrun_process(
+    arguments: list[str], nproc: int = 2, timeout: float = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """`run_torchrun`, returning the launcher's exit status too (-9 when killed at the timeout), optionally with
+    another environment (such as `LoopbackHub.env()`)."""
     import sys
     from pathlib import Path
 
     tests_dir = str(Path(__file__).parent)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests_dir, os.environ.get("PYTHONPATH", "")])}
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = os.pathsep.join([tests_dir, env.get("PYTHONPATH", "")])
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
     with subprocess.Popen(
         [*command, *arguments],
@@ -238,4 +246,4 @@ def run_torchrun(arguments: list[str], nproc: int = 2, timeout: float = 600) -> 
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, 9)
             output, _ = process.communicate()
-    return output
+    return subprocess.CompletedProcess(process.args, process.returncode, output)
