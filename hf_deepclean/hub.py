@@ -41,12 +41,19 @@ def check_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> Path:
         raise DeepCleanError(
             f"--output_dir: {str(path)!r} exists and is not empty; pass --overwrite_output_dir to replace it."
         )
-    parent = path.absolute().parent
-    existing = parent
+    existing = path.absolute().parent
     while not existing.exists():
         existing = existing.parent
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise DeepCleanError(f"--output_dir: cannot write under {str(existing)!r} (permission denied).")
+    accepted = "expected a folder that can be created and written"
+    if not existing.is_dir():
+        raise DeepCleanError(f"--output_dir: cannot write {str(path)!r}: {str(existing)!r} is a file; {accepted}.")
+    # a real attempt: permission bits say nothing for root, read-only file systems or full disks
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=f".{path.name}.probe-", dir=existing))
+    except OSError as error:
+        raise DeepCleanError(
+            f"--output_dir: cannot write {str(path)!r}: {error.strerror or error} under {str(existing)!r}; {accepted}."
+        ) from None
     return path
 
 

@@ -252,10 +252,10 @@ class DeepCleanUnlearner:
             self.load()
             if method.fisher_cache is not None:
                 self.load_fisher_cache()  # a stale cache is refused before any work
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        params = get_parameters_in_scope(unwrapped, method.scope)  # an empty scope is refused before any work
         with timer("evaluate_before"):
             metrics_before, outputs_before = self.evaluate(prefix="before ", return_outputs=True)
-        unwrapped = self.accelerator.unwrap_model(self.model)
-        params = get_parameters_in_scope(unwrapped, method.scope)
         fisher, fisher_record = self.compute_fisher(params)
         repair_loader = self.dataloader("retain", shuffle=True)
         # built before the reset: the recovery target is the original model's retain accuracy
