@@ -146,12 +146,13 @@ def tree_digest(folder) -> dict[str, str]:
     }
 
 
-def files_containing(needle: str, *folders) -> list[str]:
-    """Files under `folders` whose bytes contain `needle` (UTF-8): a search for leaked private strings."""
+def files_containing(needle: str | bytes, *folders) -> list[str]:
+    """Files under `folders` whose bytes contain `needle` (a string as UTF-8): a search for leaked private data."""
+    needle = needle.encode() if isinstance(needle, str) else needle
     hits = []
     for folder in folders:
         for path in folder.rglob("*"):
-            if path.is_file() and needle.encode() in path.read_bytes():
+            if path.is_file() and needle in path.read_bytes():
                 hits.append(str(path))
     return hits
 
