@@ -28,7 +28,7 @@ AUTO_MODEL_CLASSES = {
 
 def _first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
+    return text[0].rstrip(".") if text else type(error).__name__
 
 
 def _looks_like_a_path(name: str) -> bool:

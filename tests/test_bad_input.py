@@ -7,6 +7,7 @@ The table `BAD_INPUTS` is the source of the README's "Errors" table: keep them i
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import sys
@@ -405,7 +406,32 @@ def test_repo_id_missing_on_the_hub_is_one_line(hub_server, inputs):
     assert lines[0].startswith(
         "hf-deepclean unlearn: error: --model_name_or_path: could not load 'no-such-org/no-such-model'"
     )
-    assert "expected a Hub model id or a local folder" in lines[0]
+    assert "is not a local folder and is not a valid model identifier" in lines[0]
+    assert lines[0].endswith("; expected a Hub model id or a local folder with config.json.")
     assert list(inputs.outputs.iterdir()) == []
     # the client did ask the server (and got a 404), rather than failing on being offline
     assert any("no-such-org/no-such-model" in line and " 404" in line for line in hub_server.requests())
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into any folder, whatever its permission bits")
+def test_output_dir_without_write_permission(inputs, capsys):
+    inputs.outputs.chmod(0o555)
+    try:
+        assert main(inputs.args()) == 2
+    finally:
+        inputs.outputs.chmod(0o755)
+    error = _error_line(capsys.readouterr().err)
+    assert error.startswith("hf-deepclean unlearn: error: --output_dir: cannot write '"), error
+    assert "Permission denied under" in error and error.endswith("expected a folder that can be created and written.")
+    assert list(inputs.outputs.iterdir()) == []
+
+
+def test_empty_scope_is_refused(text_model_dir):
+    """With every parameter frozen (possible from Python, not from the command line), scope `all` is empty."""
+    from transformers import AutoModelForSequenceClassification
+
+    from hf_deepclean.modeling import get_parameters_in_scope
+
+    model = AutoModelForSequenceClassification.from_pretrained(text_model_dir).requires_grad_(False)
+    with pytest.raises(DeepCleanError, match=r"^--scope: the model has no trainable parameters in scope 'all'\.$"):
+        get_parameters_in_scope(model, "all")
