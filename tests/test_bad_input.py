@@ -435,3 +435,22 @@ def test_empty_scope_is_refused(text_model_dir):
     model = AutoModelForSequenceClassification.from_pretrained(text_model_dir).requires_grad_(False)
     with pytest.raises(DeepCleanError, match=r"^--scope: the model has no trainable parameters in scope 'all'\.$"):
         get_parameters_in_scope(model, "all")
+
+
+def test_failure_to_write_the_output_is_a_run_failure(inputs, capsys, monkeypatch):
+    """A disk that fills up while the folder is written: exit 1, one line, no partial or temporary folder."""
+    import errno
+
+    from transformers import PreTrainedModel
+
+    def full_disk(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", full_disk)
+    assert main(inputs.args()) == 1
+    error = _error_line(capsys.readouterr().err)
+    assert error == (
+        f"hf-deepclean unlearn: error: --output_dir: could not write {str(inputs.output_dir)!r} (No space left on "
+        "device); nothing was written, expected a folder with room for the model."
+    )
+    assert list(inputs.outputs.iterdir()) == []
