@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -56,11 +57,27 @@ def _add_common_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="Show the full traceback of errors.")
 
 
+# argparse's own wording for a value of the wrong type or outside the choices, and what each flag accepts then
+_ARGPARSE_INVALID = re.compile(
+    r"^argument (?P<flag>[^:]+): invalid (?P<kind>\w+)(?: value)?: (?P<value>'.*?')(?P<rest>.*)$"
+)
+_ACCEPTED_TYPES = {"float": "a number", "int": "an integer", "string_to_bool": "true or false"}
+
+
 class _ArgumentParser(HfArgumentParser):
-    """Usage errors become `DeepCleanError`s, so they print as one line like every other bad input."""
+    """Usage errors become `DeepCleanError`s, so they print as one line like every other bad input, in the same
+    `--flag: got VALUE; expected ...` form."""
 
     def error(self, message: str):
-        raise DeepCleanError(message)
+        match = _ARGPARSE_INVALID.match(message)
+        if match is None:
+            raise DeepCleanError(message)
+        flag, kind, value = match.group("flag").split("/")[0], match.group("kind"), match.group("value")
+        if kind == "choice":
+            accepted = "one of " + match.group("rest").strip(" ()").removeprefix("choose from ")
+        else:
+            accepted = _ACCEPTED_TYPES.get(kind, f"a {kind} value")
+        raise DeepCleanError(f"{flag}: got {value}; expected {accepted}.")
 
 
 def dataclass_parser(command: str = "unlearn", dataclass_types=None) -> HfArgumentParser:

@@ -38,7 +38,7 @@ from .data import (
     subsample,
 )
 from .distributed import check_data_parallel, default_accelerator
-from .errors import DeepCleanError
+from .errors import DeepCleanError, DeepCleanRunError
 from .evaluation import evaluate_unlearning
 from .fisher import FisherDiagonal, accumulate_fisher_sums, fisher_from_sums
 from .fisher_cache import (
@@ -264,10 +264,10 @@ class DeepCleanUnlearner:
             self.load()
             if method.fisher_cache is not None:
                 self.load_fisher_cache()  # a stale cache is refused before any work
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        params = get_parameters_in_scope(unwrapped, method.scope)  # an empty scope is refused before any work
         with timer("evaluate_before"):
             metrics_before, outputs_before = self.evaluate(prefix="before ", return_outputs=True)
-        unwrapped = self.accelerator.unwrap_model(self.model)
-        params = get_parameters_in_scope(unwrapped, method.scope)
         fisher, fisher_record = self.compute_fisher(params)
         repair_loader = self.dataloader("retain", shuffle=True)
         # built before the reset: the recovery target is the original model's retain accuracy
@@ -494,12 +494,19 @@ class DeepCleanUnlearner:
         """Write model, processor, card and json reports to `output_dir`, atomically."""
         record = self.config_record()
         model = self.accelerator.unwrap_model(self.model)
-        with atomic_output_dir(self.output_args.output_dir, self.output_args.overwrite_output_dir) as staging:
-            model.save_pretrained(staging)
-            self.processor.save_pretrained(staging)
-            (staging / CONFIG_NAME).write_text(to_json(record))
-            (staging / RESULTS_NAME).write_text(to_json(results))
-            save_model_card(staging, record, results)
+        output_dir = self.output_args.output_dir
+        try:
+            with atomic_output_dir(output_dir, self.output_args.overwrite_output_dir) as staging:
+                model.save_pretrained(staging)
+                self.processor.save_pretrained(staging)
+                (staging / CONFIG_NAME).write_text(to_json(record))
+                (staging / RESULTS_NAME).write_text(to_json(results))
+                save_model_card(staging, record, results)
+        except OSError as error:  # a full disk, a folder removed under the run: the run failed, the input was fine
+            raise DeepCleanRunError(
+                f"--output_dir: could not write {output_dir!r} ({error.strerror or error}); nothing was written, "
+                "expected a folder with room for the model."
+            ) from error
         logger.info(f"Saved the cleaned model to {self.output_args.output_dir}", main_process_only=True)
         return Path(self.output_args.output_dir)
 

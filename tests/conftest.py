@@ -136,6 +136,28 @@ def image_dataset_dir(tmp_path_factory):
     return path
 
 
+def tree_digest(folder) -> dict[str, str]:
+    """`{relative path: SHA-256}` of every file under `folder`: to tell that a folder is exactly as it was."""
+    import hashlib
+
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def files_containing(needle: str | bytes, *folders) -> list[str]:
+    """Files under `folders` whose bytes contain `needle` (a string as UTF-8): a search for leaked private data."""
+    needle = needle.encode() if isinstance(needle, str) else needle
+    hits = []
+    for folder in folders:
+        for path in folder.rglob("*"):
+            if path.is_file() and needle in path.read_bytes():
+                hits.append(str(path))
+    return hits
+
+
 # --------------------------------------------------------------------------------------------------------------
 # A Hub-speaking server on loopback (tests/hub_server.py), for the tests of loading by repo id and pushing
 # --------------------------------------------------------------------------------------------------------------
