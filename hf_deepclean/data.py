@@ -337,6 +337,41 @@ def _is_saved_dataset(path: str) -> bool:
     )
 
 
+def _empty_split_error(
+    data_args: DataArguments, data_files: dict[str, list[str]] | None, split: str
+) -> DeepCleanError:
+    if data_files is not None:
+        return DeepCleanError(
+            f"--data_files: split {split!r} ({', '.join(data_files.get(split, []))}) has no rows; expected at least one row."
+        )
+    return DeepCleanError(
+        f"--dataset_name: split {split!r} of {data_args.dataset_name!r} has no rows; expected at least one row."
+    )
+
+
+def _dataset_load_error(
+    data_args: DataArguments, data_files: dict[str, list[str]] | None, error: Exception
+) -> DeepCleanError:
+    """One line for a dataset that does not load: the argument, its value, the underlying cause, what is accepted."""
+    empty = re.match(r'Instruction "(.+?)" corresponds to no data', str(error))
+    if data_files is not None and empty:  # a file with a header and no rows
+        return _empty_split_error(data_args, data_files, empty.group(1))
+    # `DatasetGenerationError` only says that generation failed; the parser's error says why
+    cause = error.__cause__ if type(error).__name__ == "DatasetGenerationError" and error.__cause__ else error
+    lines = str(cause).strip().splitlines()
+    reason = f"{type(cause).__name__}: {lines[0]}" if lines else type(cause).__name__
+    name = data_args.dataset_name
+    if data_files is not None:
+        files = ", ".join(f"{split}={path}" for split, paths in data_files.items() for path in paths)
+        return DeepCleanError(
+            f"--data_files: could not load {files} as {name} ({reason}); expected valid {name} files (text in UTF-8)."
+        )
+    return DeepCleanError(
+        f"--dataset_name: could not load {name!r} ({reason}); expected a Hub dataset id, a `save_to_disk` folder, "
+        "or csv/json/parquet with --data_files."
+    )
+
+
 def load_dataset_splits(data_args: DataArguments) -> DatasetDict:
     """Load every split of the dataset named by `--dataset_name` (Hub id, saved folder, or file builder)."""
     name = data_args.dataset_name
@@ -353,11 +388,14 @@ def load_dataset_splits(data_args: DataArguments) -> DatasetDict:
     except DeepCleanError:
         raise
     except Exception as error:  # datasets raises many types; each becomes one clear line
-        argument = "--data_files" if data_files is not None else "--dataset_name"
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise DeepCleanError(
-            f"{argument}: could not load dataset {name!r}: {type(error).__name__}: {message}"
-        ) from error
+        if data_files is not None and len(data_files) > 1:
+            # a failure of one file can surface as a confusing error about the set: name the split that fails alone
+            for split, paths in data_files.items():
+                try:
+                    load_dataset(name, data_args.dataset_config_name, data_files={split: paths})
+                except Exception as split_error:
+                    raise _dataset_load_error(data_args, {split: paths}, split_error) from split_error
+        raise _dataset_load_error(data_args, data_files, error) from error
     if isinstance(loaded, Dataset):
         loaded = DatasetDict({data_args.train_split: loaded})
     if not isinstance(loaded, DatasetDict):
@@ -365,7 +403,7 @@ def load_dataset_splits(data_args: DataArguments) -> DatasetDict:
     if data_args.train_split not in loaded:
         raise DeepCleanError(f"--train_split: got {data_args.train_split!r}; the dataset has splits {sorted(loaded)}.")
     if len(loaded[data_args.train_split]) == 0:
-        raise DeepCleanError(f"--dataset_name: split {data_args.train_split!r} of {name!r} is empty.")
+        raise _empty_split_error(data_args, data_files, data_args.train_split)
     return loaded
 
 

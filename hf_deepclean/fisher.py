@@ -750,7 +750,8 @@ def accumulate_fisher_sums(
         if not math.isfinite(float(total.sum())):
             raise DeepCleanRunError(
                 f"{desc}: the Fisher diagonal of {name!r} in module {engine.module_names.get(name, '?')} is not "
-                "finite; check the model's numerics (dtype, loss scale) and the data."
+                "finite; expected finite gradients from the model of --model_name_or_path (check its weights, dtype "
+                "and loss scale, and the data)."
             )
     return sums, count
 
@@ -825,6 +826,6 @@ def check_finite(fisher: FisherDiagonal, desc: str = "Fisher") -> None:
     for name, values in fisher.items():
         if not torch.isfinite(values).all():
             raise DeepCleanRunError(
-                f"{desc}: the Fisher diagonal of {name!r} is not finite; check the model's numerics (dtype, "
-                "loss scale) and the data."
+                f"{desc}: the Fisher diagonal of {name!r} is not finite; expected finite gradients from the model of "
+                "--model_name_or_path (check its weights, dtype and loss scale, and the data)."
             )

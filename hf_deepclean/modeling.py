@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -27,11 +30,22 @@ AUTO_MODEL_CLASSES = {
 
 def _first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
+    return text[0].rstrip(".") if text else type(error).__name__
+
+
+def _looks_like_a_path(name: str) -> bool:
+    """Not a Hub id (`NAME` or `ORG/NAME`): an absolute or relative path, which must then exist locally."""
+    return os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or "\\" in name
 
 
 def load_model_config(model_args: ModelArguments) -> PretrainedConfig:
     """Read the model's `config.json` from the Hub or a local folder."""
+    name = model_args.model_name_or_path
+    if _looks_like_a_path(name) and not os.path.isdir(os.path.expanduser(name)):
+        raise DeepCleanError(
+            f"--model_name_or_path: got {name!r}, which is no folder; expected a local folder with config.json or a "
+            "Hub model id (ORG/NAME)."
+        )
     try:
         return AutoConfig.from_pretrained(
             model_args.model_name_or_path,
@@ -94,7 +108,7 @@ def load_model(model_args: ModelArguments, task: str, config: PretrainedConfig |
             use_safetensors=None if model_args.allow_pickle_weights else True,
             dtype=torch.float32,
         )
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, SafetensorError) as error:  # missing, truncated or corrupted weights
         raise DeepCleanError(
             f"--model_name_or_path: could not load {model_args.model_name_or_path!r} as a {task} model: "
             f"{_first_line(error)}; expected safetensors weights for this task (pickle weights load only with "
@@ -111,16 +125,26 @@ def load_adapter(model: nn.Module, model_args: ModelArguments) -> nn.Module:
     """
     if model_args.adapter_name_or_path is None:
         return model
-    from peft import PeftModel
+    from peft import PeftConfig, PeftModel
 
     try:
+        adapter_config = PeftConfig.from_pretrained(
+            model_args.adapter_name_or_path, revision=model_args.adapter_revision
+        )
+        if adapter_config.is_prompt_learning:
+            # virtual-token embeddings live outside the model's layers: no weight of the model would be in scope
+            raise DeepCleanError(
+                f"--adapter_name_or_path: got {model_args.adapter_name_or_path!r}, a {adapter_config.peft_type.value} "
+                "adapter, which has no weights in the model's layers (no trainable parameters in scope); expected an "
+                "adapter of peft tuner layers such as LoRA."
+            )
         adapted = PeftModel.from_pretrained(
             model,
             model_args.adapter_name_or_path,
             revision=model_args.adapter_revision,
             is_trainable=True,
         )
-    except (OSError, ValueError, KeyError) as error:
+    except (OSError, ValueError, KeyError, SafetensorError) as error:
         raise DeepCleanError(
             f"--adapter_name_or_path: could not load {model_args.adapter_name_or_path!r}: {_first_line(error)}; "
             "expected a peft adapter folder or Hub id (adapter_config.json and adapter weights)."
