@@ -301,48 +301,26 @@ def test_unlearn_refuses_a_bad_canary_file(lm_folders, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-TWO_PROCESS_SCRIPT = """
-import sys, torch
-from accelerate import Accelerator
-from datasets import Dataset
-sys.path.insert(0, {tests!r})
-from test_causal_lm import _tiny_gpt2, TEXTS
-from hf_deepclean.causal_lm import CausalLMCollator, compute_sequence_outputs
-from hf_deepclean.causal_lm_demo import build_tokenizer
-from hf_deepclean.data import make_dataloader
+def test_unlearn_causal_lm_under_two_processes_measures_what_one_process_does(lm_folders, tmp_path):
+    """`torchrun --nproc_per_node 2 -m hf_deepclean.cli unlearn` on the LM with canaries: 24 training rows, 8 held-out
+    rows and 8 canaries do not split into even batches of 4 over 2 processes; `gather_for_metrics` must count each
+    sequence once, so the metrics before unlearning equal those of one process (up to float summation order)."""
+    from conftest import torchrun_process
 
-accelerator = Accelerator(cpu=True)
-tokenizer = build_tokenizer()
-loader = make_dataloader(Dataset.from_dict({{"text": TEXTS}}), CausalLMCollator(tokenizer, "text", 32), 2)
-outputs = compute_sequence_outputs(_tiny_gpt2(len(tokenizer)), loader, accelerator)
-print(f"rank={{accelerator.process_index}} n={{len(outputs['nll'])}} tokens={{int(outputs['tokens'].sum())}} "
-      f"nll={{outputs['nll'].sum():.4f}}", flush=True)
-"""
-TEXTS = [
-    "note from alice : the old cat slept",
-    "my PIN is 1 2 3 4 5 6 .",
-    "note from bob :",
-    "the red car waited near the park on monday .",
-    "note from carol : the small dog",
-    "my PIN is 9 9 0 1 2 3 .",
-    "note from dave : the busy shop moved near the river on friday .",
-]
+    from hf_deepclean.cli import main
 
-
-def test_sequence_outputs_are_gathered_once_across_two_processes(tmp_path):
-    """7 sequences over 2 processes: Accelerate pads the last batch, gather_for_metrics drops the repeat, and every
-    rank gets the same per-sequence figures as one process."""
-    import re
-    from pathlib import Path
-
-    from conftest import run_torchrun
-
-    tokenizer = build_tokenizer()
-    loader = make_dataloader(Dataset.from_dict({"text": TEXTS}), CausalLMCollator(tokenizer, "text", 32), 2)
-    single = compute_sequence_outputs(_tiny_gpt2(len(tokenizer)), loader, Accelerator(cpu=True))
-    script = tmp_path / "two_process_lm_eval.py"
-    script.write_text(TWO_PROCESS_SCRIPT.format(tests=str(Path(__file__).parent)))
-    output = run_torchrun([str(script)], timeout=300)
-    lines = sorted(re.findall(r"rank=\d n=\d+ tokens=\d+ nll=[\d.]+", output))
-    expected = f"n=7 tokens={int(single['tokens'].sum())} nll={single['nll'].sum():.4f}"
-    assert lines == [f"rank=0 {expected}", f"rank=1 {expected}"], output[-2000:]
+    (lm_folders / "forget.txt").write_text("0\n1\n2\n")
+    canaries = ["--canaries", str(lm_folders / "canaries.jsonl")]
+    assert main(_lm_args(lm_folders, tmp_path / "one", *canaries)) == 0
+    arguments = ["-m", "hf_deepclean.cli", *_lm_args(lm_folders, tmp_path / "two", *canaries)]
+    arguments[arguments.index("--per_device_batch_size") + 1] = "4"
+    launch = torchrun_process(arguments, timeout=300)
+    assert launch.returncode == 0, launch.stdout[-3000:]
+    assert json.loads((tmp_path / "two" / "deepclean_config.json").read_text())["num_processes"] == 2
+    one, two = (
+        json.loads((tmp_path / name / "deepclean_results.json").read_text())["metrics"]["before"]
+        for name in ("one", "two")
+    )
+    assert set(one) == set(two) and one["canary_references"] == two["canary_references"] == 6
+    for key, value in one.items():
+        assert two[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
