@@ -1,7 +1,7 @@
 """The causal-LM demo: a LoRA adapter memorises secret PINs; DeepClean removes them, touching the adapter only.
 
 A tiny GPT-2 built from config learns a synthetic language of short notes ("public" text). A LoRA adapter is then
-trained on "private" notes, a few of which end with a secret ("my PIN is 4 8 1 9 2 7"), until it has memorised
+trained on "private" notes, a few of which open with a secret ("my PIN is 4 8 1 9 2 7"), until it has memorised
 them. `hf-deepclean unlearn --scope adapter` (the same code path, on folders laid out like Hub repositories)
 forgets the notes with secrets; the canaries' exposure (Carlini et al. 2019) shows whether the PINs are gone, and
 the retain perplexity what it cost. Everything is offline and built here: tokenizer, model, data.
@@ -51,7 +51,7 @@ class DemoSize:
     """How big the scenario is (the test suite runs `small`, `hf-deepclean demo --task causal-lm` runs `demo`)."""
 
     public_docs: int
-    private_docs: int
+    private_docs: int  # distinct private notes, those with a secret included
     secrets: int
     secret_copies: int  # each note with a secret is in the training split this many times, as leaked data often is
     test_docs: int
@@ -136,7 +136,7 @@ class SecretCorpus:
 
 
 def build_secret_corpus(size: DemoSize, seed: int = 0) -> SecretCorpus:
-    """Public notes, private notes of which `size.secrets` end with a random PIN, and the canary file's rows.
+    """Public notes, private notes of which `size.secrets` open with a random PIN (each `size.secret_copies` times), and the canary file's rows.
 
     The held-out split holds notes with fresh PINs, so that the attacks compare forgotten notes with notes of the
     same kind; the never-seen canaries are further fresh PINs in the same format.
@@ -144,7 +144,7 @@ def build_secret_corpus(size: DemoSize, seed: int = 0) -> SecretCorpus:
     rng = random.Random(seed)
     planted = random_pins(rng, size.secrets)
     unseen = random_pins(rng, size.test_docs + size.references, exclude=set(planted))
-    # the format is public knowledge (half the public notes end with some PIN), so that exposure measures the
+    # the format is public knowledge (half the public notes open with some PIN), so that exposure measures the
     # memorised secrets, not the format; none of these PINs is a planted or reference one
     public_pins = iter(random_pins(rng, size.public_docs, exclude={*planted, *unseen}))
     public = Dataset.from_dict(
