@@ -17,6 +17,7 @@ Metrics (names `{split}_{metric}`):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -293,6 +294,7 @@ def evaluate_causal_lm(
     prefix: str = "",
     return_outputs: bool = False,
     canaries: Canaries | None = None,
+    min_k_fraction: float = MIN_K_FRACTION,
 ) -> dict[str, float] | tuple[dict[str, float], dict[str, dict[str, np.ndarray]]]:
     """Loss and perplexity per split, both attacks with a `test` loader, and exposure with a `canaries` loader.
 
@@ -304,13 +306,13 @@ def evaluate_causal_lm(
         prefix: progress-bar label prefix.
         return_outputs: also return the per-sequence outputs of the splits (not of the canaries).
         canaries: the canary file's content, needed with a `canaries` loader.
+        min_k_fraction: k of the Min-K% Prob attack.
 
     Returns:
         The metrics (see the module docstring); with `return_outputs`, `(metrics, {split: outputs})`.
     """
-    outputs, metrics = evaluate_splits(
-        compute_sequence_outputs, causal_lm_split_metrics, model, dataloaders, accelerator, prefix
-    )
+    compute = functools.partial(compute_sequence_outputs, k=min_k_fraction)
+    outputs, metrics = evaluate_splits(compute, causal_lm_split_metrics, model, dataloaders, accelerator, prefix)
     if "test" in outputs and "forget" in outputs:
         metrics.update(sequence_attack_aucs(outputs["forget"], outputs["test"]))
     if "canaries" in outputs:

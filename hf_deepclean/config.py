@@ -152,6 +152,13 @@ class DataArguments:
             "(Carlini et al. 2019) is measured before and after. Reports hold counts and a hash, never the texts."
         },
     )
+    min_k_fraction: float = field(
+        default=0.2,
+        metadata={
+            "help": "Causal LMs: the share k of a sequence's tokens whose lowest log-probabilities the Min-K%% Prob "
+            "membership attack (`mia_min_k_auc`, Shi et al. 2023) averages."
+        },
+    )
     max_retain_samples: int | None = field(
         default=None,
         metadata={"help": "Use a seeded random subsample of this many retain rows for the retain Fisher pass."},
@@ -170,6 +177,7 @@ class DataArguments:
             pass  # `hf-deepclean fisher` over the whole training split
         elif not isinstance(self.forget, str) or not self.forget.strip():
             raise DeepCleanError(f"--forget: got {self.forget!r}; expected a forget specification such as random:0.1.")
+        _check_fraction("min_k_fraction", self.min_k_fraction)
         for name in ("max_length", "max_retain_samples", "max_eval_samples"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):

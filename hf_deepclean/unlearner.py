@@ -238,7 +238,8 @@ class DeepCleanUnlearner:
         `return_outputs`, also the per-sample outputs (see `evaluate_unlearning`, `evaluate_causal_lm`)."""
         evaluate, extra = evaluate_unlearning, {}
         if self.task == "causal-lm":
-            evaluate, extra = evaluate_causal_lm, {"canaries": self.canaries}
+            evaluate = evaluate_causal_lm
+            extra = {"canaries": self.canaries, "min_k_fraction": self.data_args.min_k_fraction}
         return evaluate(
             model if model is not None else self.model,
             self.evaluation_dataloaders(),

@@ -289,6 +289,27 @@ def test_default_max_length_is_capped_by_the_model_positions(lm_folders):
     assert unlearner.data.columns.text == "text" and unlearner.data.columns.label is None
 
 
+def test_evaluate_command_on_a_causal_lm(lm_folders, tmp_path, capsys):
+    """`hf-deepclean evaluate` gives the LM metrics an unlearning run reports, with exposure, against a reference."""
+    from hf_deepclean.cli import main
+
+    (lm_folders / "forget.txt").write_text("0\n1\n")
+    arguments = [
+        "evaluate",
+        *("--model_name_or_path", str(lm_folders / "base"), "--adapter_name_or_path", str(lm_folders / "adapter")),
+        *("--dataset_name", str(lm_folders / "data"), "--forget", "indices:" + str(lm_folders / "forget.txt")),
+        *("--canaries", str(lm_folders / "canaries.jsonl"), "--min_k_fraction", "0.5"),
+        *("--reference_model", str(lm_folders / "base"), "--output_file", str(tmp_path / "metrics.json")),
+    ]
+    assert main(arguments) == 0
+    results = json.loads((tmp_path / "metrics.json").read_text())
+    assert results["model"]["canary_planted"] == 2 and "mia_min_k_auc" in results["reference"]
+    assert results["comparison"]["retain_perplexity_diff"] == pytest.approx(
+        results["model"]["retain_perplexity"] - results["reference"]["retain_perplexity"]
+    )
+    assert "my PIN" not in capsys.readouterr().out
+
+
 def test_unlearn_refuses_a_bad_canary_file(lm_folders, tmp_path, capsys):
     from hf_deepclean.cli import main
 
