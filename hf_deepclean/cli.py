@@ -36,7 +36,8 @@ COMMANDS = {
     "evaluate": "Measure how much a model remembers of the forget set, optionally against a retrained reference.",
     "benchmark": "Compare DeepClean with baselines and retraining on built-in scenarios (tables, JSON, plots).",
     "push": "Upload an output folder of `unlearn` to the Hub in one commit (also retries a failed --push_to_hub).",
-    "demo": "Train a small digits classifier, unlearn one class from it and compare with retraining (offline).",
+    "demo": "Train a small digits classifier, unlearn one class from it and compare with retraining; or, with "
+    "`--task causal-lm`, unlearn secrets memorised by a GPT-2's LoRA adapter (offline).",
 }
 PROG = "hf-deepclean"
 

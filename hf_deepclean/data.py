@@ -20,6 +20,7 @@ from datasets import ClassLabel, Dataset, DatasetDict, Image, Value, load_datase
 from torch.utils.data import DataLoader
 from transformers import PretrainedConfig
 
+from .causal_lm import CausalLMCollator
 from .config import FILE_BUILDERS, DataArguments
 from .errors import DeepCleanError
 
@@ -431,7 +432,7 @@ def resolve_eval_split(splits: DatasetDict, data_args: DataArguments, forget: Fo
 
 @dataclass(frozen=True)
 class Columns:
-    label: str
+    label: str | None  # None for causal LMs, which learn the text itself
     text: str | None = None
     text_pair: str | None = None
     image: str | None = None
@@ -449,8 +450,26 @@ def _pick_column(argument: str, requested: str | None, dataset: Dataset, candida
     raise DeepCleanError(f"--{argument}: ambiguous, several {what} columns {candidates}; pass --{argument}.")
 
 
+def resolve_text_column(dataset: Dataset, data_args: DataArguments, label: str | None = None) -> str:
+    """`--text_column`, else the one column with a usual text name, else the one string column (not `label`)."""
+    features = dataset.features
+    text_candidates = [c for c in TEXT_COLUMN_NAMES if c in features]
+    if not text_candidates:
+        text_candidates = [
+            c
+            for c, f in features.items()
+            if isinstance(f, Value) and f.dtype in ("string", "large_string") and c != label
+        ]
+    return _pick_column("text_column", data_args.text_column, dataset, text_candidates, "text")
+
+
 def resolve_columns(dataset: Dataset, data_args: DataArguments, task: str) -> Columns:
-    """Find the label column and the text or image column, from the arguments or by name and feature type."""
+    """Find the label column and the text or image column, from the arguments or by name and feature type.
+
+    A causal LM has no label column: its labels are the text's own tokens.
+    """
+    if task == "causal-lm":
+        return Columns(label=None, text=resolve_text_column(dataset, data_args))
     features = dataset.features
     label_candidates = [c for c, f in features.items() if isinstance(f, ClassLabel)]
     if not label_candidates:
@@ -463,14 +482,7 @@ def resolve_columns(dataset: Dataset, data_args: DataArguments, task: str) -> Co
         return Columns(
             label=label, image=_pick_column("image_column", data_args.image_column, dataset, image_candidates, "image")
         )
-    text_candidates = [c for c in TEXT_COLUMN_NAMES if c in features]
-    if not text_candidates:
-        text_candidates = [
-            c
-            for c, f in features.items()
-            if isinstance(f, Value) and f.dtype in ("string", "large_string") and c != label
-        ]
-    text = _pick_column("text_column", data_args.text_column, dataset, text_candidates, "text")
+    text = resolve_text_column(dataset, data_args, label)
     if data_args.text_pair_column is not None and data_args.text_pair_column not in features:
         raise DeepCleanError(
             f"--text_pair_column: got {data_args.text_pair_column!r}; the dataset has columns {dataset.column_names}."
@@ -617,6 +629,21 @@ def subsample(dataset: Dataset, max_rows: int | None, seed: int) -> Dataset:
     return dataset.select(indices.tolist())
 
 
+def make_collator(
+    task: str,
+    processor,
+    columns: Columns,
+    label_map: dict[Any, int] | None,
+    max_length: int | None,
+    model_config: PretrainedConfig,
+) -> Callable:
+    """The batch-time collator of `task`: classification inputs and class ids, or causal-LM token labels."""
+    if task == "causal-lm":
+        return CausalLMCollator(processor, columns.text, max_length)
+    image_mode = "L" if getattr(model_config, "num_channels", 3) == 1 else "RGB"
+    return ClassificationCollator(processor, columns, label_map, max_length, image_mode=image_mode)
+
+
 @dataclass
 class UnlearningData:
     """Everything the unlearner needs from the data side."""
@@ -626,7 +653,7 @@ class UnlearningData:
     test: Dataset | None
     selection: ForgetSelection
     columns: Columns
-    collator: ClassificationCollator
+    collator: Callable
     eval_split: str | None
     info: dict[str, Any]
 
@@ -639,7 +666,7 @@ def prepare_unlearning_data(
     Args:
         data_args: the data arguments (forget spec, splits, columns, lengths).
         splits: every split of the dataset.
-        task: `text-classification` or `image-classification`.
+        task: `text-classification`, `image-classification` or `causal-lm`.
         model_config: the model's config, for its labels (and image channels).
         processor: the tokenizer or image processor the collator applies at batch time.
         seed: seed of `random:` forget specs.
@@ -672,7 +699,7 @@ def prepare_unlearning_data(
         missing = [c for c in needed if c not in split.column_names]
         if missing:
             raise DeepCleanError(f"--dataset_name: split {name!r} lacks columns {missing}.")
-    label_map = build_label_map(used, columns.label, model_config)
+    label_map = build_label_map(used, columns.label, model_config) if columns.label is not None else None
     if selection.is_separate_split:
         forget, retain = splits[selection.split], train
     else:
@@ -684,6 +711,8 @@ def prepare_unlearning_data(
     max_length = data_args.max_length
     if columns.text is not None and max_length is None:
         max_length = min(getattr(processor, "model_max_length", 512) or 512, 512)
+        if task == "causal-lm":  # positions beyond the model's would fail (GPT-2's tokenizer says 1024 either way)
+            max_length = min(max_length, getattr(model_config, "max_position_embeddings", None) or max_length)
     info = {
         "dataset_name": data_args.dataset_name,
         "dataset_config_name": data_args.dataset_config_name,
@@ -706,13 +735,7 @@ def prepare_unlearning_data(
         test=test,
         selection=selection,
         columns=columns,
-        collator=ClassificationCollator(
-            processor,
-            columns,
-            label_map,
-            max_length,
-            image_mode="L" if getattr(model_config, "num_channels", 3) == 1 else "RGB",
-        ),
+        collator=make_collator(task, processor, columns, label_map, max_length, model_config),
         eval_split=eval_split,
         info=info,
     )

@@ -10,6 +10,7 @@ from torch import nn
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
+    AutoModelForCausalLM,
     AutoModelForImageClassification,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -23,6 +24,7 @@ from .errors import DeepCleanError
 AUTO_MODEL_CLASSES = {
     "text-classification": AutoModelForSequenceClassification,
     "image-classification": AutoModelForImageClassification,
+    "causal-lm": AutoModelForCausalLM,
 }
 
 
@@ -67,6 +69,8 @@ def infer_task(config: PretrainedConfig, requested: str = "auto", has_image_colu
             return "image-classification"
         if architecture.endswith("ForSequenceClassification"):
             return "text-classification"
+        if architecture.endswith(("ForCausalLM", "LMHeadModel")):  # GPT-2's head class is `GPT2LMHeadModel`
+            return "causal-lm"
     if has_image_column is not None:
         return "image-classification" if has_image_column else "text-classification"
     raise DeepCleanError(
@@ -146,6 +150,25 @@ def load_adapter(model: nn.Module, model_args: ModelArguments) -> nn.Module:
             "expected a peft adapter folder or Hub id (adapter_config.json and adapter weights)."
         ) from error
     return adapted.eval()
+
+
+def merge_adapter(model: nn.Module) -> nn.Module:
+    """Merge a peft adapter into its base model's weights (`merge_and_unload`) for a plain full-model checkpoint.
+
+    The base layers are changed in place: call it last, on a model that is not used as a `PeftModel` again.
+
+    Returns:
+        The base `transformers` model with the merged weights.
+
+    Raises:
+        DeepCleanError: when `model` carries no peft adapter.
+    """
+    if not hasattr(model, "merge_and_unload"):
+        raise DeepCleanError(
+            "--merge_adapter: the model carries no peft adapter to merge; pass --adapter_name_or_path, or drop "
+            "--merge_adapter."
+        )
+    return model.merge_and_unload()
 
 
 SCOPES = ("all", "adapter")

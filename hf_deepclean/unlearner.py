@@ -26,6 +26,7 @@ from datasets import Image
 from torch import nn
 
 from .baselines import TrainingSchedule
+from .causal_lm import Canaries, evaluate_causal_lm, load_canaries
 from .config import DataArguments, DeepCleanConfig, ModelArguments, OutputArguments, arguments_to_dict
 from .data import (
     ForgetSelection,
@@ -40,7 +41,7 @@ from .data import (
 from .distributed import check_data_parallel, default_accelerator
 from .errors import DeepCleanError, DeepCleanRunError
 from .evaluation import evaluate_unlearning
-from .fisher import FisherDiagonal, accumulate_fisher_sums, fisher_from_sums
+from .fisher import FisherDiagonal, accumulate_fisher_sums, accumulator_bytes, fisher_from_sums
 from .fisher_cache import (
     FisherCacheInfo,
     check_fisher_cache,
@@ -58,6 +59,7 @@ from .modeling import (
     load_model,
     load_model_config,
     load_processor,
+    merge_adapter,
 )
 from .plots import fisher_ratio_histogram, loss_histograms
 from .reset import (
@@ -150,6 +152,7 @@ class DeepCleanUnlearner:
         self.task: str | None = None
         self.data: UnlearningData | None = None
         self.train_split = None
+        self.canaries: Canaries | None = None
         self._fisher_cache: tuple[FisherDiagonal, FisherCacheInfo] | None = None
         self.masks: ResetMasks | None = None  # the elements `run()` selected and reset
         self.timer = StageTimer()
@@ -160,6 +163,8 @@ class DeepCleanUnlearner:
         """Load the model, its processor and the data; resolve the forget set."""
         if self.data_args.forget is not None:
             parse_forget_spec(self.data_args.forget)  # fail on a malformed spec before loading anything heavy
+        if self.output_args.merge_adapter and self.model_args.adapter_name_or_path is None:
+            raise DeepCleanError("--merge_adapter: needs --adapter_name_or_path (there is no adapter to merge).")
         self.setup_accelerator()
         # under several processes the first one downloads and fills the caches, then the others read them
         with self.accelerator.main_process_first():
@@ -170,6 +175,7 @@ class DeepCleanUnlearner:
                 isinstance(feature, Image) for feature in train.features.values()
             )
             self.task = infer_task(model_config, self.model_args.task, has_image_column=has_image)
+            self.canaries = self.load_canaries()
             self.processor = load_processor(self.model_args, self.task)
             # data problems (columns, labels, the forget set) surface before the weights are loaded
             self.data = prepare_unlearning_data(
@@ -191,6 +197,14 @@ class DeepCleanUnlearner:
         else:
             check_data_parallel(self.accelerator)
         return self.accelerator
+
+    def load_canaries(self) -> Canaries | None:
+        """Read `--canaries` (causal LMs only)."""
+        if self.data_args.canaries is None:
+            return None
+        if self.task != "causal-lm":
+            raise DeepCleanError(f"--canaries: measures causal LMs; this model's task is {self.task!r}.")
+        return load_canaries(self.data_args.canaries)
 
     def dataloader(self, split: str, *, shuffle: bool = False, max_rows: int | None = None):
         datasets = {"forget": self.data.forget, "retain": self.data.retain, "test": self.data.test}
@@ -214,17 +228,25 @@ class DeepCleanUnlearner:
         }
         if self.data.test is not None:
             loaders["test"] = self.dataloader("test", max_rows=self.data_args.max_eval_samples)
+        if self.canaries is not None:
+            canaries = self.canaries.dataset(self.data.columns.text)
+            loaders["canaries"] = make_dataloader(canaries, self.data.collator, self.config.per_device_batch_size)
         return loaders
 
     def evaluate(self, model: nn.Module | None = None, prefix: str = "", return_outputs: bool = False):
         """Metrics of `model` (default: the model being cleaned) on the forget, retain and held-out splits; with
-        `return_outputs`, also the per-sample outputs (see `evaluate_unlearning`)."""
-        return evaluate_unlearning(
+        `return_outputs`, also the per-sample outputs (see `evaluate_unlearning`, `evaluate_causal_lm`)."""
+        evaluate, extra = evaluate_unlearning, {}
+        if self.task == "causal-lm":
+            evaluate = evaluate_causal_lm
+            extra = {"canaries": self.canaries, "min_k_fraction": self.data_args.min_k_fraction}
+        return evaluate(
             model if model is not None else self.model,
             self.evaluation_dataloaders(),
             self.accelerator,
             prefix,
             return_outputs=return_outputs,
+            **extra,
         )
 
     def repair_monitor(self, steps_per_epoch: int) -> RepairMonitor:
@@ -232,6 +254,8 @@ class DeepCleanUnlearner:
         the current model's retain accuracy."""
         if self.data.test is None:
             raise DeepCleanError("--early_stopping: needs a held-out split (--eval_split); the dataset has none.")
+        if self.task == "causal-lm":
+            raise DeepCleanError("--early_stopping: watches classification accuracy; causal LMs are not supported.")
         return build_repair_monitor(
             self.model,
             original_model=self.model,
@@ -394,6 +418,7 @@ class DeepCleanUnlearner:
             "forget_samples": forget_count,
             "retain_samples": retain_count,
             "retain_source": "cache" if method.fisher_cache is not None else "pass",
+            "accumulator_bytes": accumulator_bytes(params),
         }
         return fisher, record
 
@@ -478,6 +503,7 @@ class DeepCleanUnlearner:
                 "architecture": type(self.accelerator.unwrap_model(self.model)).__name__,
             },
             "dataset": self.data.info,
+            **({"canaries": self.canaries.record()} if self.canaries is not None else {}),
             "forget": {
                 "kind": parse_forget_spec(self.data_args.forget).kind,
                 "split": selection.split,
@@ -494,6 +520,10 @@ class DeepCleanUnlearner:
         """Write model, processor, card and json reports to `output_dir`, atomically."""
         record = self.config_record()
         model = self.accelerator.unwrap_model(self.model)
+        if self.output_args.merge_adapter:
+            # merging rewrites the base layers in place: from here on the run's model is the merged one
+            model = merge_adapter(model)
+            self.model = model
         output_dir = self.output_args.output_dir
         try:
             with atomic_output_dir(output_dir, self.output_args.overwrite_output_dir) as staging:
