@@ -53,7 +53,7 @@ from .reset import (
     reset_selected_weights,
     select_weights_to_reset,
 )
-from .training import train_model
+from .training import optimizer_steps_per_epoch, train_model
 
 
 @dataclass
@@ -156,7 +156,10 @@ class UnlearningInputs:
 
     def copy_model(self) -> nn.Module:
         """A copy of the trained model, in eval mode, on the accelerator's device."""
-        return copy.deepcopy(self.accelerator.unwrap_model(self.model)).eval()
+        model = copy.deepcopy(self.accelerator.unwrap_model(self.model)).eval()
+        # Accelerate's mark of a prepared module would make it return the copy unwrapped (no DDP) when preparing it
+        model.__dict__.pop("_is_accelerate_prepared", None)
+        return model
 
     def fisher_sums(self, split: str, fisher_type: str = "empirical") -> tuple[FisherDiagonal, int]:
         """Sums of squared per-sample gradients of the trained model over `forget` or `retain`, and the count."""
@@ -169,7 +172,7 @@ class UnlearningInputs:
         start = time.perf_counter()
         result = accumulate_fisher_sums(
             model,
-            self.loader(getattr(self, split)),
+            self.accelerator.prepare_data_loader(self.loader(getattr(self, split))),  # each process its shard
             params=get_parameters_in_scope(model),
             fisher_type=fisher_type,
             accelerator=self.accelerator,
@@ -202,7 +205,7 @@ def train_from_state(
     model: nn.Module, rows: Dataset, inputs: UnlearningInputs, schedule: TrainingSchedule, desc: str = "Train"
 ) -> nn.Module:
     """Train every weight of `model` on `rows` with `schedule` (seeded shuffling); returns the trained model."""
-    prepared = inputs.accelerator.prepare_model(model)
+    prepared = inputs.accelerator.prepare_model(model, evaluation_mode=True)  # `train_model` wraps it for DDP
     train_model(
         prepared,
         inputs.loader(rows, shuffle=True, batch_size=schedule.batch_size),
@@ -316,7 +319,7 @@ def deepclean(inputs: UnlearningInputs, config: DeepCleanConfig, baselines: Base
         selection_scope=config.selection_scope,
     )
     reset_selected_weights(model, masks, reset=config.reset, seed=inputs.seed)
-    prepared = inputs.accelerator.prepare_model(model)
+    prepared = inputs.accelerator.prepare_model(model, evaluation_mode=True)  # `train_model` wraps it for DDP
     retain_loader = inputs.loader(inputs.retain, shuffle=True)
     should_stop = None
     if config.early_stopping:
@@ -329,7 +332,7 @@ def deepclean(inputs: UnlearningInputs, config: DeepCleanConfig, baselines: Base
             loader=inputs.loader,
             accelerator=inputs.accelerator,
             tolerance=config.early_stopping_tolerance,
-            steps_per_epoch=len(retain_loader),
+            steps_per_epoch=optimizer_steps_per_epoch(retain_loader, inputs.accelerator),
             seed=inputs.seed,
         )
     repair_selected_weights(

@@ -41,6 +41,7 @@ from .baselines import METHODS, BaselineConfig, TrainingSchedule, UnlearningInpu
 from .config import PRESETS, DeepCleanConfig
 from .data import ClassificationCollator, Columns, make_dataloader, subsample
 from .demo import build_digits_dataset, build_digits_model
+from .distributed import check_data_parallel, default_accelerator
 from .errors import DeepCleanError
 from .evaluation import average_gap, evaluate_unlearning, gap_closed
 from .hub import atomic_output_dir, check_output_dir
@@ -328,7 +329,10 @@ def run_benchmark(
     """
     deepclean_config = deepclean_config or DeepCleanConfig()
     baseline_config = baseline_config or BaselineConfig()
-    accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    if accelerator is None:
+        accelerator = default_accelerator()
+    else:
+        check_data_parallel(accelerator)
     methods = {name: method_config(name, deepclean_config) for name in ("original", "retrain", *args.methods)}
     methods.update({name: ("deepclean", config) for name, config in (variants or {}).items()})
     runs, scenarios = [], {}
@@ -556,7 +560,7 @@ def benchmark_main(
 ) -> dict[str, Any]:
     """Run the benchmark and write its report on the main process (the CLI's and `scripts/benchmark.py`'s entry)."""
     check_output_dir(args.output_dir, args.overwrite_output_dir)  # before minutes of training, not after
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = default_accelerator()
     results = run_benchmark(args, deepclean_config, baseline_config, accelerator=accelerator)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

@@ -1,6 +1,9 @@
 """`hf-deepclean` command line: `unlearn`, `fisher`, `evaluate`, `benchmark`, `push` and `demo`.
 
 User errors (`DeepCleanError`) print one line on stderr and exit non-zero without a traceback; `--debug` shows it.
+
+The same commands run under `torchrun` and `accelerate launch`: results, errors and logs are printed by the main
+process only, and a finished multi-process run ends its process group before the interpreter exits.
 """
 
 from __future__ import annotations
@@ -9,6 +12,8 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
+import re
 import signal
 import sys
 import threading
@@ -31,7 +36,8 @@ COMMANDS = {
     "evaluate": "Measure how much a model remembers of the forget set, optionally against a retrained reference.",
     "benchmark": "Compare DeepClean with baselines and retraining on built-in scenarios (tables, JSON, plots).",
     "push": "Upload an output folder of `unlearn` to the Hub in one commit (also retries a failed --push_to_hub).",
-    "demo": "Train a small digits classifier, unlearn one class from it and compare with retraining (offline).",
+    "demo": "Train a small digits classifier, unlearn one class from it and compare with retraining; or, with "
+    "`--task causal-lm`, unlearn secrets memorised by a GPT-2's LoRA adapter (offline).",
 }
 PROG = "hf-deepclean"
 
@@ -52,11 +58,27 @@ def _add_common_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="Show the full traceback of errors.")
 
 
+# argparse's own wording for a value of the wrong type or outside the choices, and what each flag accepts then
+_ARGPARSE_INVALID = re.compile(
+    r"^argument (?P<flag>[^:]+): invalid (?P<kind>\w+)(?: value)?: (?P<value>'.*?')(?P<rest>.*)$"
+)
+_ACCEPTED_TYPES = {"float": "a number", "int": "an integer", "string_to_bool": "true or false"}
+
+
 class _ArgumentParser(HfArgumentParser):
-    """Usage errors become `DeepCleanError`s, so they print as one line like every other bad input."""
+    """Usage errors become `DeepCleanError`s, so they print as one line like every other bad input, in the same
+    `--flag: got VALUE; expected ...` form."""
 
     def error(self, message: str):
-        raise DeepCleanError(message)
+        match = _ARGPARSE_INVALID.match(message)
+        if match is None:
+            raise DeepCleanError(message)
+        flag, kind, value = match.group("flag").split("/")[0], match.group("kind"), match.group("value")
+        if kind == "choice":
+            accepted = "one of " + match.group("rest").strip(" ()").removeprefix("choose from ")
+        else:
+            accepted = _ACCEPTED_TYPES.get(kind, f"a {kind} value")
+        raise DeepCleanError(f"{flag}: got {value}; expected {accepted}.")
 
 
 def dataclass_parser(command: str = "unlearn", dataclass_types=None) -> HfArgumentParser:
@@ -135,10 +157,11 @@ def run_unlearn(argv: Sequence[str]) -> int:
 
     model_args, data_args, method, output_args, _ = parse_unlearn_args(argv)
     results = DeepCleanUnlearner(method, model_args, data_args, output_args).run()
-    print(json.dumps({"before": results["metrics"]["before"], "after": results["metrics"]["after"]}, indent=2))
-    print(f"Cleaned model written to {output_args.output_dir}")
-    if "hub_commit_url" in results:
-        print(f"Pushed to the Hub: {results['hub_commit_url']}")
+    if _is_main_process():
+        print(json.dumps({"before": results["metrics"]["before"], "after": results["metrics"]["after"]}, indent=2))
+        print(f"Cleaned model written to {output_args.output_dir}")
+        if "hub_commit_url" in results:
+            print(f"Pushed to the Hub: {results['hub_commit_url']}")
     return 0
 
 
@@ -184,7 +207,7 @@ def run_fisher(argv: Sequence[str]) -> int:
     unlearner = DeepCleanUnlearner(method, model_args, data_args, output_args)
     info = unlearner.write_fisher_cache(fisher_args.fisher_output, fisher_args.overwrite_output_dir)
     seconds = unlearner.timer.seconds["fisher"]
-    if unlearner.accelerator.is_main_process:
+    if _is_main_process():
         print(
             f"Fisher sums over {info.count} rows of split {info.split!r} ({seconds:.1f} s) written to {fisher_args.fisher_output}"
         )
@@ -209,6 +232,8 @@ def run_evaluate(argv: Sequence[str]) -> int:
         argv, "evaluate", (ModelArguments, DataArguments, EvaluationArguments)
     )
     results = evaluate_forgetting(model_args, data_args, eval_args)
+    if not _is_main_process():
+        return 0
     text = to_json(results)
     print(text, end="")
     if eval_args.output_file:
@@ -226,6 +251,8 @@ def run_benchmark(argv: Sequence[str]) -> int:
         argv, "benchmark", (BenchmarkArguments, DeepCleanConfig, BaselineConfig)
     )
     results = benchmark_main(args, method, baselines)
+    if not _is_main_process():
+        return 0
     print(format_benchmark_tables(results), end="")
     print(f"Benchmark report written to {args.output_dir}")
     return 0
@@ -253,19 +280,44 @@ def main(argv: Sequence[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     debug = "--debug" in rest
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("hf_deepclean").setLevel(logging.DEBUG if debug else logging.INFO)
+    level = logging.DEBUG if debug else logging.INFO
+    logging.getLogger("hf_deepclean").setLevel(level if _is_main_process() else logging.ERROR)
+    if _launch_rank("LOCAL_RANK", "MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK") != 0:
+        from .distributed import quiet_other_processes
+
+        quiet_other_processes()
+    # Errors come from the arguments and the data, which every process shares, so every process meets them and
+    # only the main one prints them; a failure of one process alone ends the launch (the launcher stops the rest).
     try:
         with _terminate_as_interrupt():
-            return RUNNERS[command](rest)
+            status = RUNNERS[command](rest)
     except DeepCleanError as error:
         if debug:
             raise
-        print(f"{PROG} {command}: error: {error}", file=sys.stderr)
+        if _is_main_process():
+            print(f"{PROG} {command}: error: {error}", file=sys.stderr)
         return error.exit_code
     except _Interrupted as interrupt:
         # the `finally` blocks on the way out removed temporary folders and files; nothing partial is left
-        print(f"{PROG} {command}: interrupted by {interrupt.name}; nothing was written.", file=sys.stderr)
+        if _is_main_process():
+            print(f"{PROG} {command}: interrupted by {interrupt.name}; nothing was written.", file=sys.stderr)
         return 128 + interrupt.signum
+    if "torch" in sys.modules:  # a process group exists only once torch is imported
+        from .distributed import end_processes
+
+        end_processes()
+    return status
+
+
+def _launch_rank(*names: str) -> int:
+    """A rank that the launcher (`torchrun`, `accelerate launch`, MPI) put in the environment; 0 without one. Read
+    from the environment so that light commands (`push`, `--help`) need not import torch."""
+    return max(int(os.environ.get(name) or 0) for name in names)
+
+
+def _is_main_process() -> bool:
+    """Whether this process prints results, errors and logs: the first one of a multi-process launch."""
+    return _launch_rank("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK") == 0
 
 
 class _Interrupted(BaseException):

@@ -19,7 +19,7 @@ from huggingface_hub.utils import validate_repo_id
 from .errors import DeepCleanError
 
 
-TASKS = ("text-classification", "image-classification")
+TASKS = ("text-classification", "image-classification", "causal-lm")
 SELECTION_SCOPES = ("global", "per_parameter")
 # `datasets` builders that read local files given with --data_files (a --dataset_name, but never a Hub id)
 FILE_BUILDERS = ("csv", "json", "parquet", "text")
@@ -68,8 +68,8 @@ class ModelArguments:
     task: str = field(
         default="auto",
         metadata={
-            "help": "Model head: `text-classification`, `image-classification`, or `auto` (read from the model's "
-            "config `architectures`, then from the dataset's columns).",
+            "help": "Model head: `text-classification`, `image-classification`, `causal-lm`, or `auto` (read from the "
+            "model's config `architectures`, then from the dataset's columns).",
             "choices": ("auto", *TASKS),
         },
     )
@@ -144,6 +144,21 @@ class DataArguments:
     max_length: int | None = field(
         default=None, metadata={"help": "Truncate texts to this many tokens (default: the tokenizer's limit)."}
     )
+    canaries: str | None = field(
+        default=None,
+        metadata={
+            "help": 'Causal LMs: a JSON-lines file of canaries, `{"text": ..., "planted": true|false}` per line: '
+            "secret strings planted in the training data and never-seen ones of the same format; their exposure "
+            "(Carlini et al. 2019) is measured before and after. Reports hold counts and a hash, never the texts."
+        },
+    )
+    min_k_fraction: float = field(
+        default=0.2,
+        metadata={
+            "help": "Causal LMs: the share k of a sequence's tokens whose lowest log-probabilities the Min-K%% Prob "
+            "membership attack (`mia_min_k_auc`, Shi et al. 2023) averages."
+        },
+    )
     max_retain_samples: int | None = field(
         default=None,
         metadata={"help": "Use a seeded random subsample of this many retain rows for the retain Fisher pass."},
@@ -162,6 +177,7 @@ class DataArguments:
             pass  # `hf-deepclean fisher` over the whole training split
         elif not isinstance(self.forget, str) or not self.forget.strip():
             raise DeepCleanError(f"--forget: got {self.forget!r}; expected a forget specification such as random:0.1.")
+        _check_fraction("min_k_fraction", self.min_k_fraction)
         for name in ("max_length", "max_retain_samples", "max_eval_samples"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
@@ -331,6 +347,13 @@ class OutputArguments:
         default=False, metadata={"help": "Replace an existing non-empty --output_dir (only once the run succeeded)."}
     )
     seed: int = field(default=42, metadata={"help": "Seed for sampling, initialisation and the repair."})
+    merge_adapter: bool = field(
+        default=False,
+        metadata={
+            "help": "With --adapter_name_or_path: write the full model with the cleaned adapter merged into its "
+            "weights (peft `merge_and_unload`) instead of the adapter folder."
+        },
+    )
     push_to_hub: bool = field(
         default=False, metadata={"help": "Upload the output folder to the Hub as --hub_model_id once it is written."}
     )

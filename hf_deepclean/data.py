@@ -20,6 +20,7 @@ from datasets import ClassLabel, Dataset, DatasetDict, Image, Value, load_datase
 from torch.utils.data import DataLoader
 from transformers import PretrainedConfig
 
+from .causal_lm import CausalLMCollator
 from .config import FILE_BUILDERS, DataArguments
 from .errors import DeepCleanError
 
@@ -336,6 +337,41 @@ def _is_saved_dataset(path: str) -> bool:
     )
 
 
+def _empty_split_error(
+    data_args: DataArguments, data_files: dict[str, list[str]] | None, split: str
+) -> DeepCleanError:
+    if data_files is not None:
+        return DeepCleanError(
+            f"--data_files: split {split!r} ({', '.join(data_files.get(split, []))}) has no rows; expected at least one row."
+        )
+    return DeepCleanError(
+        f"--dataset_name: split {split!r} of {data_args.dataset_name!r} has no rows; expected at least one row."
+    )
+
+
+def _dataset_load_error(
+    data_args: DataArguments, data_files: dict[str, list[str]] | None, error: Exception
+) -> DeepCleanError:
+    """One line for a dataset that does not load: the argument, its value, the underlying cause, what is accepted."""
+    empty = re.match(r'Instruction "(.+?)" corresponds to no data', str(error))
+    if data_files is not None and empty:  # a file with a header and no rows
+        return _empty_split_error(data_args, data_files, empty.group(1))
+    # `DatasetGenerationError` only says that generation failed; the parser's error says why
+    cause = error.__cause__ if type(error).__name__ == "DatasetGenerationError" and error.__cause__ else error
+    lines = str(cause).strip().splitlines()
+    reason = f"{type(cause).__name__}: {lines[0]}" if lines else type(cause).__name__
+    name = data_args.dataset_name
+    if data_files is not None:
+        files = ", ".join(f"{split}={path}" for split, paths in data_files.items() for path in paths)
+        return DeepCleanError(
+            f"--data_files: could not load {files} as {name} ({reason}); expected valid {name} files (text in UTF-8)."
+        )
+    return DeepCleanError(
+        f"--dataset_name: could not load {name!r} ({reason}); expected a Hub dataset id, a `save_to_disk` folder, "
+        "or csv/json/parquet with --data_files."
+    )
+
+
 def load_dataset_splits(data_args: DataArguments) -> DatasetDict:
     """Load every split of the dataset named by `--dataset_name` (Hub id, saved folder, or file builder)."""
     name = data_args.dataset_name
@@ -352,11 +388,14 @@ def load_dataset_splits(data_args: DataArguments) -> DatasetDict:
     except DeepCleanError:
         raise
     except Exception as error:  # datasets raises many types; each becomes one clear line
-        argument = "--data_files" if data_files is not None else "--dataset_name"
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise DeepCleanError(
-            f"{argument}: could not load dataset {name!r}: {type(error).__name__}: {message}"
-        ) from error
+        if data_files is not None and len(data_files) > 1:
+            # a failure of one file can surface as a confusing error about the set: name the split that fails alone
+            for split, paths in data_files.items():
+                try:
+                    load_dataset(name, data_args.dataset_config_name, data_files={split: paths})
+                except Exception as split_error:
+                    raise _dataset_load_error(data_args, {split: paths}, split_error) from split_error
+        raise _dataset_load_error(data_args, data_files, error) from error
     if isinstance(loaded, Dataset):
         loaded = DatasetDict({data_args.train_split: loaded})
     if not isinstance(loaded, DatasetDict):
@@ -364,7 +403,7 @@ def load_dataset_splits(data_args: DataArguments) -> DatasetDict:
     if data_args.train_split not in loaded:
         raise DeepCleanError(f"--train_split: got {data_args.train_split!r}; the dataset has splits {sorted(loaded)}.")
     if len(loaded[data_args.train_split]) == 0:
-        raise DeepCleanError(f"--dataset_name: split {data_args.train_split!r} of {name!r} is empty.")
+        raise _empty_split_error(data_args, data_files, data_args.train_split)
     return loaded
 
 
@@ -393,7 +432,7 @@ def resolve_eval_split(splits: DatasetDict, data_args: DataArguments, forget: Fo
 
 @dataclass(frozen=True)
 class Columns:
-    label: str
+    label: str | None  # None for causal LMs, which learn the text itself
     text: str | None = None
     text_pair: str | None = None
     image: str | None = None
@@ -411,8 +450,26 @@ def _pick_column(argument: str, requested: str | None, dataset: Dataset, candida
     raise DeepCleanError(f"--{argument}: ambiguous, several {what} columns {candidates}; pass --{argument}.")
 
 
+def resolve_text_column(dataset: Dataset, data_args: DataArguments, label: str | None = None) -> str:
+    """`--text_column`, else the one column with a usual text name, else the one string column (not `label`)."""
+    features = dataset.features
+    text_candidates = [c for c in TEXT_COLUMN_NAMES if c in features]
+    if not text_candidates:
+        text_candidates = [
+            c
+            for c, f in features.items()
+            if isinstance(f, Value) and f.dtype in ("string", "large_string") and c != label
+        ]
+    return _pick_column("text_column", data_args.text_column, dataset, text_candidates, "text")
+
+
 def resolve_columns(dataset: Dataset, data_args: DataArguments, task: str) -> Columns:
-    """Find the label column and the text or image column, from the arguments or by name and feature type."""
+    """Find the label column and the text or image column, from the arguments or by name and feature type.
+
+    A causal LM has no label column: its labels are the text's own tokens.
+    """
+    if task == "causal-lm":
+        return Columns(label=None, text=resolve_text_column(dataset, data_args))
     features = dataset.features
     label_candidates = [c for c, f in features.items() if isinstance(f, ClassLabel)]
     if not label_candidates:
@@ -425,14 +482,7 @@ def resolve_columns(dataset: Dataset, data_args: DataArguments, task: str) -> Co
         return Columns(
             label=label, image=_pick_column("image_column", data_args.image_column, dataset, image_candidates, "image")
         )
-    text_candidates = [c for c in TEXT_COLUMN_NAMES if c in features]
-    if not text_candidates:
-        text_candidates = [
-            c
-            for c, f in features.items()
-            if isinstance(f, Value) and f.dtype in ("string", "large_string") and c != label
-        ]
-    text = _pick_column("text_column", data_args.text_column, dataset, text_candidates, "text")
+    text = resolve_text_column(dataset, data_args, label)
     if data_args.text_pair_column is not None and data_args.text_pair_column not in features:
         raise DeepCleanError(
             f"--text_pair_column: got {data_args.text_pair_column!r}; the dataset has columns {dataset.column_names}."
@@ -579,6 +629,21 @@ def subsample(dataset: Dataset, max_rows: int | None, seed: int) -> Dataset:
     return dataset.select(indices.tolist())
 
 
+def make_collator(
+    task: str,
+    processor,
+    columns: Columns,
+    label_map: dict[Any, int] | None,
+    max_length: int | None,
+    model_config: PretrainedConfig,
+) -> Callable:
+    """The batch-time collator of `task`: classification inputs and class ids, or causal-LM token labels."""
+    if task == "causal-lm":
+        return CausalLMCollator(processor, columns.text, max_length)
+    image_mode = "L" if getattr(model_config, "num_channels", 3) == 1 else "RGB"
+    return ClassificationCollator(processor, columns, label_map, max_length, image_mode=image_mode)
+
+
 @dataclass
 class UnlearningData:
     """Everything the unlearner needs from the data side."""
@@ -588,7 +653,7 @@ class UnlearningData:
     test: Dataset | None
     selection: ForgetSelection
     columns: Columns
-    collator: ClassificationCollator
+    collator: Callable
     eval_split: str | None
     info: dict[str, Any]
 
@@ -601,7 +666,7 @@ def prepare_unlearning_data(
     Args:
         data_args: the data arguments (forget spec, splits, columns, lengths).
         splits: every split of the dataset.
-        task: `text-classification` or `image-classification`.
+        task: `text-classification`, `image-classification` or `causal-lm`.
         model_config: the model's config, for its labels (and image channels).
         processor: the tokenizer or image processor the collator applies at batch time.
         seed: seed of `random:` forget specs.
@@ -634,7 +699,7 @@ def prepare_unlearning_data(
         missing = [c for c in needed if c not in split.column_names]
         if missing:
             raise DeepCleanError(f"--dataset_name: split {name!r} lacks columns {missing}.")
-    label_map = build_label_map(used, columns.label, model_config)
+    label_map = build_label_map(used, columns.label, model_config) if columns.label is not None else None
     if selection.is_separate_split:
         forget, retain = splits[selection.split], train
     else:
@@ -646,6 +711,8 @@ def prepare_unlearning_data(
     max_length = data_args.max_length
     if columns.text is not None and max_length is None:
         max_length = min(getattr(processor, "model_max_length", 512) or 512, 512)
+        if task == "causal-lm":  # positions beyond the model's would fail (GPT-2's tokenizer says 1024 either way)
+            max_length = min(max_length, getattr(model_config, "max_position_embeddings", None) or max_length)
     info = {
         "dataset_name": data_args.dataset_name,
         "dataset_config_name": data_args.dataset_config_name,
@@ -668,13 +735,7 @@ def prepare_unlearning_data(
         test=test,
         selection=selection,
         columns=columns,
-        collator=ClassificationCollator(
-            processor,
-            columns,
-            label_map,
-            max_length,
-            image_mode="L" if getattr(model_config, "num_channels", 3) == 1 else "RGB",
-        ),
+        collator=make_collator(task, processor, columns, label_map, max_length, model_config),
         eval_split=eval_split,
         info=info,
     )

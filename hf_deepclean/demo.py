@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -98,8 +98,9 @@ def train_digits_model(
 class DemoResult:
     metrics: dict[str, dict[str, float]]
     unlearning_seconds: float
-    retrain_seconds: float
+    retrain_seconds: float | None  # None where the demo retrains no reference (causal-LM demo)
     output_dir: Path
+    fisher_scopes: dict[str, dict[str, float]] = field(default_factory=dict)  # causal-LM demo: scope comparison
 
 
 def run_demo(
@@ -179,6 +180,13 @@ def format_demo_table(result: DemoResult) -> str:
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--task",
+        default="image-classification",
+        choices=("image-classification", "causal-lm"),
+        help="`image-classification`: forget a digit class from a ViT; `causal-lm`: forget notes with secret PINs "
+        "from a GPT-2's LoRA adapter (--forget and --epochs do not apply). Default: %(default)s.",
+    )
     parser.add_argument("--output_dir", default="demo_output", help="Folder for the cleaned model.")
     parser.add_argument("--overwrite_output_dir", action="store_true", help="Replace an existing --output_dir.")
     parser.add_argument("--forget", default=DEFAULT_FORGET, help="Forget specification (default: %(default)s).")
@@ -188,14 +196,15 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_demo_from_args(args: argparse.Namespace) -> int:
-    result = run_demo(
-        args.output_dir,
-        forget=args.forget,
-        epochs=args.epochs,
-        work_dir=args.work_dir,
-        overwrite_output_dir=args.overwrite_output_dir,
-        seed=args.seed,
-    )
-    print(format_demo_table(result))
+    common = {"work_dir": args.work_dir, "overwrite_output_dir": args.overwrite_output_dir, "seed": args.seed}
+    if args.task == "causal-lm":
+        from .causal_lm_demo import format_causal_lm_table, run_causal_lm_demo
+
+        result = run_causal_lm_demo(args.output_dir, **common)
+        table = format_causal_lm_table(result)
+    else:
+        result = run_demo(args.output_dir, forget=args.forget, epochs=args.epochs, **common)
+        table = format_demo_table(result)
+    print(table)
     print(f"Cleaned model written to {result.output_dir}")
     return 0

@@ -11,7 +11,7 @@ Metric names are `{split}_{metric}` (DESIGN §6):
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
@@ -98,6 +98,32 @@ def membership_inference_efficacy(
     return float(np.mean(predictions == 0))
 
 
+def evaluate_splits(
+    compute_outputs: Callable[..., dict[str, np.ndarray]],
+    metrics_of_split: Callable[[str, Mapping[str, np.ndarray]], dict[str, float]],
+    model: nn.Module,
+    dataloaders: Mapping[str, DataLoader],
+    accelerator: Accelerator,
+    prefix: str = "",
+) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, float]]:
+    """Per-sample outputs of every loader (`compute_outputs(model, loader, accelerator, desc=...)`), and the metrics
+    `metrics_of_split(split, outputs)` of the forget, retain and test splits among them.
+
+    The global CPU random state is left as it was: each DataLoader iteration draws a seed from it, and the repair's
+    dropout draws from it after, so measuring more (canaries, say) must not change the cleaned weights.
+    """
+    with torch.random.fork_rng(devices=[]):
+        outputs = {
+            split: compute_outputs(model, loader, accelerator, desc=f"{prefix}{split}".strip())
+            for split, loader in dataloaders.items()
+        }
+    metrics: dict[str, float] = {}
+    for split in SPLITS:
+        if split in outputs:
+            metrics.update(metrics_of_split(split, outputs[split]))
+    return outputs, metrics
+
+
 def evaluate_unlearning(
     model: nn.Module,
     dataloaders: Mapping[str, DataLoader],
@@ -118,14 +144,7 @@ def evaluate_unlearning(
         `{split}_accuracy` and `{split}_loss` per split, plus `mia_auc` and `mia_efficacy` with a test split;
         with `return_outputs`, the tuple `(metrics, {split: compute_sample_outputs(...)})`.
     """
-    outputs = {
-        split: compute_sample_outputs(model, loader, accelerator, desc=f"{prefix}{split}".strip())
-        for split, loader in dataloaders.items()
-    }
-    metrics: dict[str, float] = {}
-    for split in SPLITS:
-        if split in outputs:
-            metrics.update(split_metrics(split, outputs[split]))
+    outputs, metrics = evaluate_splits(compute_sample_outputs, split_metrics, model, dataloaders, accelerator, prefix)
     if "test" in outputs and len(outputs["test"]["loss"]) and len(outputs["forget"]["loss"]):
         metrics["mia_auc"] = membership_inference_auc(outputs["forget"]["loss"], outputs["test"]["loss"])
         metrics["mia_efficacy"] = membership_inference_efficacy(outputs["retain"], outputs["test"], outputs["forget"])

@@ -750,9 +750,24 @@ def accumulate_fisher_sums(
         if not math.isfinite(float(total.sum())):
             raise DeepCleanRunError(
                 f"{desc}: the Fisher diagonal of {name!r} in module {engine.module_names.get(name, '?')} is not "
-                "finite; check the model's numerics (dtype, loss scale) and the data."
+                "finite; expected finite gradients from the model of --model_name_or_path (check its weights, dtype "
+                "and loss scale, and the data)."
             )
     return sums, count
+
+
+def accumulator_bytes(params: Mapping[str, nn.Parameter]) -> dict[str, int]:
+    """Memory of DeepClean's per-element state for `params`, whatever the model's dtype.
+
+    Two float32 Fisher sums (forget and retain, 4 bytes each), the float32 ratio (4 bytes) and the bool selection
+    mask (1 byte): 13 bytes per element in scope. (The repair adds AdamW's two float32 moments and an anchor copy
+    for the parameters that have selected elements.)
+
+    Returns:
+        `{"params_in_scope", "fisher_sums", "ratio", "mask", "total"}`, the first a count, the others bytes.
+    """
+    numel = sum(p.numel() for p in params.values())
+    return {"params_in_scope": numel, "fisher_sums": 8 * numel, "ratio": 4 * numel, "mask": numel, "total": 13 * numel}
 
 
 def compute_fisher_diagonal(
@@ -811,6 +826,6 @@ def check_finite(fisher: FisherDiagonal, desc: str = "Fisher") -> None:
     for name, values in fisher.items():
         if not torch.isfinite(values).all():
             raise DeepCleanRunError(
-                f"{desc}: the Fisher diagonal of {name!r} is not finite; check the model's numerics (dtype, "
-                "loss scale) and the data."
+                f"{desc}: the Fisher diagonal of {name!r} is not finite; expected finite gradients from the model of "
+                "--model_name_or_path (check its weights, dtype and loss scale, and the data)."
             )

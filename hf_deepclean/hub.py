@@ -12,7 +12,9 @@ import logging
 import os
 import shlex
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -41,12 +43,19 @@ def check_output_dir(output_dir: str | os.PathLike, overwrite: bool) -> Path:
         raise DeepCleanError(
             f"--output_dir: {str(path)!r} exists and is not empty; pass --overwrite_output_dir to replace it."
         )
-    parent = path.absolute().parent
-    existing = parent
+    existing = path.absolute().parent
     while not existing.exists():
         existing = existing.parent
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise DeepCleanError(f"--output_dir: cannot write under {str(existing)!r} (permission denied).")
+    accepted = "expected a folder that can be created and written"
+    if not existing.is_dir():
+        raise DeepCleanError(f"--output_dir: cannot write {str(path)!r}: {str(existing)!r} is a file; {accepted}.")
+    # a real attempt: permission bits say nothing for root, read-only file systems or full disks
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=f".{path.name}.probe-", dir=existing))
+    except OSError as error:
+        raise DeepCleanError(
+            f"--output_dir: cannot write {str(path)!r}: {error.strerror or error} under {str(existing)!r}; {accepted}."
+        ) from None
     return path
 
 
@@ -60,22 +69,43 @@ def atomic_output_dir(output_dir: str | os.PathLike, overwrite: bool = False) ->
     path = check_output_dir(output_dir, overwrite)
     path.absolute().parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.absolute().parent))
+    old = None
     try:
         # mkdtemp makes a private (0700) folder; the result should look like any folder the user creates
         umask = os.umask(0)
         os.umask(umask)
         staging.chmod(0o777 & ~umask)
         yield staging
-        old = None
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.absolute().parent))
             os.replace(path, old / "previous")
         os.replace(staging, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        # signals wait until the old folder is back in place and the temporary ones are gone (a second Ctrl-C
+        # must not strand them); the pending one is raised when they are unblocked
+        with _signals_deferred():
+            if old is not None and (old / "previous").exists() and not path.exists():
+                os.replace(old / "previous", path)
+            shutil.rmtree(staging, ignore_errors=True)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
         raise
+    if old is not None:
+        with _signals_deferred():
+            shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back for the duration of the block (main thread, POSIX); delivered after it."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def check_hub_token() -> None:

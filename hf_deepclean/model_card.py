@@ -31,8 +31,14 @@ TABLE_METRICS = (
     "forget_loss",
     "retain_loss",
     "test_loss",
+    "forget_perplexity",
+    "retain_perplexity",
+    "test_perplexity",
     "mia_auc",
     "mia_efficacy",
+    "mia_min_k_auc",
+    "canary_exposure",
+    "canary_exposure_unseen",
 )
 
 
@@ -128,17 +134,29 @@ def summary_lines(config: Mapping[str, Any], results: Mapping[str, Any]) -> list
         ("forget_accuracy", "Accuracy on the forgotten rows"),
         ("retain_accuracy", "Accuracy on the retained rows"),
         ("test_accuracy", "Accuracy on held-out rows"),
+        ("forget_perplexity", "Perplexity on the forgotten rows"),
+        ("retain_perplexity", "Perplexity on the retained rows"),
         ("mia_auc", "Membership-attack AUC, forgotten vs held-out rows"),
+        ("canary_exposure", "Exposure of the planted canaries, in bits"),
     ):
         if key in before and key in after:
             lines.append(f"{text}: {before[key]:.3f} before, {after[key]:.3f} after.")
+    if "canary_exposure_unseen" in after:
+        lines.append(
+            f"Exposure of never-seen canaries of the same format (the level of a secret the model never saw): "
+            f"{after['canary_exposure_unseen']:.3f} bits, out of at most {after['canary_exposure_max']:.3f}."
+        )
     return lines
+
+
+# this library's task names where the Hub's pipeline tags differ
+HUB_PIPELINE_TAGS = {"causal-lm": "text-generation"}
 
 
 def build_card_data(config: Mapping[str, Any], results: Mapping[str, Any]) -> ModelCardData:
     """Front matter: base model, datasets, tags and `model-index` results of the cleaned model."""
     args, dataset = config["arguments"], config["dataset"]
-    task = config["model"]["task"]
+    task = HUB_PIPELINE_TAGS.get(config["model"]["task"], config["model"]["task"])
     dataset_id = hub_id_or_none(args["dataset_name"])
     eval_results = [
         EvalResult(
@@ -160,7 +178,8 @@ def build_card_data(config: Mapping[str, Any], results: Mapping[str, Any]) -> Mo
         base_model=hub_id_or_none(args["model_name_or_path"]),
         datasets=[dataset_id] if dataset_id else None,
         tags=list(CARD_TAGS),
-        library_name="transformers",
+        # an adapter folder is loaded with peft; a merged or full model with transformers alone
+        library_name="peft" if args.get("adapter_name_or_path") and not args.get("merge_adapter") else "transformers",
         pipeline_tag=task,
         model_name=args.get("hub_model_id") or Path(args["output_dir"]).name or "cleaned-model",
         eval_results=eval_results,

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
+    AutoModelForCausalLM,
     AutoModelForImageClassification,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -20,16 +24,28 @@ from .errors import DeepCleanError
 AUTO_MODEL_CLASSES = {
     "text-classification": AutoModelForSequenceClassification,
     "image-classification": AutoModelForImageClassification,
+    "causal-lm": AutoModelForCausalLM,
 }
 
 
 def _first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
+    return text[0].rstrip(".") if text else type(error).__name__
+
+
+def _looks_like_a_path(name: str) -> bool:
+    """Not a Hub id (`NAME` or `ORG/NAME`): an absolute or relative path, which must then exist locally."""
+    return os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or "\\" in name
 
 
 def load_model_config(model_args: ModelArguments) -> PretrainedConfig:
     """Read the model's `config.json` from the Hub or a local folder."""
+    name = model_args.model_name_or_path
+    if _looks_like_a_path(name) and not os.path.isdir(os.path.expanduser(name)):
+        raise DeepCleanError(
+            f"--model_name_or_path: got {name!r}, which is no folder; expected a local folder with config.json or a "
+            "Hub model id (ORG/NAME)."
+        )
     try:
         return AutoConfig.from_pretrained(
             model_args.model_name_or_path,
@@ -53,6 +69,8 @@ def infer_task(config: PretrainedConfig, requested: str = "auto", has_image_colu
             return "image-classification"
         if architecture.endswith("ForSequenceClassification"):
             return "text-classification"
+        if architecture.endswith(("ForCausalLM", "LMHeadModel")):  # GPT-2's head class is `GPT2LMHeadModel`
+            return "causal-lm"
     if has_image_column is not None:
         return "image-classification" if has_image_column else "text-classification"
     raise DeepCleanError(
@@ -90,7 +108,7 @@ def load_model(model_args: ModelArguments, task: str, config: PretrainedConfig |
             use_safetensors=None if model_args.allow_pickle_weights else True,
             dtype=torch.float32,
         )
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, SafetensorError) as error:  # missing, truncated or corrupted weights
         raise DeepCleanError(
             f"--model_name_or_path: could not load {model_args.model_name_or_path!r} as a {task} model: "
             f"{_first_line(error)}; expected safetensors weights for this task (pickle weights load only with "
@@ -107,21 +125,50 @@ def load_adapter(model: nn.Module, model_args: ModelArguments) -> nn.Module:
     """
     if model_args.adapter_name_or_path is None:
         return model
-    from peft import PeftModel
+    from peft import PeftConfig, PeftModel
 
     try:
+        adapter_config = PeftConfig.from_pretrained(
+            model_args.adapter_name_or_path, revision=model_args.adapter_revision
+        )
+        if adapter_config.is_prompt_learning:
+            # virtual-token embeddings live outside the model's layers: no weight of the model would be in scope
+            raise DeepCleanError(
+                f"--adapter_name_or_path: got {model_args.adapter_name_or_path!r}, a {adapter_config.peft_type.value} "
+                "adapter, which has no weights in the model's layers (no trainable parameters in scope); expected an "
+                "adapter of peft tuner layers such as LoRA."
+            )
         adapted = PeftModel.from_pretrained(
             model,
             model_args.adapter_name_or_path,
             revision=model_args.adapter_revision,
             is_trainable=True,
         )
-    except (OSError, ValueError, KeyError) as error:
+    except (OSError, ValueError, KeyError, SafetensorError) as error:
         raise DeepCleanError(
             f"--adapter_name_or_path: could not load {model_args.adapter_name_or_path!r}: {_first_line(error)}; "
             "expected a peft adapter folder or Hub id (adapter_config.json and adapter weights)."
         ) from error
     return adapted.eval()
+
+
+def merge_adapter(model: nn.Module) -> nn.Module:
+    """Merge a peft adapter into its base model's weights (`merge_and_unload`) for a plain full-model checkpoint.
+
+    The base layers are changed in place: call it last, on a model that is not used as a `PeftModel` again.
+
+    Returns:
+        The base `transformers` model with the merged weights.
+
+    Raises:
+        DeepCleanError: when `model` carries no peft adapter.
+    """
+    if not hasattr(model, "merge_and_unload"):
+        raise DeepCleanError(
+            "--merge_adapter: the model carries no peft adapter to merge; pass --adapter_name_or_path, or drop "
+            "--merge_adapter."
+        )
+    return model.merge_and_unload()
 
 
 SCOPES = ("all", "adapter")

@@ -5,6 +5,12 @@ With `masks`, only the `True` elements of each masked parameter move: gradients 
 estimates stay zero elsewhere) and, after every optimizer step, the unmasked elements are copied back from an
 anchor. The copy makes the invariant exact whatever the optimizer does (decoupled weight decay, momentum,
 numerical noise): unselected elements stay bit-for-bit equal to their values before training.
+
+Under several processes the model is wrapped for DDP (through Accelerate) for the loop only: each process takes its
+shard of every global batch, gradients are averaged across processes before the optimizer step, so every process
+applies the same update to the same weights. With a per-process batch of `B / N` on `N` processes, the global batch
+is the `B` rows that one process with batch `B` would use at the same step (same seeded order), so the run matches
+a one-process run up to float summation order.
 """
 
 from __future__ import annotations
@@ -38,8 +44,10 @@ def train_model(
     """Train `model` with AdamW for `epochs` passes over `dataloader` (fractions of an epoch allowed).
 
     Args:
-        model: the model, already on `accelerator.device`.
-        dataloader: yields dict batches with `labels`; the model returns `.loss`.
+        model: the model, already on `accelerator.device`, as it is or prepared with `evaluation_mode=True` (not
+            wrapped for DDP: under several processes the loop wraps it).
+        dataloader: a plain (unprepared) DataLoader of dict batches with `labels`; the model returns `.loss`.
+            Under several processes each takes its shard of every batch, so pass the per-process batch size.
         accelerator: the run's Accelerator.
         masks: `{parameter name: bool tensor}`; when given, only parameters named here train, and only their
             `True` elements change.
@@ -55,12 +63,17 @@ def train_model(
         trainable = {name: p for name, p in named.items() if p.requires_grad}
     else:
         trainable = {name: named[name] for name, mask in masks.items() if bool(mask.any())}
-    steps_per_epoch = len(dataloader)
-    total_steps = math.ceil(epochs * steps_per_epoch)
+    dataloader = accelerator.prepare(dataloader)  # each process its shard of every global batch (a DataLoader)
+    total_steps = math.ceil(epochs * len(dataloader))
     if total_steps == 0 or not trainable:
         return {"steps": 0, "final_loss": None, "stopped_early": False}
 
     saved_requires_grad = {name: p.requires_grad for name, p in named.items()}
+    saved_attributes = {
+        key: unwrapped.__dict__[key]
+        for key in ("forward", "_original_forward", "_is_accelerate_prepared")
+        if key in unwrapped.__dict__
+    }
     hooks, anchors, device_masks = [], {}, {}
     for name, p in named.items():
         p.requires_grad_(name in trainable)
@@ -69,16 +82,24 @@ def train_model(
             mask = masks[name].to(p.device)
             device_masks[name] = mask
             anchors[name] = p.detach().clone()
+            # a tensor hook runs before DDP averages the gradient: every process averages masked gradients
             hooks.append(p.register_hook(lambda grad, mask=mask: grad * mask))
+    if accelerator.num_processes > 1:
+        # DDP over exactly the trainable parameters (those with requires_grad when it is built). Accelerate returns
+        # a module it prepared before (for evaluation) unchanged, so its mark is lifted for this preparation.
+        unwrapped.__dict__.pop("_is_accelerate_prepared", None)
+        model = accelerator.prepare_model(unwrapped)
 
     optimizer = torch.optim.AdamW(list(trainable.values()), lr=learning_rate, weight_decay=weight_decay)
+    # Accelerate's scheduler takes one step per process at every optimizer step (it expects schedules counted in
+    # one-process steps), so the counts are scaled to keep the schedule of `total_steps` optimizer steps
     scheduler = get_scheduler(
         lr_scheduler_type,
         optimizer,
-        num_warmup_steps=int(warmup_ratio * total_steps),
-        num_training_steps=total_steps,
+        num_warmup_steps=int(warmup_ratio * total_steps) * accelerator.num_processes,
+        num_training_steps=total_steps * accelerator.num_processes,
     )
-    optimizer, dataloader, scheduler = accelerator.prepare(optimizer, dataloader, scheduler)
+    optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
     _set_train_mode(unwrapped, frozen_statistics=masks is not None)
     step, loss_value, stopped_early = 0, None, False
     progress = tqdm(total=total_steps, desc=desc, disable=not accelerator.is_local_main_process, leave=False)
@@ -96,7 +117,7 @@ def train_model(
                     with torch.no_grad():
                         for name, anchor in anchors.items():
                             trainable[name].copy_(torch.where(device_masks[name], trainable[name], anchor))
-                loss_value = loss.item()
+                loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()  # of the global batch
                 step += 1
                 progress.update(1)
                 progress.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
@@ -113,9 +134,16 @@ def train_model(
             hook.remove()
         for name, p in named.items():
             p.requires_grad_(saved_requires_grad[name])
-        model.eval()
+        # the module as it came: without the second mixed-precision wrapping of `forward` that the DDP preparation added
+        unwrapped.__dict__.update(saved_attributes)
+        unwrapped.eval()
         accelerator.free_memory()
     return {"steps": step, "final_loss": loss_value, "stopped_early": stopped_early}
+
+
+def optimizer_steps_per_epoch(dataloader: DataLoader, accelerator: Accelerator) -> int:
+    """Optimizer steps in one epoch over a plain `dataloader` once Accelerate has sharded it across processes."""
+    return len(accelerator.prepare(dataloader))
 
 
 def _set_train_mode(model: nn.Module, *, frozen_statistics: bool) -> None:

@@ -6,12 +6,12 @@ load -> evaluate before -> Fisher(forget), Fisher(retain) -> select + reset -> r
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-import os
 import platform
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
@@ -21,11 +21,12 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import set_seed
+from accelerate.utils import broadcast, set_seed
 from datasets import Image
 from torch import nn
 
 from .baselines import TrainingSchedule
+from .causal_lm import Canaries, evaluate_causal_lm, load_canaries
 from .config import DataArguments, DeepCleanConfig, ModelArguments, OutputArguments, arguments_to_dict
 from .data import (
     ForgetSelection,
@@ -37,9 +38,10 @@ from .data import (
     redact_forget_spec,
     subsample,
 )
-from .errors import DeepCleanError
+from .distributed import check_data_parallel, default_accelerator
+from .errors import DeepCleanError, DeepCleanRunError
 from .evaluation import evaluate_unlearning
-from .fisher import FisherDiagonal, accumulate_fisher_sums, fisher_from_sums
+from .fisher import FisherDiagonal, accumulate_fisher_sums, accumulator_bytes, fisher_from_sums
 from .fisher_cache import (
     FisherCacheInfo,
     check_fisher_cache,
@@ -57,10 +59,12 @@ from .modeling import (
     load_model,
     load_model_config,
     load_processor,
+    merge_adapter,
 )
 from .plots import fisher_ratio_histogram, loss_histograms
 from .reset import (
     RepairMonitor,
+    ResetMasks,
     build_repair_monitor,
     compute_fisher_ratio,
     repair_selected_weights,
@@ -68,6 +72,7 @@ from .reset import (
     reset_statistics,
     select_weights_to_reset,
 )
+from .training import optimizer_steps_per_epoch
 
 
 logger = get_logger(__name__)
@@ -83,14 +88,6 @@ def library_versions() -> dict[str, str]:
         except PackageNotFoundError:
             versions[name] = "not installed"
     return versions
-
-
-def default_accelerator() -> Accelerator:
-    """Accelerate's default set-up, except on a machine without GPUs under a multi-process launch (`torchrun`,
-    `accelerate launch --multi_gpu`): there `Accelerator()` would run as independent single-process copies that each
-    do all the work, so the CPU backend (gloo) is asked for explicitly."""
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return Accelerator(cpu=True) if launched and not torch.cuda.is_available() else Accelerator()
 
 
 @dataclass
@@ -116,7 +113,12 @@ class DeepCleanUnlearner:
         model_args: which model to clean.
         data_args: its training data and the forget specification.
         output_args: output folder and seed.
-        accelerator: an existing `Accelerator` (one is created otherwise).
+        accelerator: an existing `Accelerator` (`default_accelerator()` otherwise). Set-ups that shard the weights
+            (FSDP, DeepSpeed) are refused.
+
+    The same run works on several processes (`torchrun`, `accelerate launch`): Fisher passes are sharded and reduced,
+    the selection (kept as `masks` after `run()`) is the same on every process, the repair is data parallel, and
+    only the main process writes and pushes.
 
     Example:
         ```python
@@ -150,7 +152,9 @@ class DeepCleanUnlearner:
         self.task: str | None = None
         self.data: UnlearningData | None = None
         self.train_split = None
+        self.canaries: Canaries | None = None
         self._fisher_cache: tuple[FisherDiagonal, FisherCacheInfo] | None = None
+        self.masks: ResetMasks | None = None  # the elements `run()` selected and reset
         self.timer = StageTimer()
 
     # -- stages --------------------------------------------------------------------------------------------------
@@ -159,26 +163,48 @@ class DeepCleanUnlearner:
         """Load the model, its processor and the data; resolve the forget set."""
         if self.data_args.forget is not None:
             parse_forget_spec(self.data_args.forget)  # fail on a malformed spec before loading anything heavy
-        self.accelerator = self.accelerator or default_accelerator()
-        model_config = load_model_config(self.model_args)
-        splits = load_dataset_splits(self.data_args)
-        train = self.train_split = splits[self.data_args.train_split]
-        has_image = self.data_args.image_column is not None or any(
-            isinstance(feature, Image) for feature in train.features.values()
-        )
-        self.task = infer_task(model_config, self.model_args.task, has_image_column=has_image)
-        self.processor = load_processor(self.model_args, self.task)
-        # data problems (columns, labels, the forget set) surface before the weights are loaded
-        self.data = prepare_unlearning_data(
-            self.data_args, splits, self.task, model_config, self.processor, seed=self.output_args.seed
-        )
-        model = load_adapter(load_model(self.model_args, self.task, model_config), self.model_args)
+        if self.output_args.merge_adapter and self.model_args.adapter_name_or_path is None:
+            raise DeepCleanError("--merge_adapter: needs --adapter_name_or_path (there is no adapter to merge).")
+        self.setup_accelerator()
+        # under several processes the first one downloads and fills the caches, then the others read them
+        with self.accelerator.main_process_first():
+            model_config = load_model_config(self.model_args)
+            splits = load_dataset_splits(self.data_args)
+            train = self.train_split = splits[self.data_args.train_split]
+            has_image = self.data_args.image_column is not None or any(
+                isinstance(feature, Image) for feature in train.features.values()
+            )
+            self.task = infer_task(model_config, self.model_args.task, has_image_column=has_image)
+            self.canaries = self.load_canaries()
+            self.processor = load_processor(self.model_args, self.task)
+            # data problems (columns, labels, the forget set) surface before the weights are loaded
+            self.data = prepare_unlearning_data(
+                self.data_args, splits, self.task, model_config, self.processor, seed=self.output_args.seed
+            )
+            model = load_adapter(load_model(self.model_args, self.task, model_config), self.model_args)
+        # every process holds the whole model (evaluation and Fisher passes); the repair wraps it for DDP
         self.model = self.accelerator.prepare_model(model, evaluation_mode=True)
         logger.info(
             f"Forget set: {self.data.selection.num_rows} rows of split {self.data.selection.split!r}; retain set: "
             f"{len(self.data.retain)} rows; held-out: {self.data.eval_split!r}.",
             main_process_only=True,
         )
+
+    def setup_accelerator(self) -> Accelerator:
+        """The run's Accelerator (`default_accelerator()` unless one was given), checked for a data-parallel set-up."""
+        if self.accelerator is None:
+            self.accelerator = default_accelerator()
+        else:
+            check_data_parallel(self.accelerator)
+        return self.accelerator
+
+    def load_canaries(self) -> Canaries | None:
+        """Read `--canaries` (causal LMs only)."""
+        if self.data_args.canaries is None:
+            return None
+        if self.task != "causal-lm":
+            raise DeepCleanError(f"--canaries: measures causal LMs; this model's task is {self.task!r}.")
+        return load_canaries(self.data_args.canaries)
 
     def dataloader(self, split: str, *, shuffle: bool = False, max_rows: int | None = None):
         datasets = {"forget": self.data.forget, "retain": self.data.retain, "test": self.data.test}
@@ -191,6 +217,10 @@ class DeepCleanUnlearner:
             seed=self.output_args.seed,
         )
 
+    def sharded_dataloader(self, split: str, *, max_rows: int | None = None):
+        """`dataloader(split)` prepared by Accelerate: under several processes each one iterates over its shard."""
+        return self.accelerator.prepare_data_loader(self.dataloader(split, max_rows=max_rows))
+
     def evaluation_dataloaders(self) -> dict[str, Any]:
         loaders = {
             "forget": self.dataloader("forget"),
@@ -198,17 +228,25 @@ class DeepCleanUnlearner:
         }
         if self.data.test is not None:
             loaders["test"] = self.dataloader("test", max_rows=self.data_args.max_eval_samples)
+        if self.canaries is not None:
+            canaries = self.canaries.dataset(self.data.columns.text)
+            loaders["canaries"] = make_dataloader(canaries, self.data.collator, self.config.per_device_batch_size)
         return loaders
 
     def evaluate(self, model: nn.Module | None = None, prefix: str = "", return_outputs: bool = False):
         """Metrics of `model` (default: the model being cleaned) on the forget, retain and held-out splits; with
-        `return_outputs`, also the per-sample outputs (see `evaluate_unlearning`)."""
-        return evaluate_unlearning(
+        `return_outputs`, also the per-sample outputs (see `evaluate_unlearning`, `evaluate_causal_lm`)."""
+        evaluate, extra = evaluate_unlearning, {}
+        if self.task == "causal-lm":
+            evaluate = evaluate_causal_lm
+            extra = {"canaries": self.canaries, "min_k_fraction": self.data_args.min_k_fraction}
+        return evaluate(
             model if model is not None else self.model,
             self.evaluation_dataloaders(),
             self.accelerator,
             prefix,
             return_outputs=return_outputs,
+            **extra,
         )
 
     def repair_monitor(self, steps_per_epoch: int) -> RepairMonitor:
@@ -216,6 +254,8 @@ class DeepCleanUnlearner:
         the current model's retain accuracy."""
         if self.data.test is None:
             raise DeepCleanError("--early_stopping: needs a held-out split (--eval_split); the dataset has none.")
+        if self.task == "causal-lm":
+            raise DeepCleanError("--early_stopping: watches classification accuracy; causal LMs are not supported.")
         return build_repair_monitor(
             self.model,
             original_model=self.model,
@@ -239,11 +279,7 @@ class DeepCleanUnlearner:
         check_output_dir(self.output_args.output_dir, self.output_args.overwrite_output_dir)
         if self.output_args.push_to_hub:
             check_hub_token()
-        self.accelerator = self.accelerator or default_accelerator()
-        if self.accelerator.num_processes > 1:
-            raise DeepCleanError(
-                f"accelerate: got {self.accelerator.num_processes} processes; this version runs on one process."
-            )
+        self.setup_accelerator()
         set_seed(self.output_args.seed)
         method = self.config
         timer = self.timer
@@ -252,23 +288,22 @@ class DeepCleanUnlearner:
             self.load()
             if method.fisher_cache is not None:
                 self.load_fisher_cache()  # a stale cache is refused before any work
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        params = get_parameters_in_scope(unwrapped, method.scope)  # an empty scope is refused before any work
         with timer("evaluate_before"):
             metrics_before, outputs_before = self.evaluate(prefix="before ", return_outputs=True)
-        unwrapped = self.accelerator.unwrap_model(self.model)
-        params = get_parameters_in_scope(unwrapped, method.scope)
         fisher, fisher_record = self.compute_fisher(params)
         repair_loader = self.dataloader("retain", shuffle=True)
         # built before the reset: the recovery target is the original model's retain accuracy
-        monitor = self.repair_monitor(len(repair_loader)) if method.early_stopping else None
+        monitor = (
+            self.repair_monitor(optimizer_steps_per_epoch(repair_loader, self.accelerator))
+            if method.early_stopping
+            else None
+        )
         with timer("select_and_reset"):
             ratios = compute_fisher_ratio(fisher["forget"], fisher["retain"], method.eps)
-            masks = select_weights_to_reset(
-                ratios,
-                gamma=method.gamma,
-                reset_fraction=method.reset_fraction,
-                max_reset_fraction=method.max_reset_fraction,
-                selection_scope=method.selection_scope,
-            )
+            masks = self.masks = self.select(ratios)
+            # the same seed on every process: the same fresh values everywhere
             reset_selected_weights(unwrapped, masks, reset=method.reset, seed=self.output_args.seed)
         stats = reset_statistics(masks)
         ratio_histogram = fisher_ratio_histogram(ratios, masks)  # a compact summary for the card; ratios are freed
@@ -297,6 +332,7 @@ class DeepCleanUnlearner:
             "metrics": {"before": metrics_before, "after": metrics_after},
             "reset": {
                 "selection_rule": method.selection_rule,
+                "selection_sha256": selection_fingerprint(masks),
                 "per_parameter": stats,
                 "per_module": module_reset_shares({k: v for k, v in stats.items() if k != "__total__"}),
             },
@@ -305,6 +341,8 @@ class DeepCleanUnlearner:
             "timings": timings,
             "ratio_histogram": ratio_histogram,
             "loss_histograms": loss_histograms({"before": outputs_before, "after": outputs_after}),
+            # each row once, whatever the number of processes (`gather_for_metrics` drops Accelerate's repeats)
+            "evaluated_rows": {split: len(values["loss"]) for split, values in outputs_after.items()},
         }
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
@@ -321,6 +359,27 @@ class DeepCleanUnlearner:
                 results["hub_commit_url"] = commit.commit_url
         return results
 
+    def select(self, ratios: FisherDiagonal) -> ResetMasks:
+        """The elements to reset (`select_weights_to_reset` with this run's settings), the same on every process.
+
+        The ratios come from reduced sums, which every process receives identically; the masks are still
+        broadcast from the main process, so that the selection, the reset and the repair act on the very same
+        elements everywhere even if a device computed a ratio differently in its last bit.
+        """
+        method = self.config
+        masks = select_weights_to_reset(
+            ratios,
+            gamma=method.gamma,
+            reset_fraction=method.reset_fraction,
+            max_reset_fraction=method.max_reset_fraction,
+            selection_scope=method.selection_scope,
+        )
+        if self.accelerator.num_processes > 1:
+            # as bytes: not every backend reduces or broadcasts bool tensors
+            shared = broadcast({name: mask.to(torch.uint8) for name, mask in masks.items()}, from_process=0)
+            masks = {name: shared[name].bool() for name in masks}
+        return masks
+
     def compute_fisher(self, params: dict[str, nn.Parameter]) -> tuple[dict[str, FisherDiagonal], dict[str, Any]]:
         """Fisher diagonals of the forget and retain sets (timed as `fisher_forget`, `fisher_retain`).
 
@@ -336,8 +395,9 @@ class DeepCleanUnlearner:
             with self.timer("fisher_retain"):
                 cached_sums, cached = self.load_fisher_cache()
         with self.timer("fisher_forget"):
+            # prepared loaders: each process sums over its shard, the engine reduces once
             forget_sums, forget_count = accumulate_fisher_sums(
-                self.model, self.dataloader("forget"), desc="Fisher forget", **options
+                self.model, self.sharded_dataloader("forget"), desc="Fisher forget", **options
             )
         with self.timer("fisher_retain"):
             if method.fisher_cache is not None:
@@ -348,7 +408,7 @@ class DeepCleanUnlearner:
                         cached_sums, cached.count, forget_sums, forget_count
                     )
             else:
-                loader = self.dataloader("retain", max_rows=self.data_args.max_retain_samples)
+                loader = self.sharded_dataloader("retain", max_rows=self.data_args.max_retain_samples)
                 retain_sums, retain_count = accumulate_fisher_sums(self.model, loader, desc="Fisher retain", **options)
         fisher = {
             "forget": fisher_from_sums(forget_sums, forget_count, "Fisher forget"),
@@ -358,6 +418,7 @@ class DeepCleanUnlearner:
             "forget_samples": forget_count,
             "retain_samples": retain_count,
             "retain_source": "cache" if method.fisher_cache is not None else "pass",
+            "accumulator_bytes": accumulator_bytes(params),
         }
         return fisher, record
 
@@ -414,9 +475,9 @@ class DeepCleanUnlearner:
         if rows == "forget" and self.data.selection.is_separate_split:
             raise DeepCleanError("--forget: `split:` specs name another split; a cache covers rows of --train_split.")
         with self.timer("fisher"):
-            # prepared, so that under several processes each rank takes its shard (the engine reduces once)
-            loader = self.accelerator.prepare_data_loader(self.dataloader(rows))
-            sums, count = accumulate_fisher_sums(self.model, loader, desc="Fisher", **self._fisher_options(params))
+            sums, count = accumulate_fisher_sums(
+                self.model, self.sharded_dataloader(rows), desc="Fisher", **self._fisher_options(params)
+            )
         fisher_from_sums(sums, count, "Fisher")  # refuses an empty or non-finite result
         info = self.fisher_cache_info(None if rows == "retain" else self.data.selection.indices, count)
         self.accelerator.wait_for_everyone()
@@ -442,6 +503,7 @@ class DeepCleanUnlearner:
                 "architecture": type(self.accelerator.unwrap_model(self.model)).__name__,
             },
             "dataset": self.data.info,
+            **({"canaries": self.canaries.record()} if self.canaries is not None else {}),
             "forget": {
                 "kind": parse_forget_spec(self.data_args.forget).kind,
                 "split": selection.split,
@@ -458,14 +520,37 @@ class DeepCleanUnlearner:
         """Write model, processor, card and json reports to `output_dir`, atomically."""
         record = self.config_record()
         model = self.accelerator.unwrap_model(self.model)
-        with atomic_output_dir(self.output_args.output_dir, self.output_args.overwrite_output_dir) as staging:
-            model.save_pretrained(staging)
-            self.processor.save_pretrained(staging)
-            (staging / CONFIG_NAME).write_text(to_json(record))
-            (staging / RESULTS_NAME).write_text(to_json(results))
-            save_model_card(staging, record, results)
+        if self.output_args.merge_adapter:
+            # merging rewrites the base layers in place: from here on the run's model is the merged one
+            model = merge_adapter(model)
+            self.model = model
+        output_dir = self.output_args.output_dir
+        try:
+            with atomic_output_dir(output_dir, self.output_args.overwrite_output_dir) as staging:
+                model.save_pretrained(staging)
+                self.processor.save_pretrained(staging)
+                (staging / CONFIG_NAME).write_text(to_json(record))
+                (staging / RESULTS_NAME).write_text(to_json(results))
+                save_model_card(staging, record, results)
+        except OSError as error:  # a full disk, a folder removed under the run: the run failed, the input was fine
+            raise DeepCleanRunError(
+                f"--output_dir: could not write {output_dir!r} ({error.strerror or error}); nothing was written, "
+                "expected a folder with room for the model."
+            ) from error
         logger.info(f"Saved the cleaned model to {self.output_args.output_dir}", main_process_only=True)
         return Path(self.output_args.output_dir)
+
+
+def selection_fingerprint(masks: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 of a selection: parameter names in order, each followed by its mask's shape and elements as bytes.
+
+    Two runs selected the very same elements exactly when their fingerprints agree.
+    """
+    digest = hashlib.sha256()
+    for name, mask in masks.items():
+        digest.update(f"{name}:{tuple(mask.shape)}\n".encode())
+        digest.update(mask.detach().to("cpu", torch.uint8).contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _json_ready(value: Any) -> Any:

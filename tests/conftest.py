@@ -14,6 +14,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import random  # noqa: E402
+import subprocess  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -135,6 +136,28 @@ def image_dataset_dir(tmp_path_factory):
     return path
 
 
+def tree_digest(folder) -> dict[str, str]:
+    """`{relative path: SHA-256}` of every file under `folder`: to tell that a folder is exactly as it was."""
+    import hashlib
+
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def files_containing(needle: str | bytes, *folders) -> list[str]:
+    """Files under `folders` whose bytes contain `needle` (a string as UTF-8): a search for leaked private data."""
+    needle = needle.encode() if isinstance(needle, str) else needle
+    hits = []
+    for folder in folders:
+        for path in folder.rglob("*"):
+            if path.is_file() and needle in path.read_bytes():
+                hits.append(str(path))
+    return hits
+
+
 # --------------------------------------------------------------------------------------------------------------
 # A Hub-speaking server on loopback (tests/hub_server.py), for the tests of loading by repo id and pushing
 # --------------------------------------------------------------------------------------------------------------
@@ -184,7 +207,6 @@ class LoopbackHub:
 def hub_server(tmp_path_factory):
     """Start `tests/hub_server.py` in its own process; stop it by its PID when the session ends."""
     import signal
-    import subprocess
     import sys
     import time
     from pathlib import Path
@@ -218,12 +240,20 @@ def hub_server(tmp_path_factory):
 def run_torchrun(arguments: list[str], nproc: int = 2, timeout: float = 600) -> str:
     """Run `python -m torch.distributed.run --standalone --nproc_per_node NPROC ARGUMENTS` with `tests/` importable;
     return its output. Killed after `timeout` seconds: callers check the files the run was to write."""
-    import subprocess
+    return torchrun_process(arguments, nproc, timeout).stdout
+
+
+def torchrun_process(
+    arguments: list[str], nproc: int = 2, timeout: float = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """`run_torchrun`, returning the launcher's exit status too (-9 when killed at the timeout), optionally with
+    another environment (such as `LoopbackHub.env()`)."""
     import sys
     from pathlib import Path
 
     tests_dir = str(Path(__file__).parent)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests_dir, os.environ.get("PYTHONPATH", "")])}
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = os.pathsep.join([tests_dir, env.get("PYTHONPATH", "")])
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
     with subprocess.Popen(
         [*command, *arguments],
@@ -238,4 +268,4 @@ def run_torchrun(arguments: list[str], nproc: int = 2, timeout: float = 600) -> 
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, 9)
             output, _ = process.communicate()
-    return output
+    return subprocess.CompletedProcess(process.args, process.returncode, output)

@@ -225,7 +225,13 @@ def test_forget_split_and_retain_subsample(tmp_path, image_model_dir):
     results = json.loads((output_dir / "deepclean_results.json").read_text())
     assert config["forget"] == {**config["forget"], "split": "leaked", "num_rows": 10, "kind": "split"}
     assert config["dataset"]["num_rows"]["retain"] == 60
-    assert results["fisher"] == {"forget_samples": 10, "retain_samples": 25, "retain_source": "pass"}
+    assert results["fisher"] == {
+        "forget_samples": 10,
+        "retain_samples": 25,
+        "retain_source": "pass",
+        "accumulator_bytes": {"params_in_scope": 3306, "fisher_sums": 8 * 3306, "ratio": 4 * 3306, "mask": 3306,
+                              "total": 13 * 3306},
+    }  # fmt: skip
     assert results["repair"]["steps"] == 1  # half an epoch of 2 batches of 32
 
 
@@ -368,17 +374,25 @@ def test_early_stopping_and_per_parameter_selection(tmp_path, image_model_dir, i
     assert config["early_stopping"] is True and config["selection_scope"] == "per_parameter"
 
 
-def test_adapter_scope_end_to_end(tmp_path, text_model_dir, text_csv_files):
-    """`--adapter_name_or_path` + `--scope adapter`: Fisher, selection, reset and repair touch the LoRA weights (and
-    the head peft trains with them) only; the output is a peft adapter folder that PeftModel loads."""
-    from peft import LoraConfig, PeftModel, get_peft_model
+def _save_bert_lora(text_model_dir, adapter_dir):
+    """A LoRA adapter (random A and B, so that it changes the model) on the tiny BERT, with its trained head."""
+    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification
 
     base = AutoModelForSequenceClassification.from_pretrained(text_model_dir)
     config = LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS", init_lora_weights=False)
     torch.manual_seed(0)
-    adapter_dir = tmp_path / "adapter"
     get_peft_model(base, config).save_pretrained(adapter_dir)
+    return adapter_dir
+
+
+def test_adapter_scope_end_to_end(tmp_path, text_model_dir, text_csv_files):
+    """`--adapter_name_or_path` + `--scope adapter`: Fisher, selection, reset and repair touch the LoRA weights (and
+    the head peft trains with them) only; the output is a peft adapter folder that PeftModel loads."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    adapter_dir = _save_bert_lora(text_model_dir, tmp_path / "adapter")
     output_dir = tmp_path / "cleaned"
     args = _text_args(text_model_dir, text_csv_files, output_dir, "--forget", "class:pos")
     assert main([*args, "--adapter_name_or_path", str(adapter_dir), "--scope", "adapter"]) == 0
@@ -405,6 +419,43 @@ def test_adapter_scope_end_to_end(tmp_path, text_model_dir, text_csv_files):
     for name, value in base_after.items():
         plain = name.removeprefix("base_model.model.").replace(".base_layer", "").replace(".original_module", "")
         assert torch.equal(value, original[plain]), name
+
+
+def test_merge_adapter_writes_merged_model(tmp_path, text_model_dir, text_csv_files):
+    """`--merge_adapter` writes a full model that AutoModel loads and that computes what base + cleaned adapter does
+    (the same run, seeded, written once as an adapter folder and once merged)."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    adapter_dir = _save_bert_lora(text_model_dir, tmp_path / "lora")
+    runs = {}
+    for name, extra in (("adapter", []), ("merged", ["--merge_adapter"])):
+        runs[name] = tmp_path / name
+        args = _text_args(text_model_dir, text_csv_files, runs[name], "--forget", "class:pos", *extra)
+        assert main([*args, "--adapter_name_or_path", str(adapter_dir), "--scope", "adapter"]) == 0
+    assert (runs["merged"] / "model.safetensors").exists() and (runs["merged"] / "tokenizer_config.json").exists()
+    assert not (runs["merged"] / "adapter_config.json").exists()
+    merged = AutoModelForSequenceClassification.from_pretrained(runs["merged"]).eval()
+    adapted = PeftModel.from_pretrained(
+        AutoModelForSequenceClassification.from_pretrained(text_model_dir), runs["adapter"]
+    ).eval()
+    original = PeftModel.from_pretrained(
+        AutoModelForSequenceClassification.from_pretrained(text_model_dir), adapter_dir
+    )
+    inputs = AutoTokenizer.from_pretrained(runs["merged"])(
+        ["a good movie", "the plot was very dull and long", "loved it"], padding=True, return_tensors="pt"
+    )
+    with torch.no_grad():
+        expected, got = adapted(**inputs).logits, merged(**inputs).logits
+        assert not torch.allclose(original.eval()(**inputs).logits, expected)  # the cleaning changed the adapter
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_adapter_without_adapter(tmp_path, text_model_dir, text_csv_files, capsys):
+    args = _text_args(text_model_dir, text_csv_files, tmp_path / "out", "--forget", "class:pos", "--merge_adapter")
+    assert main(args) == 2
+    assert "--merge_adapter: needs --adapter_name_or_path" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_adapter_scope_without_adapter(tmp_path, text_model_dir, text_csv_files, capsys):

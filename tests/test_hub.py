@@ -18,7 +18,6 @@ imported, and this test process imported it in offline mode (conftest.py).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -28,7 +27,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import make_reviews
+from conftest import files_containing, make_reviews, tree_digest
 from datasets import Dataset, DatasetDict
 
 from hf_deepclean.cli import main
@@ -95,23 +94,6 @@ def _run(args: list[str], env: dict[str, str], timeout: int = 300) -> subprocess
     return subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def _tree_digest(folder: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
-
-
-def _files_containing(needle: str, *folders: Path) -> list[str]:
-    hits = []
-    for folder in folders:
-        for path in folder.rglob("*"):
-            if path.is_file() and needle.encode() in path.read_bytes():
-                hits.append(str(path))
-    return hits
-
-
 def _reviews_with_canary() -> DatasetDict:
     train = make_reviews(60, 1)
     for index in FORGET_ROWS:
@@ -173,9 +155,9 @@ def test_unlearn_by_repo_ids_pushes_one_private_commit(hub_server, cleaned_run, 
     assert f"Pushed to the Hub: {hub_server.endpoint}/{CLEANED_REPO}/commit/{head}" in unlearned.stdout.splitlines()
 
     # the server holds exactly the local folder, byte for byte (plus the repo's .gitattributes)
-    pushed = _tree_digest(hub_server.files(CLEANED_REPO))
+    pushed = tree_digest(hub_server.files(CLEANED_REPO))
     assert pushed.pop(".gitattributes")
-    assert pushed == _tree_digest(output_dir)
+    assert pushed == tree_digest(output_dir)
     assert {"deepclean_fisher_ratios.png", "deepclean_reset_per_module.png", "deepclean_losses.png"} <= set(pushed)
 
     # a fresh client downloads it and reloads the very same weights; the card's front matter names the repos
@@ -198,9 +180,9 @@ def test_unlearn_by_repo_ids_pushes_one_private_commit(hub_server, cleaned_run, 
     for needle in (CANARY, hub_server.token):
         assert needle not in outputs
         assert needle not in json.dumps(repo)  # commit messages and descriptions
-        assert _files_containing(needle, output_dir, hub_server.files(CLEANED_REPO), Path(report["snapshot"])) == []
+        assert files_containing(needle, output_dir, hub_server.files(CLEANED_REPO), Path(report["snapshot"])) == []
     # ...while the seeded dataset on the server does hold it: the search would have found a leak
-    assert _files_containing(CANARY, hub_server.files(DATASET_REPO, "v1", "dataset"))
+    assert files_containing(CANARY, hub_server.files(DATASET_REPO, "v1", "dataset"))
 
 
 def test_push_to_a_branch(hub_server, cleaned_run):
@@ -216,14 +198,14 @@ def test_push_to_a_branch(hub_server, cleaned_run):
     assert pushed.stdout.strip().splitlines()[-1] == (
         f"Pushed to the Hub: {hub_server.endpoint}/{CLEANED_REPO}/commit/{branch_head}"
     )
-    files = _tree_digest(hub_server.files(CLEANED_REPO, "experiment"))
+    files = tree_digest(hub_server.files(CLEANED_REPO, "experiment"))
     files.pop(".gitattributes")
-    assert files == _tree_digest(output_dir)
+    assert files == tree_digest(output_dir)
 
 
 def test_refused_push_leaves_the_folder_and_a_retry_succeeds(hub_server, cleaned_run):
     output_dir = cleaned_run["output_dir"]
-    before = _tree_digest(output_dir)
+    before = tree_digest(output_dir)
     args = [*_cli(), "push", str(output_dir), "--hub_model_id", "org/retried", "--hub_private_repo", "false"]
     wrong_token = "hf_wrong_" + uuid.uuid4().hex
     refused = _run(args, hub_server.env(token=wrong_token))
@@ -233,7 +215,7 @@ def test_refused_push_leaves_the_folder_and_a_retry_succeeds(hub_server, cleaned
     assert error[0].startswith("hf-deepclean push: error: --hub_model_id: could not push to 'org/retried'")
     assert "401" in error[0] and "retry with `hf-deepclean push" in error[0]
     assert wrong_token not in refused.stdout + refused.stderr
-    assert _tree_digest(output_dir) == before
+    assert tree_digest(output_dir) == before
     assert "model:org/retried" not in hub_server.state()
 
     retried = _run(args, hub_server.env())
@@ -241,7 +223,7 @@ def test_refused_push_leaves_the_folder_and_a_retry_succeeds(hub_server, cleaned
     repo = hub_server.state()["model:org/retried"]
     assert repo["private"] is False
     assert retried.stdout.strip().endswith(f"/org/retried/commit/{repo['branches']['main']}")
-    assert _tree_digest(output_dir) == before
+    assert tree_digest(output_dir) == before
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -164,3 +164,112 @@ def test_interrupted_run_leaves_nothing_behind(tmp_path, text_model_dir, text_cs
     assert rest.strip().splitlines()[-1] == f"hf-deepclean unlearn: interrupted by {signum}; nothing was written."
     assert not output.exists()
     assert [p.name for p in tmp_path.iterdir()] == []  # no temporary folder either
+
+
+# Runs `hf-deepclean unlearn` several times in one process (one interpreter start-up for all), each time held at a
+# point of the saving stage until the test sends a signal: "card" after the model card was written into the
+# temporary folder, "swap" after an existing output folder was moved aside and before the new one is moved in.
+SAVE_INTERRUPT_DRIVER = """
+import json, os, sys, time
+from pathlib import Path
+
+import hf_deepclean.unlearner as unlearner
+from hf_deepclean.cli import main
+
+
+def hold():
+    print("held", flush=True)
+    time.sleep(300)  # the signal arrives here
+
+
+write_card, replace = unlearner.save_model_card, os.replace
+
+
+def card_then_hold(folder, *args, **kwargs):
+    card = write_card(folder, *args, **kwargs)
+    hold()
+    return card
+
+
+def replace_then_hold(source, destination):
+    replace(source, destination)
+    if Path(destination).name == "previous":  # atomic_output_dir moved the existing folder aside
+        hold()
+
+
+for hold_at, argv in json.loads(sys.argv[1]):
+    unlearner.save_model_card, os.replace = write_card, replace
+    if hold_at == "card":
+        unlearner.save_model_card = card_then_hold
+    else:
+        os.replace = replace_then_hold
+    print(f"=== {hold_at}", file=sys.stderr, flush=True)
+    print(f"exit {main(argv)}", flush=True)
+"""
+
+
+def test_interrupt_while_saving_keeps_the_old_folder_and_leaves_no_temporary_one(
+    tmp_path, text_model_dir, text_csv_files
+):
+    """SIGINT/SIGTERM while the output folder is being written (`atomic_output_dir`): exit 130/143 with one line,
+    no partial output folder and no temporary sibling; an existing folder being replaced (`--overwrite_output_dir`)
+    is still there, unchanged, even when the signal comes after it was moved aside."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import tree_digest
+
+    scenarios = [  # (hold at, signal, replace an existing folder)
+        ("card", signal.SIGINT, False),
+        ("card", signal.SIGTERM, True),
+        ("swap", signal.SIGINT, True),
+    ]
+    runs, folders = [], []
+    for number, (hold_at, _, existing) in enumerate(scenarios):
+        parent = tmp_path / f"run{number}"  # the output folder's parent: temporary folders would appear here
+        parent.mkdir()
+        output = parent / "cleaned"
+        args = ["unlearn", "--model_name_or_path", str(text_model_dir), "--dataset_name", "csv", "--data_files"]
+        args += [f"train={text_csv_files / 'train.csv'}", f"test={text_csv_files / 'test.csv'}"]
+        args += ["--forget", "random:5", "--repair_epochs", "0", "--output_dir", str(output)]
+        if existing:
+            output.mkdir()
+            (output / "model.safetensors").write_bytes(b"the weights of an earlier run")
+            (output / "README.md").write_text("an earlier card")
+            args.append("--overwrite_output_dir")
+        runs.append((hold_at, args))
+        folders.append((parent, output, tree_digest(output) if existing else None))
+
+    stderr_path = tmp_path / "stderr.txt"
+    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-c", SAVE_INTERRUPT_DRIVER, json.dumps(runs)]
+    with (
+        stderr_path.open("w") as stderr,
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env) as process,
+    ):
+        try:
+            codes = []
+            for _, signum, _ in scenarios:
+                line = process.stdout.readline()
+                assert line == "held\n", line + stderr_path.read_text()[-3000:]
+                process.send_signal(signum)
+                codes.append(process.stdout.readline().strip())
+            assert process.wait(timeout=60) == 0, stderr_path.read_text()[-3000:]
+        finally:
+            process.kill()
+
+    outputs = stderr_path.read_text().split("=== ")[1:]
+    for (hold_at, signum, _), code, output, (parent, folder, before) in zip(scenarios, codes, outputs, folders):
+        assert code == f"exit {128 + signum}", output
+        assert "Traceback" not in output, output
+        lines = output.strip().splitlines()
+        assert lines[-1] == f"hf-deepclean unlearn: interrupted by {signum.name}; nothing was written.", output
+        assert sum("interrupted" in line for line in lines) == 1, output
+        if before is None:
+            assert list(parent.iterdir()) == []  # no partial output folder, no temporary one
+        else:
+            assert [p.name for p in parent.iterdir()] == [folder.name], hold_at  # no temporary sibling
+            assert tree_digest(folder) == before  # the folder being replaced is intact
