@@ -25,7 +25,7 @@ import yaml
 from transformers import HfArgumentParser
 from transformers.hf_argparser import string_to_bool
 
-from .config import ARGUMENT_CLASSES, FISHER_ARGUMENT_CLASSES, OutputArguments
+from .config import ARGUMENT_CLASSES, FISHER_ARGUMENT_CLASSES, PRESETS, DeepCleanConfig, OutputArguments, preset_values
 from .errors import DeepCleanError
 
 
@@ -92,6 +92,14 @@ def dataclass_parser(command: str = "unlearn", dataclass_types=None) -> HfArgume
         default=None,
         help="YAML file of argument values; they act as defaults that command-line flags override.",
     )
+    if DeepCleanConfig in dataclass_types:
+        parser.add_argument(
+            "--preset",
+            default=None,
+            choices=list(PRESETS),
+            help="Named DeepClean settings: `default`, or `paper` (zero reset above a ratio threshold, as in arXiv "
+            "2311.10448). The preset's values act as defaults under --config and the command-line flags.",
+        )
     _add_common_flags(parser)
     return parser
 
@@ -124,14 +132,18 @@ def parse_unlearn_args(argv: Sequence[str], command: str = "unlearn", dataclass_
     parser = dataclass_parser(command, dataclass_types)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", default=None)
+    pre.add_argument("--preset", default=None)
     known, _ = pre.parse_known_args(argv)
-    if known.config:
-        defaults = _load_yaml_defaults(known.config, parser)
-        for action in parser._actions:
-            if action.dest in defaults:
-                # a value from the file satisfies a required argument; the flag can still override it
-                action.required = False
-        parser.set_defaults(**defaults)
+    defaults = _load_yaml_defaults(known.config, parser) if known.config else {}
+    preset = known.preset or defaults.get("preset")
+    if preset is not None and any(action.dest == "preset" for action in parser._actions):
+        # lowest precedence: the preset, then the file, then the flags
+        defaults = {**preset_values(preset), **defaults}
+    for action in parser._actions:
+        if action.dest in defaults:
+            # a value from the file satisfies a required argument; the flag can still override it
+            action.required = False
+    parser.set_defaults(**defaults)
     *arguments, namespace, remaining = parser.parse_args_into_dataclasses(
         args=list(argv), return_remaining_strings=True
     )

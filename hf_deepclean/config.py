@@ -313,9 +313,7 @@ class DeepCleanConfig:
                 ratio threshold, as in arXiv 2311.10448).
             overrides: any other field.
         """
-        if name not in PRESETS:
-            raise DeepCleanError(f"--preset: got {name!r}; expected one of {', '.join(PRESETS)}.")
-        return cls(**{**PRESETS[name], **overrides})
+        return cls(**{**preset_values(name), **overrides})
 
     @property
     def selection_rule(self) -> str:
@@ -331,6 +329,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
     "paper": {"reset": "zero", "gamma": 10.0, "reset_fraction": None},
 }
+
+
+def preset_values(name: str) -> dict[str, Any]:
+    """The `DeepCleanConfig` fields a named preset sets (`--preset`); refuses an unknown name."""
+    if name not in PRESETS:
+        raise DeepCleanError(f"--preset: got {name!r}; expected one of {', '.join(PRESETS)}.")
+    return dict(PRESETS[name])
 
 
 @dataclass

@@ -44,6 +44,9 @@ GRID = {
     "lr1e-4_frac0.3": {"learning_rate": 1e-4, "reset_fraction": 0.3},
     "gamma3_epochs4": {"gamma": 3.0, "repair_epochs": 4.0},
     "gamma10_epochs4": {"gamma": 10.0, "repair_epochs": 4.0},
+    "epochs6": {"repair_epochs": 6.0},
+    "lr2e-3": {"learning_rate": 2e-3},
+    "frac0.3_lr2e-3": {"reset_fraction": 0.3, "learning_rate": 2e-3},
 }
 
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from accelerate import Accelerator
+from conftest import torchrun_process
 
 from hf_deepclean.benchmark import BenchmarkArguments, build_digits_scenario, method_config, summarize
 from hf_deepclean.cli import main
@@ -66,27 +68,17 @@ def test_summary_means_and_gap_closed():
     assert entry["mean"]["seconds"] == 3.0
 
 
+def small_benchmark_arguments(output) -> list[str]:
+    """A benchmark small enough for the suite: one scenario, one seed, 150 training rows, 3 epochs."""
+    return [
+        *("--output_dir", str(output), "--scenarios", "digits_class", "--seeds", "0", "--epochs", "3"),
+        *("--max_train_rows", "150", "--methods", "finetune", "ssd", "deepclean", "--repair_epochs", "1"),
+    ]
+
+
 def test_benchmark_command_writes_tables_json_and_plots(tmp_path, capsys):
     output = tmp_path / "bench"
-    args = [
-        "benchmark",
-        "--output_dir",
-        str(output),
-        "--scenarios",
-        "digits_class",
-        "--seeds",
-        "0",
-        "--epochs",
-        "3",
-        "--max_train_rows",
-        "150",
-        "--methods",
-        "finetune",
-        "ssd",
-        "deepclean",
-        "--repair_epochs",
-        "1",
-    ]
+    args = ["benchmark", *small_benchmark_arguments(output)]
     assert main(args) == 0
     results = json.loads((output / "results.json").read_text())
     methods = results["summary"]["digits_class"]
@@ -175,3 +167,16 @@ def test_training_stops_when_asked():
     assert summary["steps"] == 3 and summary["stopped_early"] and calls == [1, 2, 3]
     summary = train_model(Wrapper(), batches, Accelerator(cpu=True), epochs=2, learning_rate=0.1)
     assert summary["steps"] == 10 and not summary["stopped_early"]
+
+
+def test_benchmark_script_on_two_processes_writes_one_report(tmp_path):
+    output = tmp_path / "bench"
+    script = str(Path(__file__).parents[1] / "scripts" / "benchmark.py")
+    launch = torchrun_process([script, *small_benchmark_arguments(output)], timeout=600)
+    assert launch.returncode == 0, launch.stdout[-3000:]
+    results = json.loads((output / "results.json").read_text())
+    assert results["environment"]["num_processes"] == 2
+    assert list(results["summary"]["digits_class"]) == ["original", "retrain", "finetune", "ssd", "deepclean"]
+    # the main process alone writes and prints the report: one report folder, one copy of the tables
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["bench"]
+    assert launch.stdout.count("### digits_class") == 1

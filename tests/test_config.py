@@ -317,6 +317,26 @@ def test_missing_required_arguments_are_named_on_one_line(capsys):
     assert len(lines) == 1 and "--model_name_or_path" in lines[0] and "--forget" in lines[0]
 
 
+def test_preset_sets_defaults_under_the_config_file_and_the_flags(tmp_path):
+    paper = parse_unlearn_args([*REQUIRED_FLAGS, "--preset", "paper"])[2]
+    assert paper == DeepCleanConfig.from_preset("paper")
+    assert (paper.reset, paper.gamma, paper.reset_fraction) == ("zero", 10.0, None)
+    # a flag beats the preset
+    assert parse_unlearn_args([*REQUIRED_FLAGS, "--preset", "paper", "--reset", "init"])[2].reset == "init"
+    # the file beats the preset, the flag beats the file; `preset:` may also come from the file
+    path = write_yaml(tmp_path, "preset: paper\ngamma: 5.0\n")
+    method = parse_unlearn_args([*REQUIRED_FLAGS, "--config", path])[2]
+    assert (method.reset, method.gamma) == ("zero", 5.0)
+    assert parse_unlearn_args([*REQUIRED_FLAGS, "--config", path, "--gamma", "7"])[2].gamma == 7.0
+    # without a preset, nothing changes
+    assert parse_unlearn_args(REQUIRED_FLAGS)[2] == DeepCleanConfig()
+
+
+def test_unknown_preset_is_one_line_naming_the_flag():
+    with pytest.raises(DeepCleanError, match=r"^--preset: got 'papr'; expected one of default, paper\.$"):
+        parse_unlearn_args([*REQUIRED_FLAGS, "--preset", "papr"])
+
+
 def test_config_yaml_string_for_a_list_argument_is_one_element(tmp_path):
     path = write_yaml(tmp_path, RUN_YAML + "data_files: /data/train.csv\n")
     _, data_args, _, _, _ = parse_unlearn_args(["--config", path])
