@@ -47,6 +47,7 @@ GRID = {
     "epochs6": {"repair_epochs": 6.0},
     "lr2e-3": {"learning_rate": 2e-3},
     "frac0.3_lr2e-3": {"reset_fraction": 0.3, "learning_rate": 2e-3},
+    "gamma10_lr1e-4": {"gamma": 10.0, "learning_rate": 1e-4},
 }
 
 
