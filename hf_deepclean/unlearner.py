@@ -167,7 +167,7 @@ class DeepCleanUnlearner:
             raise DeepCleanError("--merge_adapter: needs --adapter_name_or_path (there is no adapter to merge).")
         self.setup_accelerator()
         # under several processes the first one downloads and fills the caches, then the others read them
-        with self.accelerator.main_process_first():
+        with self.accelerator.main_process_first(), _raised_after_barrier(self.accelerator) as failure:
             model_config = load_model_config(self.model_args)
             splits = load_dataset_splits(self.data_args)
             train = self.train_split = splits[self.data_args.train_split]
@@ -182,6 +182,8 @@ class DeepCleanUnlearner:
                 self.data_args, splits, self.task, model_config, self.processor, seed=self.output_args.seed
             )
             model = load_adapter(load_model(self.model_args, self.task, model_config), self.model_args)
+        if failure:
+            raise failure[0]
         # every process holds the whole model (evaluation and Fisher passes); the repair wraps it for DDP
         self.model = self.accelerator.prepare_model(model, evaluation_mode=True)
         logger.info(
@@ -551,6 +553,20 @@ def selection_fingerprint(masks: Mapping[str, torch.Tensor]) -> str:
         digest.update(f"{name}:{tuple(mask.shape)}\n".encode())
         digest.update(mask.detach().to("cpu", torch.uint8).contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+@contextmanager
+def _raised_after_barrier(accelerator: Accelerator) -> Iterator[list[DeepCleanError]]:
+    """Hold back a `DeepCleanError` of the main process inside `main_process_first()`, so that the barrier there
+    completes: the other processes then meet the same error in their turn instead of a broken connection, and every
+    process exits with the one-line error. The caller raises what the yielded list holds after the block."""
+    failure: list[DeepCleanError] = []
+    try:
+        yield failure
+    except DeepCleanError as error:
+        if not accelerator.is_main_process:
+            raise
+        failure.append(error)
 
 
 def _json_ready(value: Any) -> Any:

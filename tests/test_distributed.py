@@ -218,3 +218,17 @@ def test_every_command_asks_default_accelerator(
     }[command]
     assert main([command, *arguments]) == 2
     assert asked == [command] and "stopped by the test" in capsys.readouterr().err
+
+
+def test_a_usage_error_on_two_processes_is_one_line_without_a_rank_traceback(text_csv_files, tmp_path):
+    from conftest import torchrun_process
+
+    output_dir = tmp_path / "cleaned"
+    arguments = _unlearn_arguments(tmp_path / "no_such_model", text_csv_files, output_dir, batch_size=4)
+    launch = torchrun_process([str(SCRIPT), *arguments], timeout=120)
+    assert launch.returncode != 0
+    errors = [line for line in launch.stdout.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "--model_name_or_path" in errors[0] and "no_such_model" in errors[0]
+    # the other process passed the loading barrier and met the same error: no broken connection, no rank traceback
+    assert "[rank1]" not in launch.stdout and "Connection closed" not in launch.stdout
+    assert not output_dir.exists()
