@@ -682,6 +682,19 @@ def _real_samples(dataloader, batch_size: int, accelerator: Accelerator | None) 
     return max(0, min(batch_size, remainder - accelerator.process_index * batch_size))
 
 
+def _global_first_index(dataloader, accelerator: Accelerator | None, batch_index: int, local_count: int) -> int:
+    """Index, in the whole (unsharded) loader, of the first sample of this process's `batch_index`-th batch, so
+    that samples drawn for `fisher_type="true"` are seeded as on one process.
+
+    Accelerate's batch sharding gives global batch `i` of `total_batch_size` samples to the processes in rank
+    order, `total_batch_size / num_processes` samples each (with or without `split_batches`).
+    """
+    total = getattr(dataloader, "total_batch_size", None)
+    if accelerator is None or accelerator.num_processes == 1 or total is None:
+        return local_count
+    return batch_index * total + accelerator.process_index * (total // accelerator.num_processes)
+
+
 def accumulate_fisher_sums(
     model: nn.Module,
     dataloader: Iterable[Mapping[str, torch.Tensor]],
@@ -731,13 +744,14 @@ def accumulate_fisher_sums(
     count = 0
     try:
         with engine.attached():
-            for batch in tqdm(dataloader, desc=desc, disable=not show_bar, leave=False):
+            for batch_index, batch in enumerate(tqdm(dataloader, desc=desc, disable=not show_bar, leave=False)):
                 size = next(iter(batch.values())).shape[0]
                 keep = _real_samples(dataloader, size, accelerator)
                 if keep == 0:
                     continue
                 batch = {k: v[:keep].to(device) for k, v in batch.items()}
-                engine.run_batch(batch, fisher_type, seed, count)
+                first_index = _global_first_index(dataloader, accelerator, batch_index, count)
+                engine.run_batch(batch, fisher_type, seed, first_index)
                 count += keep
     finally:
         unwrapped.train(was_training)

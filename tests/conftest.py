@@ -23,6 +23,8 @@ from transformers import (  # noqa: E402
     BertConfig,
     BertForSequenceClassification,
     BertTokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
     ViTConfig,
     ViTForImageClassification,
     ViTImageProcessor,
@@ -80,6 +82,14 @@ def build_tiny_vit(num_labels: int = 10, seed: int = 0):
     )
     processor = ViTImageProcessor(do_resize=False, image_mean=[0.5] * 3, image_std=[0.5] * 3)
     return ViTForImageClassification(config).eval(), processor
+
+
+def build_tiny_gpt2(seed: int = 0):
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=11, n_positions=16, n_embd=8, n_layer=1, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+    )
+    return GPT2LMHeadModel(config).eval()
 
 
 def make_reviews(n: int, seed: int) -> list[dict]:

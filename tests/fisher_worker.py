@@ -11,7 +11,7 @@ import sys
 
 import torch
 from accelerate import Accelerator
-from conftest import build_tiny_bert, make_reviews
+from conftest import build_tiny_bert, build_tiny_gpt2, make_reviews
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
@@ -29,11 +29,22 @@ def review_loader(tokenizer, batch_size: int = 4) -> DataLoader:
     return DataLoader(rows, batch_size=batch_size, collate_fn=collate)
 
 
+def token_loader(batch_size: int = 4) -> DataLoader:
+    """13 sequences of 6 random tokens for a tiny GPT-2, whose true Fisher samples a label per token."""
+    ids = torch.randint(0, 11, (13, 6), generator=torch.Generator().manual_seed(3))
+    rows = [{"input_ids": row, "labels": row} for row in ids]
+    return DataLoader(rows, batch_size=batch_size)
+
+
 def main(output: str) -> None:
     accelerator = Accelerator(cpu=True)
     model, tokenizer = build_tiny_bert()
     model, loader = accelerator.prepare(model, review_loader(tokenizer))
     sums, count = accumulate_fisher_sums(model, loader, accelerator=accelerator)
+    # sampled labels are seeded by the sample's index in the whole loader, so they match one process too
+    lm, lm_loader = accelerator.prepare(build_tiny_gpt2(), token_loader())
+    true_sums, _ = accumulate_fisher_sums(lm, lm_loader, fisher_type="true", seed=5, accelerator=accelerator)
+    sums.update({f"true/{name}": values for name, values in true_sums.items()})
     if accelerator.is_main_process:
         sums["__count__"] = torch.tensor(float(count))
         sums["__processes__"] = torch.tensor(float(accelerator.num_processes))

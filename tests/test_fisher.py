@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_tiny_bert, build_tiny_vit, make_reviews
+from conftest import build_tiny_bert, build_tiny_gpt2, build_tiny_vit, make_reviews
 from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -225,14 +225,6 @@ def build_tiny_resnet(seed: int = 0):
     return ResNetForImageClassification(config).eval()
 
 
-def build_tiny_gpt2(seed: int = 0):
-    torch.manual_seed(seed)
-    config = GPT2Config(
-        vocab_size=11, n_positions=16, n_embd=8, n_layer=1, n_head=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
-    )
-    return GPT2LMHeadModel(config).eval()
-
-
 def image_batches(sizes=(3, 2), num_labels: int = 10, seed: int = 0) -> list[dict]:
     generator = torch.Generator().manual_seed(seed)
     return [
@@ -424,7 +416,7 @@ def test_two_processes_match_one(tmp_path):
     from pathlib import Path
 
     from conftest import run_torchrun
-    from fisher_worker import review_loader
+    from fisher_worker import review_loader, token_loader
     from safetensors.torch import load_file
 
     from hf_deepclean.fisher import accumulate_fisher_sums
@@ -436,10 +428,13 @@ def test_two_processes_match_one(tmp_path):
     assert float(two.pop("__processes__")) == 2.0
     assert float(two.pop("__count__")) == 13.0  # 16 samples were run: 3 repeats dropped
 
+    two_true = {name.removeprefix("true/"): two.pop(name) for name in list(two) if name.startswith("true/")}
     model, tokenizer = build_tiny_bert()
     one, count = accumulate_fisher_sums(model, review_loader(tokenizer))
     assert count == 13
     assert_fisher_close(two, one, rtol=1e-6)
+    one_true, _ = accumulate_fisher_sums(build_tiny_gpt2(), token_loader(), fisher_type="true", seed=5)
+    assert_fisher_close(two_true, one_true, rtol=1e-6)
 
 
 class _GroupedConvNet(nn.Module):
