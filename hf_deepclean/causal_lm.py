@@ -316,5 +316,12 @@ def evaluate_causal_lm(
     if "test" in outputs and "forget" in outputs:
         metrics.update(sequence_attack_aucs(outputs["forget"], outputs["test"]))
     if "canaries" in outputs:
-        metrics.update(canary_metrics(outputs.pop("canaries")["nll"], np.array(canaries.planted)))
+        scored = outputs.pop("canaries")
+        empty = int(np.sum(np.asarray(scored["tokens"]) == 0))
+        if empty:  # nothing to score: its loss of 0 would rank it as the most exposed canary
+            raise DeepCleanError(
+                f"--canaries: {empty} canaries have fewer than 2 tokens after tokenization; expected texts of at "
+                "least 2 tokens (one to condition on, one to score)."
+            )
+        metrics.update(canary_metrics(scored["nll"], np.array(canaries.planted)))
     return (metrics, outputs) if return_outputs else metrics

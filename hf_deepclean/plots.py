@@ -99,15 +99,17 @@ def loss_histograms(
 
     Returns:
         `{"bin_edges": [...], "counts": {stage: {split: [...]}}}`; losses below `MIN_LOSS` (a memorised row can
-        reach exactly 0) count in the first bin.
+        reach exactly 0) count in the first bin; rows without a finite loss are left out.
     """
     losses = {}
     for stage, values in outputs.items():
         for split in splits:
-            if split in values and len(values[split]["loss"]):
-                losses.setdefault(stage, {})[split] = np.clip(
-                    np.asarray(values[split]["loss"], np.float64), MIN_LOSS, None
-                )
+            if split not in values:
+                continue
+            array = np.asarray(values[split]["loss"], np.float64)
+            array = array[np.isfinite(array)]  # a sequence with no predicted token has no loss (NaN)
+            if len(array):
+                losses.setdefault(stage, {})[split] = np.clip(array, MIN_LOSS, None)
     every = [array for per_split in losses.values() for array in per_split.values()]
     if not every:
         return {"bin_edges": [], "counts": {}}

@@ -320,6 +320,17 @@ def test_unlearn_refuses_a_bad_canary_file(lm_folders, tmp_path, capsys):
     error = capsys.readouterr().err
     assert "--canaries: line 1" in error and "1 2 3 4 5 6" not in error
     assert not (tmp_path / "out").exists()
+    # one token each: nothing to score, which would otherwise rank them as the most exposed
+    short = tmp_path / "short.jsonl"
+    short.write_text(
+        "".join(
+            f'{{"text": "{word}", "planted": {str(i == 0).lower()}}}\n' for i, word in enumerate("my is a".split())
+        )
+    )
+    assert main(_lm_args(lm_folders, tmp_path / "out", "--canaries", str(short))) == 2
+    error = capsys.readouterr().err
+    assert "--canaries: 3 canaries have fewer than 2 tokens" in error.splitlines()[-1] and "Traceback" not in error
+    assert not (tmp_path / "out").exists()
 
 
 def test_unlearn_causal_lm_under_two_processes_measures_what_one_process_does(lm_folders, tmp_path):

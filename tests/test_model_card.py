@@ -133,6 +133,12 @@ def test_loss_histograms_share_bins_and_keep_every_row():
         index = np.clip(np.searchsorted(edges, values, side="right") - 1, 0, 9)
         assert histograms["counts"][stage][split] == np.bincount(index, minlength=10).tolist()
     assert loss_histograms({"before": {"forget": {"loss": np.zeros(0)}}}) == {"bin_edges": [], "counts": {}}
+    # a row without a loss (a sequence with no predicted token: NaN) is left out; the others keep their bins
+    with_nan = {"before": {"forget": {"loss": np.array([np.nan, 0.5, 2.0])}}}
+    assert loss_histograms(with_nan, bins=4) == loss_histograms(
+        {"before": {"forget": {"loss": np.array([0.5, 2.0])}}}, bins=4
+    )
+    assert loss_histograms({"before": {"forget": {"loss": np.array([np.nan])}}}) == {"bin_edges": [], "counts": {}}
 
 
 RENDER_FROM_INSTALLED = """
