@@ -10,7 +10,9 @@ Under several processes the model is wrapped for DDP (through Accelerate) for th
 shard of every global batch, gradients are averaged across processes before the optimizer step, so every process
 applies the same update to the same weights. With a per-process batch of `B / N` on `N` processes, the global batch
 is the `B` rows that one process with batch `B` would use at the same step (same seeded order), so the run matches
-a one-process run up to float summation order.
+a one-process run up to float summation order, with two exceptions: Accelerate completes the last global batch of
+an epoch with rows from the epoch's start when the rows do not divide into whole global batches, and a causal LM's
+loss is a token mean per process, averaged over processes.
 """
 
 from __future__ import annotations
@@ -92,12 +94,13 @@ def train_model(
 
     optimizer = torch.optim.AdamW(list(trainable.values()), lr=learning_rate, weight_decay=weight_decay)
     # Accelerate's scheduler takes one step per process at every optimizer step (it expects schedules counted in
-    # one-process steps), so the counts are scaled to keep the schedule of `total_steps` optimizer steps
+    # one-process steps) unless batches are split, so the counts are scaled to keep `total_steps` optimizer steps
+    scheduler_steps_per_update = 1 if accelerator.split_batches else accelerator.num_processes
     scheduler = get_scheduler(
         lr_scheduler_type,
         optimizer,
-        num_warmup_steps=int(warmup_ratio * total_steps) * accelerator.num_processes,
-        num_training_steps=total_steps * accelerator.num_processes,
+        num_warmup_steps=int(warmup_ratio * total_steps) * scheduler_steps_per_update,
+        num_training_steps=total_steps * scheduler_steps_per_update,
     )
     optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
     _set_train_mode(unwrapped, frozen_statistics=masks is not None)
