@@ -25,6 +25,7 @@ from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
 from .config import DataArguments, DeepCleanConfig, ModelArguments, OutputArguments
 from .data import ClassificationCollator, Columns, make_dataloader
+from .errors import DeepCleanError
 from .evaluation import average_gap
 from .training import train_model
 from .unlearner import DeepCleanUnlearner
@@ -189,8 +190,9 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--output_dir", default="demo_output", help="Folder for the cleaned model.")
     parser.add_argument("--overwrite_output_dir", action="store_true", help="Replace an existing --output_dir.")
-    parser.add_argument("--forget", default=DEFAULT_FORGET, help="Forget specification (default: %(default)s).")
-    parser.add_argument("--epochs", type=int, default=40, help="Training epochs of original and reference.")
+    # no defaults here, so that a value given with `--task causal-lm` (where they do not apply) can be refused
+    parser.add_argument("--forget", default=None, help=f"Forget specification (default: {DEFAULT_FORGET}).")
+    parser.add_argument("--epochs", type=int, default=None, help="Training epochs of original and reference (40).")
     parser.add_argument("--work_dir", default=".deepclean_demo", help="Scratch folder for the trained model.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of data split, initialisation and training.")
 
@@ -200,10 +202,17 @@ def run_demo_from_args(args: argparse.Namespace) -> int:
     if args.task == "causal-lm":
         from .causal_lm_demo import format_causal_lm_table, run_causal_lm_demo
 
+        for flag in ("forget", "epochs"):
+            if getattr(args, flag) is not None:
+                raise DeepCleanError(
+                    f"--{flag}: does not apply to --task causal-lm; expected it only with image-classification."
+                )
+
         result = run_causal_lm_demo(args.output_dir, **common)
         table = format_causal_lm_table(result)
     else:
-        result = run_demo(args.output_dir, forget=args.forget, epochs=args.epochs, **common)
+        forget = DEFAULT_FORGET if args.forget is None else args.forget
+        result = run_demo(args.output_dir, forget=forget, epochs=40 if args.epochs is None else args.epochs, **common)
         table = format_demo_table(result)
     print(table)
     print(f"Cleaned model written to {result.output_dir}")

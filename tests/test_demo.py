@@ -72,3 +72,16 @@ def test_causal_lm_demo_forgets_the_secrets(tmp_path):
     written = [path.read_text(errors="ignore") for path in result.output_dir.rglob("*") if path.is_file()]
     for text in canaries:
         assert text not in table and not any(text in content for content in written)
+
+
+def test_causal_lm_demo_refuses_the_image_demo_flags(tmp_path, capsys):
+    from hf_deepclean.cli import main
+
+    for flag, value in (("--forget", "class:3"), ("--epochs", "3")):
+        argv = ["demo", "--task", "causal-lm", flag, value, "--output_dir", str(tmp_path / "out")]
+        assert main(argv) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"hf-deepclean demo: error: {flag}: does not apply to --task causal-lm; expected it only with "
+            "image-classification."
+        )
+    assert not (tmp_path / "out").exists()
