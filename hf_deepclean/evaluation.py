@@ -168,10 +168,12 @@ def compare_to_reference(metrics: Mapping[str, float], reference: Mapping[str, f
 
     Returns:
         `{"{metric}_diff": metrics - reference}` for every metric both have (signed, in the metric's own unit),
-        plus `avg_gap` (percentage points, see `average_gap`).
+        plus `avg_gap` (percentage points, see `average_gap`) where both have its accuracy metrics (not for causal
+        LMs, which have perplexities).
     """
     comparison = {f"{key}_diff": float(metrics[key] - reference[key]) for key in metrics if key in reference}
-    comparison["avg_gap"] = average_gap(metrics, reference)
+    if any(key in metrics and key in reference for key in GAP_METRICS):
+        comparison["avg_gap"] = average_gap(metrics, reference)
     return comparison
 
 

@@ -307,6 +307,7 @@ def test_evaluate_command_on_a_causal_lm(lm_folders, tmp_path, capsys):
     assert results["comparison"]["retain_perplexity_diff"] == pytest.approx(
         results["model"]["retain_perplexity"] - results["reference"]["retain_perplexity"]
     )
+    assert "avg_gap" not in results["comparison"]  # defined on accuracies, which an LM does not have
     assert "my PIN" not in capsys.readouterr().out
 
 

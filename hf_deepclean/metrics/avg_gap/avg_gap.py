@@ -45,6 +45,6 @@ class AvgGap(evaluate.Metric):
 
     def _compute(self, metric, value, reference, original_avg_gap=None):
         result = compare_to_reference(dict(zip(metric, value)), dict(zip(metric, reference)))
-        if original_avg_gap is not None:
+        if original_avg_gap is not None and "avg_gap" in result:
             result["gap_closed"] = gap_closed(result["avg_gap"], original_avg_gap)
         return result
