@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import DistributedType
-from accelerate.utils.environment import get_int_from_env
+from accelerate.utils import DistributedType, get_int_from_env
 
 from .errors import DeepCleanError
 
