@@ -48,6 +48,12 @@ GRID = {
     "lr2e-3": {"learning_rate": 2e-3},
     "frac0.3_lr2e-3": {"reset_fraction": 0.3, "learning_rate": 2e-3},
     "gamma10_lr1e-4": {"gamma": 10.0, "learning_rate": 1e-4},
+    "epochs2": {"repair_epochs": 2.0},
+    "epochs3": {"repair_epochs": 3.0},
+    "epochs3_lr2e-3": {"repair_epochs": 3.0, "learning_rate": 2e-3},
+    "frac0.3_epochs3": {"reset_fraction": 0.3, "repair_epochs": 3.0},
+    "frac0.5_epochs3": {"reset_fraction": 0.5, "repair_epochs": 3.0},
+    "frac0.5_epochs2": {"reset_fraction": 0.5, "repair_epochs": 2.0},
 }
 
 
