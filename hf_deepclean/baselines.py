@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from .config import DeepCleanConfig
-from .data import make_dataloader
+from .data import make_dataloader, subsample
 from .errors import DeepCleanError
 from .fisher import FisherDiagonal, accumulate_fisher_sums
 from .modeling import get_parameters_in_scope
@@ -53,7 +53,7 @@ from .reset import (
     reset_selected_weights,
     select_weights_to_reset,
 )
-from .training import optimizer_steps_per_epoch, train_model
+from .training import PROBE_EVAL_ROWS, optimizer_steps_per_epoch, probe_learning_rate, train_model
 
 
 @dataclass
@@ -100,11 +100,17 @@ class TrainingSchedule:
     max_grad_norm: float = 1.0
 
     @classmethod
-    def repair_budget(cls, config: DeepCleanConfig, batch_size: int) -> TrainingSchedule:
-        """DeepClean's repair schedule, which `finetune` and `neggrad_plus` get too."""
+    def repair_budget(
+        cls, config: DeepCleanConfig, batch_size: int, learning_rate: float | None = None
+    ) -> TrainingSchedule:
+        """DeepClean's repair schedule, which `finetune` and `neggrad_plus` get too; `learning_rate` is the rate to
+        use when `config.learning_rate` is unset (the probe's choice)."""
+        rate = config.learning_rate if config.learning_rate is not None else learning_rate
+        if rate is None:
+            raise ValueError("repair_budget: config.learning_rate is unset; pass the probed learning_rate.")
         return cls(
             epochs=config.repair_epochs,
-            learning_rate=config.learning_rate,
+            learning_rate=rate,
             weight_decay=config.weight_decay,
             warmup_ratio=config.warmup_ratio,
             lr_scheduler_type=config.lr_scheduler_type,
@@ -216,21 +222,48 @@ def train_from_state(
     return inputs.accelerator.unwrap_model(prepared).eval()
 
 
+def repair_learning_rate(
+    inputs: UnlearningInputs,
+    config: DeepCleanConfig,
+    model: nn.Module,
+    masks: Mapping[str, torch.Tensor] | None = None,
+) -> float:
+    """`config.learning_rate`, or when it is unset the rate `probe_learning_rate` chooses for `model` (trained with
+    `masks`) on the retain rows, as the unlearner does; the probe's time is part of the method's."""
+    if config.learning_rate is not None:
+        return config.learning_rate
+    rate, _ = probe_learning_rate(
+        model,
+        inputs.loader(inputs.retain, shuffle=True),
+        inputs.loader(subsample(inputs.retain, PROBE_EVAL_ROWS, inputs.seed)),
+        inputs.accelerator,
+        masks=masks,
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
+    )
+    return rate
+
+
 def finetune(inputs: UnlearningInputs, config: DeepCleanConfig, baselines: BaselineConfig) -> nn.Module:
-    """Fine-tune every weight on the retain rows with DeepClean's repair budget and optimizer settings."""
-    schedule = TrainingSchedule.repair_budget(config, inputs.batch_size)
-    return train_from_state(inputs.copy_model(), inputs.retain, inputs, schedule, desc="Finetune")
+    """Fine-tune every weight on the retain rows with DeepClean's repair budget and optimizer settings (an unset
+    learning rate is probed for the whole model)."""
+    model = inputs.copy_model()
+    schedule = TrainingSchedule.repair_budget(config, inputs.batch_size, repair_learning_rate(inputs, config, model))
+    return train_from_state(model, inputs.retain, inputs, schedule, desc="Finetune")
 
 
 def neggrad_plus(inputs: UnlearningInputs, config: DeepCleanConfig, baselines: BaselineConfig) -> nn.Module:
     """Descend `alpha * L_retain - (1 - alpha) * L_forget` for DeepClean's repair budget (retain epochs)."""
     accelerator = inputs.accelerator
-    model = accelerator.prepare_model(inputs.copy_model())
+    model = inputs.copy_model()
     retain_loader = inputs.loader(inputs.retain, shuffle=True)
     total_steps = math.ceil(config.repair_epochs * len(retain_loader))
     if total_steps == 0:
-        return accelerator.unwrap_model(model).eval()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+        return model
+    # an unset rate is probed on the retain loss alone (the descent part of the objective)
+    learning_rate = repair_learning_rate(inputs, config, model)
+    model = accelerator.prepare_model(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=config.weight_decay)
     scheduler = get_scheduler(
         config.lr_scheduler_type,
         optimizer,
@@ -335,13 +368,14 @@ def deepclean(inputs: UnlearningInputs, config: DeepCleanConfig, baselines: Base
             steps_per_epoch=optimizer_steps_per_epoch(retain_loader, inputs.accelerator),
             seed=inputs.seed,
         )
+    learning_rate = repair_learning_rate(inputs, config, prepared, masks) if config.repair_epochs else 0.0
     repair_selected_weights(
         prepared,
         masks,
         retain_loader,
         inputs.accelerator,
         should_stop=should_stop,
-        **TrainingSchedule.repair_budget(config, inputs.batch_size).optimizer_arguments(),
+        **TrainingSchedule.repair_budget(config, inputs.batch_size, learning_rate).optimizer_arguments(),
     )
     return inputs.accelerator.unwrap_model(prepared).eval()
 

@@ -246,7 +246,14 @@ class DeepCleanConfig:
     repair_epochs: float = field(
         default=4.0, metadata={"help": "Epochs of repair on the retain set (0 disables the repair)."}
     )
-    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate of the repair."})
+    learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "AdamW learning rate of the repair. Default: chosen after the reset by a probe of 10 steps per "
+            "candidate (1e-3, 3e-4, 1e-4, 3e-5, largest first) on retain rows: models trained from scratch take "
+            "1e-3, fine-tuned pretrained ones a smaller rate."
+        },
+    )
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (acts on selected elements only)."})
     warmup_ratio: float = field(default=0.0, metadata={"help": "Share of repair steps with linear warm-up."})
     lr_scheduler_type: str = field(

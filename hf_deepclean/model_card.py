@@ -229,7 +229,7 @@ def render_model_card(config: Mapping[str, Any], results: Mapping[str, Any]) -> 
         reset_numel=total["numel"],
         reset_description="freshly initialised values" if args["reset"] == "init" else "zero",
         repair_epochs=args["repair_epochs"],
-        learning_rate=args["learning_rate"],
+        learning_rate=repair_learning_rate_text(results["repair"], args["learning_rate"]),
         weight_decay=args["weight_decay"],
         lr_scheduler_type=args["lr_scheduler_type"],
         warmup_ratio=args["warmup_ratio"],
@@ -246,6 +246,15 @@ def render_model_card(config: Mapping[str, Any], results: Mapping[str, Any]) -> 
         timings=", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in results["timings"].items()),
         versions=sorted(config["library_versions"].items()),
     )
+
+
+def repair_learning_rate_text(repair: Mapping[str, Any], configured: float | None) -> str:
+    """The repair's learning rate as the card states it; reports written before the probe existed record only the
+    configured rate."""
+    rate = repair.get("learning_rate", configured)
+    if "learning_rate_probe" in repair:
+        return f"{rate:g} (chosen by the learning-rate probe)"
+    return f"{rate:g}" if isinstance(rate, float) else str(rate)
 
 
 def save_model_card(folder: str | os.PathLike, config: Mapping[str, Any], results: Mapping[str, Any]) -> ModelCard:

@@ -18,7 +18,7 @@ loss is a token mean per process, averaged over processes.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from accelerate import Accelerator
@@ -142,6 +142,112 @@ def train_model(
         unwrapped.eval()
         accelerator.free_memory()
     return {"steps": step, "final_loss": loss_value, "stopped_early": stopped_early}
+
+
+# the repair rates `probe_learning_rate` tries, largest first: half-decades from the rate that repairs a model trained
+# from scratch at 3e-3 (the digits ViT) down to the rates pretrained encoders are fine-tuned with
+LEARNING_RATE_CANDIDATES = (1e-3, 3e-4, 1e-4, 3e-5)
+PROBE_STEPS = 10
+PROBE_EVAL_ROWS = 256  # retain rows the probe measures each trial's loss on
+
+
+def probe_learning_rate(
+    model: nn.Module,
+    train_dataloader: DataLoader,
+    eval_dataloader: DataLoader,
+    accelerator: Accelerator,
+    *,
+    candidates: Sequence[float] = LEARNING_RATE_CANDIDATES,
+    steps: int = PROBE_STEPS,
+    masks: Mapping[str, torch.Tensor] | None = None,
+    **optimizer_arguments,
+) -> tuple[float, dict[float, float]]:
+    """Choose a learning rate by a short trial of each candidate from the same weights (a learning-rate probe).
+
+    Each trial trains `steps` optimizer steps at a constant rate with `train_model` (same masks, data order and
+    seed), measures the mean loss on `eval_dataloader`, and puts the weights back. Trials run from the largest rate
+    down and stop at the first rate that does no better than the one before it (the loss after a fixed number of
+    steps is U-shaped in log learning rate), so a model that takes the largest rate costs two trials. A trial whose
+    loss is not finite (divergence) counts as infinitely bad.
+
+    Args:
+        model: the model as `train_model` takes it; it comes back with the weights and buffers it had.
+        train_dataloader: a plain DataLoader of the training rows (the first `steps` batches are used).
+        eval_dataloader: a plain DataLoader of the rows the loss is measured on.
+        accelerator: the run's Accelerator.
+        candidates: the rates to try, in any order (tried largest first).
+        steps: optimizer steps per trial.
+        masks: as for `train_model`.
+        optimizer_arguments: other `train_model` arguments (`weight_decay`, `max_grad_norm`); the schedule is
+            constant and without warm-up during trials.
+
+    Returns:
+        `(chosen rate, {rate: loss})` for the rates tried; the same on every process.
+    """
+    if not candidates:
+        raise ValueError("probe_learning_rate: needs at least one candidate rate.")
+    unwrapped = accelerator.unwrap_model(model)
+    # what a trial can change: every parameter it trains, and buffers (BatchNorm statistics of an unmasked run)
+    saved = {
+        name: value.detach().clone()
+        for name, value in unwrapped.state_dict(keep_vars=True).items()
+        if not isinstance(value, nn.Parameter) or value.requires_grad or (masks is not None and name in masks)
+    }
+    state = {name: value for name, value in unwrapped.state_dict(keep_vars=True).items() if name in saved}
+    epochs = steps / max(1, optimizer_steps_per_epoch(train_dataloader, accelerator))
+    arguments = {**optimizer_arguments, "warmup_ratio": 0.0, "lr_scheduler_type": "constant"}
+    losses: dict[float, float] = {}
+    generator = getattr(train_dataloader, "generator", None)
+    order = generator.get_state() if generator is not None else None
+    devices = [accelerator.device] if accelerator.device.type == "cuda" else []
+    try:
+        for rate in sorted(set(candidates), reverse=True):
+            if generator is not None:
+                generator.set_state(order)  # every trial sees the same batches ...
+            with torch.random.fork_rng(devices=devices):  # ... and the same dropout draws
+                train_model(
+                    model,
+                    train_dataloader,
+                    accelerator,
+                    epochs=epochs,
+                    learning_rate=rate,
+                    masks=masks,
+                    desc=f"Probe lr {rate:g}",
+                    **arguments,
+                )
+                losses[rate] = mean_loss(model, eval_dataloader, accelerator)
+            with torch.no_grad():
+                for name, value in saved.items():
+                    state[name].copy_(value)
+            tried = list(losses.values())
+            if len(tried) > 1 and not tried[-1] < tried[-2]:
+                break
+    finally:
+        with torch.no_grad():
+            for name, value in saved.items():
+                state[name].copy_(value)
+        if generator is not None:
+            generator.set_state(order)
+    return min(losses, key=lambda rate: (losses[rate], -rate)), losses
+
+
+@torch.no_grad()
+def mean_loss(model: nn.Module, dataloader: DataLoader, accelerator: Accelerator) -> float:
+    """The model's loss averaged over the batches of `dataloader` (weighted by rows), across processes;
+    `inf` when it is not finite."""
+    model.eval()
+    total = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
+    for batch in accelerator.prepare_data_loader(dataloader, device_placement=True):
+        rows = len(batch["labels"])
+        total += torch.stack(
+            [
+                model(**batch).loss.detach().double() * rows,
+                torch.tensor(rows, dtype=torch.float64, device=total.device),
+            ]
+        )
+    total = accelerator.reduce(total, reduction="sum")
+    value = (total[0] / total[1]).item() if total[1] else math.inf
+    return value if math.isfinite(value) else math.inf
 
 
 def optimizer_steps_per_epoch(dataloader: DataLoader, accelerator: Accelerator) -> int:

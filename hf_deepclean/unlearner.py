@@ -72,7 +72,7 @@ from .reset import (
     reset_statistics,
     select_weights_to_reset,
 )
-from .training import optimizer_steps_per_epoch
+from .training import PROBE_EVAL_ROWS, optimizer_steps_per_epoch, probe_learning_rate
 
 
 logger = get_logger(__name__)
@@ -315,20 +315,27 @@ class DeepCleanUnlearner:
             f"({stats['__total__']['share']:.2%}).",
             main_process_only=True,
         )
+        learning_rate, probe = self.repair_learning_rate(masks)
         with timer("repair"):
             repair = repair_selected_weights(
                 self.model,
                 masks,
                 repair_loader,
                 self.accelerator,
-                **TrainingSchedule.repair_budget(method, method.per_device_batch_size).optimizer_arguments(),
+                **TrainingSchedule.repair_budget(
+                    method, method.per_device_batch_size, learning_rate
+                ).optimizer_arguments(),
                 should_stop=monitor,
             )
+        repair["learning_rate"] = learning_rate
+        if probe is not None:
+            repair["learning_rate_probe"] = {f"{rate:g}": loss for rate, loss in probe.items()}
         with timer("evaluate_after"):
             metrics_after, outputs_after = self.evaluate(prefix="after ", return_outputs=True)
         timings = dict(timer.seconds)
         timings["unlearning"] = sum(
-            timings[stage] for stage in ("fisher_forget", "fisher_retain", "select_and_reset", "repair")
+            timings.get(stage, 0.0)
+            for stage in ("fisher_forget", "fisher_retain", "select_and_reset", "probe_learning_rate", "repair")
         )
         results = {
             "metrics": {"before": metrics_before, "after": metrics_after},
@@ -360,6 +367,26 @@ class DeepCleanUnlearner:
                 )
                 results["hub_commit_url"] = commit.commit_url
         return results
+
+    def repair_learning_rate(self, masks: ResetMasks) -> tuple[float, dict[float, float] | None]:
+        """The repair's learning rate: `--learning_rate` when given, else the one `probe_learning_rate` chooses
+        for the reset model (`(rate, {rate tried: loss})`)."""
+        method = self.config
+        if method.learning_rate is not None or not method.repair_epochs:
+            return method.learning_rate or 0.0, None
+        with self.timer("probe_learning_rate"):
+            rate, losses = probe_learning_rate(
+                self.model,
+                self.dataloader("retain", shuffle=True),
+                self.dataloader("retain", max_rows=PROBE_EVAL_ROWS),
+                self.accelerator,
+                masks=masks,
+                weight_decay=method.weight_decay,
+                max_grad_norm=method.max_grad_norm,
+            )
+        tried = ", ".join(f"{r:g}: {loss:.4g}" for r, loss in losses.items())
+        logger.info(f"Repair learning rate {rate:g} (probe losses {tried}).", main_process_only=True)
+        return rate, losses
 
     def select(self, ratios: FisherDiagonal) -> ResetMasks:
         """The elements to reset (`select_weights_to_reset` with this run's settings), the same on every process.

@@ -1,0 +1,118 @@
+"""The repair's learning-rate probe (`probe_learning_rate`)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from accelerate import Accelerator
+from torch import nn
+from torch.utils.data import DataLoader
+
+from hf_deepclean.training import mean_loss, probe_learning_rate, train_model
+
+
+class Regressor(nn.Module):
+    """A linear model with a BatchNorm and dropout, returning `.loss` like a transformers model."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.BatchNorm1d(4)
+        self.linear = nn.Linear(4, 1)
+        self.dropout = nn.Dropout(0.2)
+
+    def forward(self, x, labels):
+        prediction = self.linear(self.dropout(self.norm(x))).squeeze(-1)
+        return type("Output", (), {"loss": ((prediction - labels) ** 2).mean()})()
+
+
+def rows(n: int, seed: int) -> list[dict]:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, generator=generator)
+    y = x @ torch.tensor([1.0, -2.0, 0.5, 3.0]) + 0.1 * torch.randn(n, generator=generator)
+    return [{"x": x[i], "labels": y[i]} for i in range(n)]
+
+
+def loaders(seed: int = 0) -> tuple[DataLoader, DataLoader]:
+    generator = torch.Generator().manual_seed(seed)
+    train = DataLoader(rows(64, 1), batch_size=8, shuffle=True, generator=generator)
+    return train, DataLoader(rows(32, 2), batch_size=8)
+
+
+def state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: value.detach().clone() for name, value in model.state_dict().items()}
+
+
+def trial_loss(rate: float, steps: int, masks=None) -> float:
+    """Brute force: one trial from a fresh copy of the same model, data order and random state."""
+    torch.manual_seed(0)
+    model = Regressor()
+    train, evaluation = loaders()
+    torch.manual_seed(99)
+    train_model(
+        model,
+        train,
+        Accelerator(cpu=True),
+        epochs=steps / len(train),
+        learning_rate=rate,
+        lr_scheduler_type="constant",
+        masks=masks,
+    )
+    return mean_loss(model, evaluation, Accelerator(cpu=True))
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_probe_matches_separate_trials_and_restores_the_model(masked):
+    torch.manual_seed(0)
+    model = Regressor()
+    masks = {"linear.weight": torch.tensor([[True, False, True, False]])} if masked else None
+    before = state(model)
+    train, evaluation = loaders()
+    candidates = (1e-1, 1e-2, 1e-3, 1e-4)
+    torch.manual_seed(99)
+    rng = torch.get_rng_state()
+    rate, losses = probe_learning_rate(
+        model, train, evaluation, Accelerator(cpu=True), candidates=candidates, steps=6, masks=masks
+    )
+    # weights, BatchNorm statistics and the global random state are as they were
+    assert all(torch.equal(value, before[name]) for name, value in model.state_dict().items())
+    assert torch.equal(torch.get_rng_state(), rng)
+    # largest first, each trial from the same start with the same batches and dropout draws
+    assert list(losses) == sorted(losses, reverse=True)
+    for tried, loss in losses.items():
+        assert loss == pytest.approx(trial_loss(tried, 6, masks), rel=1e-6, abs=0)
+    assert rate == min(losses, key=losses.get)
+    # the sweep stops at the first rate that did no better than the one before it
+    values = list(losses.values())
+    assert all(later < earlier for earlier, later in zip(values[:-2], values[1:-1]))
+    if len(values) < len(candidates):
+        assert values[-1] >= values[-2]
+
+
+def test_probe_prefers_a_small_rate_when_large_ones_diverge():
+    torch.manual_seed(0)
+    model = Regressor()
+    train, evaluation = loaders()
+    rate, losses = probe_learning_rate(
+        model, train, evaluation, Accelerator(cpu=True), candidates=(1e6, 1e3, 1e-1), steps=8, max_grad_norm=0
+    )
+    assert rate == 1e-1
+    assert losses[1e-1] < losses[1e3]
+
+
+def test_mean_loss_is_row_weighted_and_inf_when_not_finite():
+    model = Regressor().eval()
+    evaluation = DataLoader(rows(10, 3), batch_size=4)  # batches of 4, 4 and 2 rows
+    with torch.no_grad():
+        expected = sum(float(((model(b["x"], b["labels"]).loss) * len(b["labels"]))) for b in evaluation) / 10
+    assert mean_loss(model, evaluation, Accelerator(cpu=True)) == pytest.approx(expected, rel=1e-9)
+    with torch.no_grad():
+        model.linear.bias.fill_(math.inf)
+    assert mean_loss(model, evaluation, Accelerator(cpu=True)) == math.inf
+
+
+def test_probe_needs_candidates():
+    train, evaluation = loaders()
+    with pytest.raises(ValueError):
+        probe_learning_rate(Regressor(), train, evaluation, Accelerator(cpu=True), candidates=())
