@@ -242,12 +242,13 @@ def reset_selected_weights(
             )
     # drawn for every selected parameter, so that a fallback gets exactly what `init` would give it
     fresh = initial_values(model, names, seed) if reset == "init" or fallback else {}
+    fallback_names = set(fallback)
     with torch.no_grad():
         for name in names:
             param, mask = params[name], masks[name].to(params[name].device)
             if reset == "zero":
                 replacement = torch.zeros_like(param)
-            elif reset == "init" or name in fallback:
+            elif reset == "init" or name in fallback_names:
                 replacement = fresh[name]
             else:
                 replacement = base_values[name]

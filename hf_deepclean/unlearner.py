@@ -173,6 +173,12 @@ class DeepCleanUnlearner:
                 "--reset: got 'base', which needs --base_model_name_or_path (the model the fine-tuning started from); "
                 "pass it, or use --reset init."
             )
+        if self.config.reset == "base" and self.model_args.adapter_name_or_path is not None:
+            # peft freezes the base weights, so only adapter weights are ever in scope, and none of them is in a base
+            raise DeepCleanError(
+                "--reset: got 'base' with --adapter_name_or_path; only the adapter's weights are trainable and an "
+                "adapter's base values are its initialisation, expected --reset init."
+            )
         self.setup_accelerator()
         # under several processes the first one downloads and fills the caches, then the others read them
         with self.accelerator.main_process_first(), _raised_after_barrier(self.accelerator) as failure:

@@ -209,6 +209,17 @@ BAD_INPUTS = [
         ("--reset: got 'base' with --scope adapter", "expected --reset init."),
     ),
     BadInput(
+        "reset-base-with-adapter",
+        "`--reset base` with `--adapter_name_or_path`",
+        lambda i: _with(
+            i.args(),
+            reset="base",
+            base_model_name_or_path=str(i.model_dir),
+            adapter_name_or_path=str(i.root / "adapter"),
+        ),
+        ("--reset: got 'base' with --adapter_name_or_path", "expected --reset init."),
+    ),
+    BadInput(
         "base-model-folder-missing",
         "base model folder that does not exist",
         lambda i: _with(i.args(), reset="base", base_model_name_or_path=str(i.root / "no-such-base")),
