@@ -17,7 +17,8 @@ returns a new model; the trained model itself is never modified. `METHODS` maps 
   That is noise of standard deviation `sqrt(alpha) * F_r^(-1/2)` (exponent -1/2 on the Fisher, i.e. covariance
   `alpha * F_r^-1`), with the clamp of the authors' code.
 - `deepclean`: this library's method (DESIGN §2): Fisher ratio, selection, reset, masked repair, with the
-  settings of a `DeepCleanConfig`.
+  settings of a `DeepCleanConfig`; `reset="base"` resets to `UnlearningInputs.initial_state`, the weights the
+  training started from.
 
 All Fisher diagonals here are the per-sample empirical Fisher of `hf_deepclean.fisher` (SSD and Fisher forgetting
 originally use squared batch gradients; the per-sample quantity is the one DESIGN §2 defines).
@@ -136,7 +137,8 @@ class UnlearningInputs:
         batch_size: batch size of Fisher passes, repair and fine-tuning.
         seed: seed of shuffling, initialisation and noise.
         held_out: held-out rows, used by DeepClean's early stopping only.
-        initial_state: the model's weights before training (needed by `retrain`).
+        initial_state: the model's weights before training (needed by `retrain`, and by `deepclean` with
+            `reset="base"`).
         training: the schedule that trained the model (needed by `retrain`).
 
     Fisher sums of the trained model are computed once and shared by the methods that need them; a method that
@@ -351,7 +353,17 @@ def deepclean(inputs: UnlearningInputs, config: DeepCleanConfig, baselines: Base
         max_reset_fraction=config.max_reset_fraction,
         selection_scope=config.selection_scope,
     )
-    reset_selected_weights(model, masks, reset=config.reset, seed=inputs.seed)
+    base_values = None
+    if config.reset == "base":
+        # the weights training started from: pretrained encoder and random head, or the random init of a model
+        # trained from scratch (where `base` is then the same as `init` with the original's own draw)
+        if inputs.initial_state is None:
+            raise DeepCleanError(
+                "--reset: got 'base', but the scenario gives no initial weights (initial_state) to reset to; expected "
+                "--reset init or zero."
+            )
+        base_values = inputs.initial_state
+    reset_selected_weights(model, masks, reset=config.reset, seed=inputs.seed, base_values=base_values)
     prepared = inputs.accelerator.prepare_model(model, evaluation_mode=True)  # `train_model` wraps it for DDP
     retain_loader = inputs.loader(inputs.retain, shuffle=True)
     should_stop = None

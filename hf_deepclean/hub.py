@@ -149,13 +149,20 @@ def commit_message(config: Mapping[str, Any], results: Mapping[str, Any]) -> tup
         f"Forget set: {forget['num_rows']} rows of split {forget['split']} ({forget['kind']} specification), "
         f"sha256 {forget['sha256']}.",
         f"Reset {total['reset']} of {total['numel']} weights ({total['share']:.2%}; {results['reset']['selection_rule']}"
-        f", reset={args['reset']}), repaired for {args['repair_epochs']} epochs.",
+        f", reset={args['reset']}{_base_model(args)}), repaired for {args['repair_epochs']} epochs.",
         "Metrics (before -> after): "
         + ", ".join(f"{key} {before[key]:.4f} -> {after[key]:.4f}" for key in SUMMARY_METRICS if key in after)
         + ".",
         f"Written by hf_deepclean {config['library_versions'].get('hf_deepclean', 'unknown')}.",
     ]
     return summary, "\n".join(lines)
+
+
+def _base_model(args: Mapping[str, Any]) -> str:
+    """`--reset base` names the model it reset to (as the card does: a Hub id, or a local folder's name)."""
+    if args.get("reset") != "base":
+        return ""
+    return f" to {display_name(args['base_model_name_or_path'])}"
 
 
 def _one_line(error: BaseException) -> str:

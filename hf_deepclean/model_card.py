@@ -149,6 +149,27 @@ def summary_lines(config: Mapping[str, Any], results: Mapping[str, Any]) -> list
     return lines
 
 
+def reset_description(args: Mapping[str, Any], reset: Mapping[str, Any]) -> str:
+    """What the selected weights were reset to (`--reset`), as the card's procedure says it."""
+    if args["reset"] == "zero":
+        return "zero"
+    if args["reset"] != "base":
+        return "freshly initialised values"
+    revision = args.get("base_model_revision", "main")
+    text = (
+        f"the values of the base model {display_name(args['base_model_name_or_path'])} (revision {revision}), the "
+        "checkpoint the fine-tuning started from (`--reset base`)"
+    )
+    fallback = reset.get("init_fallback") or []
+    if fallback:
+        text += (
+            f"; {len(fallback)} selected parameter tensor(s) that the base model lacks (such as a new head) got "
+            f"freshly initialised values instead: {', '.join(f'`{name}`' for name in fallback[:10])}"
+            f"{', ...' if len(fallback) > 10 else ''}"
+        )
+    return text
+
+
 # this library's task names where the Hub's pipeline tags differ
 HUB_PIPELINE_TAGS = {"causal-lm": "text-generation"}
 
@@ -227,7 +248,7 @@ def render_model_card(config: Mapping[str, Any], results: Mapping[str, Any]) -> 
         reset_share=f"{total['share']:.2%}",
         reset_count=total["reset"],
         reset_numel=total["numel"],
-        reset_description="freshly initialised values" if args["reset"] == "init" else "zero",
+        reset_description=reset_description(args, reset),
         repair_epochs=args["repair_epochs"],
         learning_rate=repair_learning_rate_text(results["repair"], args["learning_rate"]),
         weight_decay=args["weight_decay"],

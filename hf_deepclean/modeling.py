@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -16,6 +18,7 @@ from transformers import (
     AutoTokenizer,
     PretrainedConfig,
 )
+from transformers.utils import logging as transformers_logging
 
 from .config import TASKS, ModelArguments
 from .errors import DeepCleanError
@@ -40,23 +43,28 @@ def _looks_like_a_path(name: str) -> bool:
 
 def load_model_config(model_args: ModelArguments) -> PretrainedConfig:
     """Read the model's `config.json` from the Hub or a local folder."""
-    name = model_args.model_name_or_path
+    return _load_config(model_args.model_name_or_path, model_args.revision, model_args, "model_name_or_path")
+
+
+def load_base_model_config(model_args: ModelArguments) -> PretrainedConfig:
+    """Read the `config.json` of `--base_model_name_or_path` (for `--reset base`), refusing a missing one early."""
+    return _load_config(
+        model_args.base_model_name_or_path, model_args.base_model_revision, model_args, "base_model_name_or_path"
+    )
+
+
+def _load_config(name: str, revision: str, model_args: ModelArguments, flag: str) -> PretrainedConfig:
     if _looks_like_a_path(name) and not os.path.isdir(os.path.expanduser(name)):
         raise DeepCleanError(
-            f"--model_name_or_path: got {name!r}, which is no folder; expected a local folder with config.json or a "
-            "Hub model id (ORG/NAME)."
+            f"--{flag}: got {name!r}, which is no folder; expected a local folder with config.json or a Hub model id "
+            "(ORG/NAME)."
         )
     try:
-        return AutoConfig.from_pretrained(
-            model_args.model_name_or_path,
-            revision=model_args.revision,
-            trust_remote_code=model_args.trust_remote_code,
-        )
+        return AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=model_args.trust_remote_code)
     except (OSError, ValueError) as error:
         raise DeepCleanError(
-            f"--model_name_or_path: could not load {model_args.model_name_or_path!r} "
-            f"(revision {model_args.revision!r}): {_first_line(error)}; expected a Hub model id or a local "
-            "folder with config.json."
+            f"--{flag}: could not load {name!r} (revision {revision!r}): {_first_line(error)}; expected a Hub model id "
+            "or a local folder with config.json."
         ) from error
 
 
@@ -99,22 +107,79 @@ def load_model(model_args: ModelArguments, task: str, config: PretrainedConfig |
     Weights load from safetensors only unless `--allow_pickle_weights`: a pickle checkpoint can run arbitrary code.
     """
     config = config if config is not None else load_model_config(model_args)
+    model, _ = _load_pretrained(
+        model_args.model_name_or_path, model_args.revision, model_args, task, config, "model_name_or_path"
+    )
+    return model
+
+
+def _load_pretrained(
+    name: str, revision: str, model_args: ModelArguments, task: str, config: PretrainedConfig, flag: str
+) -> tuple[nn.Module, dict[str, Any]]:
+    """`AUTO_MODEL_CLASSES[task].from_pretrained` with this package's safety settings; also returns the loading
+    info (`missing_keys`: parameters the checkpoint lacks, freshly initialised by transformers)."""
     try:
-        model = AUTO_MODEL_CLASSES[task].from_pretrained(
-            model_args.model_name_or_path,
+        model, info = AUTO_MODEL_CLASSES[task].from_pretrained(
+            name,
             config=config,
-            revision=model_args.revision,
+            revision=revision,
             trust_remote_code=model_args.trust_remote_code,
             use_safetensors=None if model_args.allow_pickle_weights else True,
             dtype=torch.float32,
+            output_loading_info=True,
         )
     except (OSError, ValueError, SafetensorError) as error:  # missing, truncated or corrupted weights
         raise DeepCleanError(
-            f"--model_name_or_path: could not load {model_args.model_name_or_path!r} as a {task} model: "
-            f"{_first_line(error)}; expected safetensors weights for this task (pickle weights load only with "
-            "--allow_pickle_weights)."
+            f"--{flag}: could not load {name!r} as a {task} model: {_first_line(error)}; expected safetensors "
+            "weights for this task (pickle weights load only with --allow_pickle_weights)."
         ) from error
-    return model.eval()
+    return model.eval(), info
+
+
+def load_base_values(
+    model_args: ModelArguments, task: str, names: Iterable[str], config: PretrainedConfig | None = None
+) -> dict[str, torch.Tensor]:
+    """The weights of `--base_model_name_or_path` (the model the fine-tuning started from) for `--reset base`.
+
+    The base checkpoint is loaded with the same Auto class as the model to clean, so a bare encoder checkpoint
+    (`BertModel`) lands under the names of the fine-tuned model (`bert.encoder...`) and a checkpoint of the very
+    same class matches name for name. Parameters the checkpoint lacks (a new classification head, say), which
+    transformers would initialise at random, are left out; the caller falls back to a fresh initialisation there.
+
+    Args:
+        model_args: the run's model arguments (`base_model_name_or_path`, `base_model_revision`, and the loading
+            safety settings `trust_remote_code`, `allow_pickle_weights`).
+        task: the task of the model to clean.
+        names: the parameters whose base values are wanted (the selected ones); the rest is freed.
+        config: the base model's config, if already loaded.
+
+    Returns:
+        `{name: float32 tensor on CPU}` for the wanted parameters the base checkpoint holds.
+    """
+    config = config if config is not None else load_base_model_config(model_args)
+    # transformers reports the parameters it initialised itself (a head the base lacks) as a warning meant for
+    # training; here they are left out and reported by the reset instead
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        base, info = _load_pretrained(
+            model_args.base_model_name_or_path,
+            model_args.base_model_revision,
+            model_args,
+            task,
+            config,
+            "base_model_name_or_path",
+        )
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+    wanted, missing = set(names), set(info.get("missing_keys") or ())
+    values = {
+        name: p.detach().to("cpu", torch.float32)
+        for name, p in base.named_parameters()
+        if name in wanted and name not in missing
+    }
+    del base
+    return values
 
 
 def load_adapter(model: nn.Module, model_args: ModelArguments) -> nn.Module:

@@ -12,7 +12,7 @@ from datasets import Dataset
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .config import SELECTION_SCOPES
+from .config import RESET_MODES, SELECTION_SCOPES
 from .data import subsample
 from .errors import DeepCleanError
 from .evaluation import compute_sample_outputs, membership_inference_auc
@@ -192,19 +192,69 @@ def _adapter_initial_values(model: nn.Module, wanted: set[str]) -> dict[str, tor
 
 
 def reset_selected_weights(
-    model: nn.Module, masks: Mapping[str, torch.Tensor], *, reset: str = "init", seed: int = 0
-) -> None:
-    """Set the selected elements to zero (`reset="zero"`) or to freshly initialised values (`reset="init"`)."""
-    if reset not in ("zero", "init"):
-        raise DeepCleanError(f"--reset: got {reset!r}; expected init or zero.")
+    model: nn.Module,
+    masks: Mapping[str, torch.Tensor],
+    *,
+    reset: str = "init",
+    seed: int = 0,
+    base_values: Mapping[str, torch.Tensor] | None = None,
+) -> list[str]:
+    """Give the selected elements new values; every other element stays bit-for-bit as it is.
+
+    Args:
+        model: the model, changed in place.
+        masks: `{parameter name: bool mask}` of the elements to reset.
+        reset: `zero`: set them to zero (the paper); `init`: freshly initialised values (`initial_values` with
+            `seed`); `base`: the values of `base_values`, the model the fine-tuning started from.
+        seed: seed of the fresh values (`init`, and the fallback of `base`).
+        base_values: with `reset="base"`, `{parameter name: tensor}` of the base model (only the selected
+            parameters are read). A selected parameter it lacks, or holds with another shape (a classification
+            head the base model does not have, say), gets the values `reset="init"` gives it with the same seed.
+
+    Returns:
+        The names of the selected parameters that fell back to fresh values under `reset="base"` (empty otherwise).
+    """
+    if reset not in RESET_MODES:
+        raise DeepCleanError(f"--reset: got {reset!r}; expected one of {', '.join(RESET_MODES)}.")
+    if reset == "base" and base_values is None:
+        raise DeepCleanError("--reset: got 'base' without base values; expected --base_model_name_or_path.")
     params = dict(model.named_parameters())
     names = [name for name, mask in masks.items() if bool(mask.any())]
-    fresh = initial_values(model, names, seed) if reset == "init" else {}
+    fallback: list[str] = []
+    if reset == "base":
+        fallback = [
+            name
+            for name in names
+            if name not in base_values or tuple(base_values[name].shape) != tuple(params[name].shape)
+        ]
+        mismatched = [name for name in fallback if name in base_values]
+        if fallback:
+            # said once, never silently: these parameters are not put back to the base model's values
+            logger.info(
+                f"--reset base: {len(fallback)} of {len(names)} selected parameters have no base value "
+                f"({len(mismatched)} of them a base tensor of another shape), so they get freshly initialised "
+                f"values: {', '.join(fallback[:5])}{', ...' if len(fallback) > 5 else ''}."
+            )
+        if len(fallback) == len(names):
+            logger.warning(
+                "--reset base: none of the selected parameters has a base value of the same shape; check that "
+                "--base_model_name_or_path is the model the fine-tuning started from."
+            )
+    # drawn for every selected parameter, so that a fallback gets exactly what `init` would give it
+    fresh = initial_values(model, names, seed) if reset == "init" or fallback else {}
+    fallback_names = set(fallback)
     with torch.no_grad():
         for name in names:
             param, mask = params[name], masks[name].to(params[name].device)
-            replacement = fresh[name].to(param.device) if reset == "init" else torch.zeros_like(param)
+            if reset == "zero":
+                replacement = torch.zeros_like(param)
+            elif reset == "init" or name in fallback_names:
+                replacement = fresh[name]
+            else:
+                replacement = base_values[name]
+            replacement = replacement.to(param.device, param.dtype)
             param.copy_(torch.where(mask, replacement, param))
+    return fallback
 
 
 def repair_selected_weights(

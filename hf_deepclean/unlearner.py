@@ -56,6 +56,8 @@ from .modeling import (
     get_parameters_in_scope,
     infer_task,
     load_adapter,
+    load_base_model_config,
+    load_base_values,
     load_model,
     load_model_config,
     load_processor,
@@ -154,6 +156,7 @@ class DeepCleanUnlearner:
         self.train_split = None
         self.canaries: Canaries | None = None
         self._fisher_cache: tuple[FisherDiagonal, FisherCacheInfo] | None = None
+        self.base_config = None  # config of --base_model_name_or_path (`--reset base`)
         self.masks: ResetMasks | None = None  # the elements `run()` selected and reset
         self.timer = StageTimer()
 
@@ -165,10 +168,23 @@ class DeepCleanUnlearner:
             parse_forget_spec(self.data_args.forget)  # fail on a malformed spec before loading anything heavy
         if self.output_args.merge_adapter and self.model_args.adapter_name_or_path is None:
             raise DeepCleanError("--merge_adapter: needs --adapter_name_or_path (there is no adapter to merge).")
+        if self.config.reset == "base" and self.model_args.base_model_name_or_path is None:
+            raise DeepCleanError(
+                "--reset: got 'base', which needs --base_model_name_or_path (the model the fine-tuning started from); "
+                "pass it, or use --reset init."
+            )
+        if self.config.reset == "base" and self.model_args.adapter_name_or_path is not None:
+            # peft freezes the base weights, so only adapter weights are ever in scope, and none of them is in a base
+            raise DeepCleanError(
+                "--reset: got 'base' with --adapter_name_or_path; only the adapter's weights are trainable and an "
+                "adapter's base values are its initialisation, expected --reset init."
+            )
         self.setup_accelerator()
         # under several processes the first one downloads and fills the caches, then the others read them
         with self.accelerator.main_process_first(), _raised_after_barrier(self.accelerator) as failure:
             model_config = load_model_config(self.model_args)
+            if self.config.reset == "base":  # a missing base model is refused before any work; weights come later
+                self.base_config = load_base_model_config(self.model_args)
             splits = load_dataset_splits(self.data_args)
             train = self.train_split = splits[self.data_args.train_split]
             has_image = self.data_args.image_column is not None or any(
@@ -305,8 +321,16 @@ class DeepCleanUnlearner:
         with timer("select_and_reset"):
             ratios = compute_fisher_ratio(fisher["forget"], fisher["retain"], method.eps)
             masks = self.masks = self.select(ratios)
+        base_values = None
+        if method.reset == "base":
+            with timer("load_base"):
+                base_values = self.load_base_values(masks)
+        with timer("select_and_reset"):
             # the same seed on every process: the same fresh values everywhere
-            reset_selected_weights(unwrapped, masks, reset=method.reset, seed=self.output_args.seed)
+            init_fallback = reset_selected_weights(
+                unwrapped, masks, reset=method.reset, seed=self.output_args.seed, base_values=base_values
+            )
+        del base_values
         stats = reset_statistics(masks)
         ratio_histogram = fisher_ratio_histogram(ratios, masks)  # a compact summary for the card; ratios are freed
         del ratios
@@ -340,6 +364,8 @@ class DeepCleanUnlearner:
         results = {
             "metrics": {"before": metrics_before, "after": metrics_after},
             "reset": {
+                "mode": method.reset,
+                **(self.base_record(init_fallback) if method.reset == "base" else {}),
                 "selection_rule": method.selection_rule,
                 "selection_sha256": selection_fingerprint(masks),
                 "per_parameter": stats,
@@ -408,6 +434,24 @@ class DeepCleanUnlearner:
             shared = broadcast({name: mask.to(torch.uint8) for name, mask in masks.items()}, from_process=0)
             masks = {name: shared[name].bool() for name in masks}
         return masks
+
+    def load_base_values(self, masks: ResetMasks) -> dict[str, torch.Tensor]:
+        """The values of `--base_model_name_or_path` for the selected parameters (on CPU), for `--reset base`."""
+        names = [name for name, mask in masks.items() if bool(mask.any())]
+        with self.accelerator.main_process_first(), _raised_after_barrier(self.accelerator) as failure:
+            values = load_base_values(self.model_args, self.task, names, self.base_config)
+        if failure:
+            raise failure[0]
+        return values
+
+    def base_record(self, init_fallback: list[str]) -> dict[str, Any]:
+        """What the results record says of `--reset base`: the base model, and the selected parameters that it
+        lacks and that got freshly initialised values instead."""
+        return {
+            "base_model": self.model_args.base_model_name_or_path,
+            "base_model_revision": self.model_args.base_model_revision,
+            "init_fallback": init_fallback,
+        }
 
     def compute_fisher(self, params: dict[str, nn.Parameter]) -> tuple[dict[str, FisherDiagonal], dict[str, Any]]:
         """Fisher diagonals of the forget and retain sets (timed as `fisher_forget`, `fisher_retain`).

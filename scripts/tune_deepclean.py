@@ -54,6 +54,9 @@ GRID = {
     "frac0.3_epochs3": {"reset_fraction": 0.3, "repair_epochs": 3.0},
     "frac0.5_epochs3": {"reset_fraction": 0.5, "repair_epochs": 3.0},
     "frac0.5_epochs2": {"reset_fraction": 0.5, "repair_epochs": 2.0},
+    "base0.2": {"reset": "base"},
+    "base0.2_lr1e-4": {"reset": "base", "learning_rate": 1e-4},
+    "base0.5": {"reset": "base", "reset_fraction": 0.5},
 }
 
 

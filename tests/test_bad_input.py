@@ -197,6 +197,38 @@ BAD_INPUTS = [
         ("--adapter_name_or_path: got '", "a PROMPT_TUNING adapter", "no trainable parameters in scope", "LoRA"),
     ),
     BadInput(
+        "reset-base-without-base-model",
+        "`--reset base` without `--base_model_name_or_path`",
+        lambda i: _with(i.args(), reset="base"),
+        ("--reset: got 'base', which needs --base_model_name_or_path", "or use --reset init."),
+    ),
+    BadInput(
+        "reset-base-with-adapter-scope",
+        "`--reset base` with `--scope adapter`",
+        lambda i: _with(i.args(), reset="base", scope="adapter", base_model_name_or_path=str(i.model_dir)),
+        ("--reset: got 'base' with --scope adapter", "expected --reset init."),
+    ),
+    BadInput(
+        "reset-base-with-adapter",
+        "`--reset base` with `--adapter_name_or_path`",
+        lambda i: _with(
+            i.args(),
+            reset="base",
+            base_model_name_or_path=str(i.model_dir),
+            adapter_name_or_path=str(i.root / "adapter"),
+        ),
+        ("--reset: got 'base' with --adapter_name_or_path", "expected --reset init."),
+    ),
+    BadInput(
+        "base-model-folder-missing",
+        "base model folder that does not exist",
+        lambda i: _with(i.args(), reset="base", base_model_name_or_path=str(i.root / "no-such-base")),
+        (
+            "--base_model_name_or_path: got '",
+            "no-such-base', which is no folder; expected a local folder with config.json",
+        ),
+    ),
+    BadInput(
         "dataset-empty",
         "empty dataset",
         lambda i: i.args(train=i.file("train.csv", "id,text,label\n")),

@@ -159,6 +159,22 @@ def test_deepclean_changes_at_most_the_reset_share(inputs):
     assert 0 < changed <= round(0.1 * total)
 
 
+def test_deepclean_base_reset_puts_back_the_initial_state(inputs):
+    """`reset="base"` takes `initial_state` as the base values: without repair, every element is either the trained
+    one or exactly the initial one (shifted here, so that no fresh draw can equal it by chance)."""
+    shifted = {name: value + 1.0 for name, value in inputs.initial_state.items()}
+    config = DeepCleanConfig(reset="base", reset_fraction=0.1, repair_epochs=0)
+    model, before = _run("deepclean", replace(inputs, initial_state=shifted), config=config)
+    changed = 0
+    for name, p in model.named_parameters():
+        moved = p.detach() != before[name]
+        assert torch.equal(p.detach()[moved], shifted[name][moved]), name
+        changed += int(moved.sum())
+    assert 0 < changed <= round(0.1 * sum(p.numel() for p in model.parameters()))
+    with pytest.raises(DeepCleanError, match="^--reset: got 'base', but the scenario gives no initial weights"):
+        METHODS["deepclean"](replace(inputs, initial_state=None), config, BaselineConfig())
+
+
 def test_deepclean_early_stopping_runs_and_needs_held_out_rows(inputs):
     config = DeepCleanConfig(repair_epochs=1, early_stopping=True, early_stopping_tolerance=1.0)
     _run("deepclean", inputs, config=config)

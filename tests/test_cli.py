@@ -463,3 +463,54 @@ def test_adapter_scope_without_adapter(tmp_path, text_model_dir, text_csv_files,
     assert main(args) == 2
     assert "--scope: got 'adapter'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("base_kind", "repair_epochs"), [("encoder", 0), ("same-class", 1)])
+def test_reset_base_end_to_end(tmp_path, text_model_dir, text_csv_files, base_kind, repair_epochs):
+    """`--reset base` puts the selected elements back to the base checkpoint's values: a bare encoder checkpoint
+    (`BertModel`, names without `bert.`, no head: the head falls back to fresh values) or one of the very same class.
+    Without repair the written model is exactly `where(mask, base, original)`; with it the rest stays the original."""
+    from conftest import build_tiny_bert
+
+    from hf_deepclean import DataArguments, DeepCleanConfig, DeepCleanUnlearner, ModelArguments, OutputArguments
+    from hf_deepclean.reset import initial_values
+
+    base_model, _ = build_tiny_bert(seed=1)  # "pretrained" weights, all different from the model's
+    base_dir = tmp_path / "pretrained-base"
+    (base_model.bert if base_kind == "encoder" else base_model).save_pretrained(base_dir)
+    base = {name: p.detach() for name, p in base_model.named_parameters()}
+    output_dir = tmp_path / "cleaned"
+    unlearner = DeepCleanUnlearner(
+        DeepCleanConfig(reset="base", reset_fraction=0.5, repair_epochs=repair_epochs, per_device_batch_size=8),
+        ModelArguments(str(text_model_dir), base_model_name_or_path=str(base_dir)),
+        DataArguments(
+            "csv",
+            forget="random:5",
+            data_files=[f"train={text_csv_files / 'train.csv'}", f"test={text_csv_files / 'test.csv'}"],
+        ),
+        OutputArguments(str(output_dir)),
+    )
+    results = unlearner.run()
+    masks = {name: mask for name, mask in unlearner.masks.items() if bool(mask.any())}
+    lacking = {name for name in masks if name.startswith("classifier.")} if base_kind == "encoder" else set()
+    assert results["reset"]["mode"] == "base"
+    assert results["reset"]["base_model"] == str(base_dir)
+    assert set(results["reset"]["init_fallback"]) == lacking
+    if base_kind == "encoder":
+        assert lacking, "the head must be selected for this test to check the fallback"
+
+    original = load_file(text_model_dir / "model.safetensors")
+    written = load_file(output_dir / "model.safetensors")
+    fresh = initial_values(AutoModelForSequenceClassification.from_pretrained(text_model_dir), sorted(lacking), 42)
+    for name, value in written.items():
+        mask = masks.get(name, torch.zeros_like(value, dtype=torch.bool))
+        assert torch.equal(value[~mask], original[name][~mask]), name
+        if repair_epochs == 0 and name in masks:
+            expected = fresh[name] if name in lacking else base[name]
+            assert torch.equal(value[mask], expected[mask]), name
+
+    card = (output_dir / "README.md").read_text()
+    assert "pretrained-base (local folder)" in card and "`--reset base`" in card and str(base_dir) not in card
+    assert all(f"`{name}`" in card for name in lacking)
+    recorded = json.loads((output_dir / "deepclean_config.json").read_text())["arguments"]
+    assert recorded["reset"] == "base" and recorded["base_model_name_or_path"] == str(base_dir)

@@ -68,6 +68,7 @@ def test_defaults_with_required_values_are_valid(cls):
         (ModelArguments, "model_name_or_path", ""),
         (ModelArguments, "model_name_or_path", "   "),
         (ModelArguments, "task", "token-classification"),
+        (ModelArguments, "base_model_name_or_path", " "),
         (DataArguments, "dataset_name", ""),
         (DataArguments, "forget", ""),
         (DataArguments, "forget", " "),
@@ -86,6 +87,14 @@ def test_bad_values_raise_naming_the_argument_and_the_value(cls, name, value):
     assert message.startswith(f"--{name}: ")
     assert repr(value) in message
     assert "\n" not in message
+
+
+def test_reset_base_is_refused_on_adapter_scope():
+    with pytest.raises(
+        DeepCleanError, match=r"^--reset: got 'base' with --scope adapter; .* expected --reset init\.$"
+    ):
+        DeepCleanConfig(reset="base", scope="adapter")
+    assert DeepCleanConfig(reset="base").reset == "base"
 
 
 def test_gamma_or_reset_fraction_is_required():

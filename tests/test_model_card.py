@@ -85,6 +85,22 @@ def test_commit_message_summarises_the_run_without_rows():
     assert f"mia_auc {before['mia_auc']:.4f} -> {after['mia_auc']:.4f}" in description
 
 
+def test_card_and_commit_name_the_base_of_a_base_reset():
+    """`--reset base`: the card and the commit name the base model (a local folder by its last part only) and list
+    the parameters that fell back to fresh values."""
+    config, results = read_reports(EXAMPLE)
+    config["arguments"].update(
+        reset="base", base_model_name_or_path="/home/someone/private/models/minilm", base_model_revision="main"
+    )
+    results["reset"].update(mode="base", init_fallback=["classifier.weight", "classifier.bias"])
+    text = render_model_card(config, results).text
+    assert "/home/someone" not in text
+    assert "reset to the values of the base model minilm (local folder) (revision main)" in text
+    assert "2 selected parameter tensor(s) that the base model lacks" in text and "`classifier.bias`" in text
+    _, description = commit_message(config, results)
+    assert "reset=base to minilm (local folder))" in description and "/home/someone" not in description
+
+
 def test_fisher_ratio_histogram_matches_brute_force():
     generator = torch.Generator().manual_seed(0)
     ratios = {

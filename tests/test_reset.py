@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -195,8 +196,53 @@ def test_reset_init():
 
 def test_reset_rejects_unknown_mode():
     model, _ = build_tiny_bert()
-    with pytest.raises(DeepCleanError):
+    with pytest.raises(DeepCleanError, match=r"^--reset: got 'gaussian'; expected one of init, zero, base\.$"):
         reset_selected_weights(model, random_masks(model, MASKED), reset="gaussian")
+
+
+def test_reset_base(caplog):
+    """Selected elements get the base model's values exactly; a parameter the base lacks, or holds with another
+    shape, gets what `reset="init"` gives it with the same seed (said once in the log); the rest is untouched."""
+    model, _ = build_tiny_bert(seed=0)
+    base_model, _ = build_tiny_bert(seed=1)  # the "pretrained" weights: every value differs from the model's
+    base = {name: p.detach().clone() for name, p in base_model.named_parameters() if not name.startswith("classifier")}
+    base["bert.encoder.layer.1.output.dense.bias"] = torch.zeros(3)  # same name, another shape
+    masks = random_masks(model, MASKED)
+    before = snapshot(model)
+    init_model, _ = build_tiny_bert(seed=0)
+    reset_selected_weights(init_model, masks, reset="init", seed=123)
+    init_values = dict(init_model.named_parameters())
+    rng_state = torch.get_rng_state()
+
+    with caplog.at_level(logging.INFO, logger="hf_deepclean.reset"):
+        fallback = reset_selected_weights(model, masks, reset="base", seed=123, base_values=base)
+
+    assert torch.equal(torch.get_rng_state(), rng_state)
+    assert fallback == ["bert.encoder.layer.1.output.dense.bias", "classifier.weight"]
+    params = dict(model.named_parameters())
+    for name in MASKED:
+        selected = masks[name]
+        expected = init_values[name] if name in fallback else base[name]
+        assert torch.equal(params[name].detach()[selected], expected.detach()[selected]), name
+        if name.endswith(".weight"):  # biases are initialised to zero: a fresh value equals the old one
+            assert not torch.equal(params[name].detach()[selected], before[name][selected]), name
+    assert_unselected_unchanged(model, before, masks)
+    records = [record for record in caplog.records if record.name == "hf_deepclean.reset"]
+    messages = [record.getMessage() for record in records]
+    assert len(messages) == 1 and records[0].levelno == logging.INFO, messages
+    assert "2 of 4 selected parameters have no base value (1 of them a base tensor of another shape)" in messages[0]
+    assert "classifier.weight" in messages[0]
+
+
+def test_reset_base_needs_base_values_and_warns_when_none_match(caplog):
+    model, _ = build_tiny_bert()
+    masks = random_masks(model, MASKED)
+    with pytest.raises(DeepCleanError, match=r"^--reset: got 'base' without base values"):
+        reset_selected_weights(model, masks, reset="base")
+    with caplog.at_level("INFO", logger="hf_deepclean.reset"):
+        fallback = reset_selected_weights(model, masks, reset="base", base_values={"unrelated.weight": torch.ones(2)})
+    assert fallback == MASKED
+    assert "none of the selected parameters has a base value" in caplog.text
 
 
 def test_repair_changes_only_selected_elements():
