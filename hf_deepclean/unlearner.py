@@ -168,23 +168,10 @@ class DeepCleanUnlearner:
             parse_forget_spec(self.data_args.forget)  # fail on a malformed spec before loading anything heavy
         if self.output_args.merge_adapter and self.model_args.adapter_name_or_path is None:
             raise DeepCleanError("--merge_adapter: needs --adapter_name_or_path (there is no adapter to merge).")
-        if self.config.reset == "base" and self.model_args.base_model_name_or_path is None:
-            raise DeepCleanError(
-                "--reset: got 'base', which needs --base_model_name_or_path (the model the fine-tuning started from); "
-                "pass it, or use --reset init."
-            )
-        if self.config.reset == "base" and self.model_args.adapter_name_or_path is not None:
-            # peft freezes the base weights, so only adapter weights are ever in scope, and none of them is in a base
-            raise DeepCleanError(
-                "--reset: got 'base' with --adapter_name_or_path; only the adapter's weights are trainable and an "
-                "adapter's base values are its initialisation, expected --reset init."
-            )
         self.setup_accelerator()
         # under several processes the first one downloads and fills the caches, then the others read them
         with self.accelerator.main_process_first(), _raised_after_barrier(self.accelerator) as failure:
             model_config = load_model_config(self.model_args)
-            if self.config.reset == "base":  # a missing base model is refused before any work; weights come later
-                self.base_config = load_base_model_config(self.model_args)
             splits = load_dataset_splits(self.data_args)
             train = self.train_split = splits[self.data_args.train_split]
             has_image = self.data_args.image_column is not None or any(
@@ -303,6 +290,7 @@ class DeepCleanUnlearner:
         timer = self.timer
 
         with timer("load"):
+            self.check_base_model()
             self.load()
             if method.fisher_cache is not None:
                 self.load_fisher_cache()  # a stale cache is refused before any work
@@ -413,6 +401,27 @@ class DeepCleanUnlearner:
         tried = ", ".join(f"{r:g}: {loss:.4g}" for r, loss in losses.items())
         logger.info(f"Repair learning rate {rate:g} (probe losses {tried}).", main_process_only=True)
         return rate, losses
+
+    def check_base_model(self) -> None:
+        """`--reset base`: refuse a missing or unusable `--base_model_name_or_path` before any work (its config is
+        read now, its weights only once the selection is known)."""
+        if self.config.reset != "base":
+            return
+        if self.model_args.base_model_name_or_path is None:
+            raise DeepCleanError(
+                "--reset: got 'base', which needs --base_model_name_or_path (the model the fine-tuning started from); "
+                "pass it, or use --reset init."
+            )
+        if self.model_args.adapter_name_or_path is not None:
+            # peft freezes the base weights, so only adapter weights are ever in scope, and none of them is in a base
+            raise DeepCleanError(
+                "--reset: got 'base' with --adapter_name_or_path; only the adapter's weights are trainable and an "
+                "adapter's base values are its initialisation, expected --reset init."
+            )
+        with self.accelerator.main_process_first(), _raised_after_barrier(self.accelerator) as failure:
+            self.base_config = load_base_model_config(self.model_args)
+        if failure:
+            raise failure[0]
 
     def select(self, ratios: FisherDiagonal) -> ResetMasks:
         """The elements to reset (`select_weights_to_reset` with this run's settings), the same on every process.

@@ -105,7 +105,7 @@ def test_mean_loss_is_row_weighted_and_inf_when_not_finite():
     model = Regressor().eval()
     evaluation = DataLoader(rows(10, 3), batch_size=4)  # batches of 4, 4 and 2 rows
     with torch.no_grad():
-        expected = sum(float(((model(b["x"], b["labels"]).loss) * len(b["labels"]))) for b in evaluation) / 10
+        expected = sum(float((model(b["x"], b["labels"]).loss) * len(b["labels"])) for b in evaluation) / 10
     assert mean_loss(model, evaluation, Accelerator(cpu=True)) == pytest.approx(expected, rel=1e-9)
     with torch.no_grad():
         model.linear.bias.fill_(math.inf)
