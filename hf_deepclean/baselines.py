@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.logging import get_logger
 from datasets import Dataset
 from torch import nn
 from torch.utils.data import DataLoader
@@ -55,6 +56,9 @@ from .reset import (
     select_weights_to_reset,
 )
 from .training import PROBE_EVAL_ROWS, optimizer_steps_per_epoch, probe_learning_rate, train_model
+
+
+logger = get_logger(__name__)
 
 
 @dataclass
@@ -108,7 +112,9 @@ class TrainingSchedule:
         use when `config.learning_rate` is unset (the probe's choice)."""
         rate = config.learning_rate if config.learning_rate is not None else learning_rate
         if rate is None:
-            raise ValueError("repair_budget: config.learning_rate is unset; pass the probed learning_rate.")
+            if config.repair_epochs:
+                raise ValueError("repair_budget: config.learning_rate is unset; pass the probed learning_rate.")
+            rate = 0.0  # nothing is trained
         return cls(
             epochs=config.repair_epochs,
             learning_rate=rate,
@@ -234,7 +240,7 @@ def repair_learning_rate(
     `masks`) on the retain rows, as the unlearner does; the probe's time is part of the method's."""
     if config.learning_rate is not None:
         return config.learning_rate
-    rate, _ = probe_learning_rate(
+    rate, losses = probe_learning_rate(
         model,
         inputs.loader(inputs.retain, shuffle=True),
         inputs.loader(subsample(inputs.retain, PROBE_EVAL_ROWS, inputs.seed)),
@@ -243,6 +249,8 @@ def repair_learning_rate(
         weight_decay=config.weight_decay,
         max_grad_norm=config.max_grad_norm,
     )
+    tried = ", ".join(f"{r:g}: {loss:.4g}" for r, loss in losses.items())
+    logger.info(f"learning rate {rate:g} (probe losses {tried})", main_process_only=True)
     return rate
 
 

@@ -275,7 +275,7 @@ def repair_learning_rate_text(repair: Mapping[str, Any], configured: float | Non
     rate = repair.get("learning_rate", configured)
     if "learning_rate_probe" in repair:
         return f"{rate:g} (chosen by the learning-rate probe)"
-    return f"{rate:g}" if isinstance(rate, float) else str(rate)
+    return "none (no repair)" if rate is None else f"{rate:g}"
 
 
 def save_model_card(folder: str | os.PathLike, config: Mapping[str, Any], results: Mapping[str, Any]) -> ModelCard:

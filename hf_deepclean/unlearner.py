@@ -382,12 +382,12 @@ class DeepCleanUnlearner:
                 results["hub_commit_url"] = commit.commit_url
         return results
 
-    def repair_learning_rate(self, masks: ResetMasks) -> tuple[float, dict[float, float] | None]:
+    def repair_learning_rate(self, masks: ResetMasks) -> tuple[float | None, dict[float, float] | None]:
         """The repair's learning rate: `--learning_rate` when given, else the one `probe_learning_rate` chooses
-        for the reset model (`(rate, {rate tried: loss})`)."""
+        for the reset model (`(rate, {rate tried: loss})`); `None` when nothing is repaired and none was given."""
         method = self.config
         if method.learning_rate is not None or not method.repair_epochs:
-            return method.learning_rate or 0.0, None
+            return method.learning_rate, None
         with self.timer("probe_learning_rate"):
             rate, losses = probe_learning_rate(
                 self.model,

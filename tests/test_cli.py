@@ -80,7 +80,12 @@ def test_unlearn_text_model_writes_loadable_folder(tmp_path, text_model_dir, tex
     assert config["arguments"]["forget"] == "where:id in <redacted>"
     results = json.loads((output_dir / "deepclean_results.json").read_text())
     assert set(results["metrics"]) == {"before", "after"}
-    assert {"fisher_forget", "fisher_retain", "repair", "unlearning"} <= set(results["timings"])
+    assert {"fisher_forget", "fisher_retain", "probe_learning_rate", "repair", "unlearning"} <= set(results["timings"])
+    # no --learning_rate: the probe tried the largest rates first and the repair used the best one
+    probe = {float(rate): loss for rate, loss in results["repair"]["learning_rate_probe"].items()}
+    assert list(probe) == [1e-3, 3e-4, 1e-4, 3e-5][: len(probe)] and len(probe) >= 2
+    assert results["repair"]["learning_rate"] == min(probe, key=probe.get)
+    assert f"learning rate {results['repair']['learning_rate']:g} (chosen by the learning-rate probe)" in card.text
 
     written = _written_text(output_dir) + capsys.readouterr().out
     for forget_id in forget_ids:
@@ -110,6 +115,8 @@ def test_unlearn_image_model_by_class(tmp_path, image_model_dir, image_dataset_d
         "zero",
         "--gamma",
         "2",
+        "--learning_rate",
+        "0.002",
     ]
     assert main(args) == 0
     model = AutoModelForImageClassification.from_pretrained(output_dir)
@@ -120,6 +127,8 @@ def test_unlearn_image_model_by_class(tmp_path, image_model_dir, image_dataset_d
     assert config["dataset"]["eval_split"] == "test"
     results = json.loads((output_dir / "deepclean_results.json").read_text())
     assert results["reset"]["selection_rule"] == "ratio > 2"
+    assert results["repair"]["learning_rate"] == 0.002 and "learning_rate_probe" not in results["repair"]
+    assert "learning rate 0.002 (" in ModelCard.load(output_dir / "README.md").text
     assert ModelCard.load(output_dir / "README.md").data.pipeline_tag == "image-classification"
 
 
@@ -294,7 +303,7 @@ def test_no_repair_and_no_eval_split_write_strict_json(tmp_path, text_model_dir,
         raise AssertionError(f"non-standard JSON constant {name}")
 
     results = json.loads((output_dir / "deepclean_results.json").read_text(), parse_constant=refuse_constant)
-    assert results["repair"] == {"steps": 0, "final_loss": None, "stopped_early": False}
+    assert results["repair"] == {"steps": 0, "final_loss": None, "stopped_early": False, "learning_rate": None}
     assert "mia_auc" not in results["metrics"]["after"] and "test_accuracy" not in results["metrics"]["after"]
     card = ModelCard.load(output_dir / "README.md")
     assert "No held-out split was given" in card.text and "mia_efficacy`:" not in card.text
@@ -368,7 +377,7 @@ def test_early_stopping_and_per_parameter_selection(tmp_path, image_model_dir, i
     entries = [entry for name, entry in results["reset"]["per_parameter"].items() if name != "__total__"]
     assert all(entry["reset"] <= round(0.1 * entry["numel"]) for entry in entries)
     assert sum(entry["reset"] == round(0.1 * entry["numel"]) for entry in entries) > len(entries) // 2
-    assert set(results["repair"]) == {"steps", "final_loss", "stopped_early"}
+    assert set(results["repair"]) == {"steps", "final_loss", "stopped_early", "learning_rate", "learning_rate_probe"}
     assert results["repair"]["steps"] <= 2 * 3  # 2 epochs of 3 batches (64 retain rows, batch 32) at most
     config = json.loads((output_dir / "deepclean_config.json").read_text())["arguments"]
     assert config["early_stopping"] is True and config["selection_scope"] == "per_parameter"
