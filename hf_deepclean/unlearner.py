@@ -79,6 +79,9 @@ from .training import PROBE_EVAL_ROWS, optimizer_steps_per_epoch, probe_learning
 
 logger = get_logger(__name__)
 
+# a loss of retain accuracy (absolute) beyond which a run warns that the model was damaged
+DAMAGE_WARNING = 0.05
+
 LIBRARIES = ("hf_deepclean", "torch", "transformers", "datasets", "accelerate", "huggingface_hub", "safetensors")
 
 
@@ -344,6 +347,7 @@ class DeepCleanUnlearner:
             repair["learning_rate_probe"] = {f"{rate:g}": loss for rate, loss in probe.items()}
         with timer("evaluate_after"):
             metrics_after, outputs_after = self.evaluate(prefix="after ", return_outputs=True)
+        self.warn_if_damaged(metrics_before, metrics_after)
         timings = dict(timer.seconds)
         timings["unlearning"] = sum(
             timings.get(stage, 0.0)
@@ -381,6 +385,22 @@ class DeepCleanUnlearner:
                 )
                 results["hub_commit_url"] = commit.commit_url
         return results
+
+    def warn_if_damaged(self, before: dict[str, float], after: dict[str, float]) -> None:
+        """Warn when the cleaned model lost more than `DAMAGE_WARNING` of its retain accuracy, and say what helps."""
+        if "retain_accuracy" not in after or before["retain_accuracy"] - after["retain_accuracy"] <= DAMAGE_WARNING:
+            return
+        hint = (
+            "for a fine-tuned pretrained model, put the selected weights back to the pretrained ones with --reset base "
+            "--base_model_name_or_path BASE"
+            if self.config.reset != "base"
+            else "try a smaller --reset_fraction or more --repair_epochs"
+        )
+        logger.warning(
+            f"Retain accuracy fell from {before['retain_accuracy']:.3f} to {after['retain_accuracy']:.3f}: the repair "
+            f"did not rebuild what the reset removed; {hint}.",
+            main_process_only=True,
+        )
 
     def repair_learning_rate(self, masks: ResetMasks) -> tuple[float | None, dict[float, float] | None]:
         """The repair's learning rate: `--learning_rate` when given, else the one `probe_learning_rate` chooses

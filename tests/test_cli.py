@@ -523,3 +523,26 @@ def test_reset_base_end_to_end(tmp_path, text_model_dir, text_csv_files, base_ki
     assert all(f"`{name}`" in card for name in lacking)
     recorded = json.loads((output_dir / "deepclean_config.json").read_text())["arguments"]
     assert recorded["reset"] == "base" and recorded["base_model_name_or_path"] == str(base_dir)
+
+
+@pytest.mark.parametrize("reset", ["init", "base"])
+def test_a_damaging_run_warns_with_a_hint(reset, caplog):
+    from types import SimpleNamespace
+
+    from accelerate import PartialState
+
+    from hf_deepclean.config import DeepCleanConfig
+    from hf_deepclean.unlearner import DeepCleanUnlearner
+
+    PartialState(cpu=True)
+    unlearner = SimpleNamespace(config=DeepCleanConfig(reset=reset))
+    with caplog.at_level("WARNING", logger="hf_deepclean.unlearner"):
+        DeepCleanUnlearner.warn_if_damaged(unlearner, {"retain_accuracy": 0.9}, {"retain_accuracy": 0.86})
+        assert not caplog.records  # 4 points: within the tolerance
+        DeepCleanUnlearner.warn_if_damaged(unlearner, {"retain_accuracy": 0.9}, {"retain_accuracy": 0.55})
+    (record,) = caplog.records
+    assert "Retain accuracy fell from 0.900 to 0.550" in record.getMessage()
+    assert ("--reset base" in record.getMessage()) == (reset == "init")
+    with caplog.at_level("WARNING", logger="hf_deepclean.unlearner"):
+        DeepCleanUnlearner.warn_if_damaged(unlearner, {"train_loss": 1.0}, {"train_loss": 9.0})  # causal LMs
+    assert len(caplog.records) == 1
