@@ -58,6 +58,8 @@ GRID = {
     "base0.2_lr1e-4": {"reset": "base", "learning_rate": 1e-4},
     "base0.5": {"reset": "base", "reset_fraction": 0.5},
     "base0.5_lr1e-4": {"reset": "base", "reset_fraction": 0.5, "learning_rate": 1e-4},
+    "base0.2_early_stop": {"reset": "base", "early_stopping": True},
+    "base0.5_early_stop": {"reset": "base", "reset_fraction": 0.5, "early_stopping": True},
 }
 
 

@@ -28,3 +28,20 @@ def test_benchmark_fisher_quick_prints_one_row_per_model():
     for row in rows:
         ratios = row.split(" | ")[2:5]
         assert all(re.fullmatch(r"\d+\.\d\d", value) for value in ratios), row
+
+
+def test_repair_trajectory_prints_a_line_per_quarter_epoch():
+    result = subprocess.run(
+        [sys.executable, str(SCRIPTS / "repair_trajectory.py"), "--epochs", "1", "--repair_epochs", "0.5"]
+        + ["--reset_fractions", "0.5"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"},
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert re.fullmatch(r"original avg_gap \d+\.\d\d", lines[0])
+    checks = [line for line in lines if line.startswith("share 0.5 epoch ")]
+    assert [line.split()[3].rstrip(":") for line in checks] == ["0.24", "0.49"]  # 41 steps an epoch, checks every 10
+    assert all("avg_gap" in line and "mia_efficacy" in line for line in checks)
