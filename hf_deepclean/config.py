@@ -239,8 +239,10 @@ class DeepCleanConfig:
         default=None,
         metadata={"help": "Reset elements with F_forget / (F_retain + eps) > gamma. Overrides --reset_fraction."},
     )
+    # 0.5 rather than 0.2: on the digits benchmark it closed more of the gap on average, most on random subsets
+    # and mislabelled rows (README, "Tuning")
     reset_fraction: float | None = field(
-        default=0.2,
+        default=0.5,
         metadata={"help": "Reset this share (0, 1] of the elements in scope with the largest Fisher ratio."},
     )
     max_reset_fraction: float = field(

@@ -130,7 +130,7 @@ class DeepCleanUnlearner:
         from hf_deepclean import DataArguments, DeepCleanConfig, DeepCleanUnlearner, ModelArguments, OutputArguments
 
         results = DeepCleanUnlearner(
-            DeepCleanConfig(reset_fraction=0.2),
+            DeepCleanConfig(),
             ModelArguments("my-org/my-classifier"),
             DataArguments("my-org/my-data", forget="class:3"),
             OutputArguments("cleaned"),
