@@ -82,11 +82,25 @@ class BaselineConfig:
     fisher_forgetting_max_inverse: float = field(
         default=1e3, metadata={"help": "Fisher forgetting: clamp of 1 / F_retain before scaling by alpha."}
     )
+    baseline_learning_rate: float = field(
+        default=1e-3,
+        metadata={
+            "help": "finetune and neggrad_plus: their learning rate when --learning_rate is unset. DeepClean's probe "
+            "does not apply to them: it measures how fast reset weights repair, and a fine-tune of a converged model "
+            "has none, so its retain loss favours barely moving (the probe chooses 3e-5 to 1e-4 there)."
+        },
+    )
 
     def __post_init__(self):
         if not isinstance(self.neggrad_alpha, (int, float)) or not (0.0 <= self.neggrad_alpha <= 1.0):
             raise DeepCleanError(f"--neggrad_alpha: got {self.neggrad_alpha!r}; expected a number in [0, 1].")
-        for name in ("ssd_alpha", "ssd_lambda", "fisher_forgetting_alpha", "fisher_forgetting_max_inverse"):
+        for name in (
+            "ssd_alpha",
+            "ssd_lambda",
+            "fisher_forgetting_alpha",
+            "fisher_forgetting_max_inverse",
+            "baseline_learning_rate",
+        ):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not (0 < value < math.inf):
                 raise DeepCleanError(f"--{name}: got {value!r}; expected a finite number > 0.")
@@ -256,23 +270,20 @@ def repair_learning_rate(
 
 def finetune(inputs: UnlearningInputs, config: DeepCleanConfig, baselines: BaselineConfig) -> nn.Module:
     """Fine-tune every weight on the retain rows with DeepClean's repair budget and optimizer settings (an unset
-    learning rate is probed for the whole model)."""
-    model = inputs.copy_model()
-    schedule = TrainingSchedule.repair_budget(config, inputs.batch_size, repair_learning_rate(inputs, config, model))
-    return train_from_state(model, inputs.retain, inputs, schedule, desc="Finetune")
+    learning rate is `baselines.baseline_learning_rate`)."""
+    schedule = TrainingSchedule.repair_budget(config, inputs.batch_size, baselines.baseline_learning_rate)
+    return train_from_state(inputs.copy_model(), inputs.retain, inputs, schedule, desc="Finetune")
 
 
 def neggrad_plus(inputs: UnlearningInputs, config: DeepCleanConfig, baselines: BaselineConfig) -> nn.Module:
     """Descend `alpha * L_retain - (1 - alpha) * L_forget` for DeepClean's repair budget (retain epochs)."""
     accelerator = inputs.accelerator
-    model = inputs.copy_model()
+    model = accelerator.prepare_model(inputs.copy_model())
     retain_loader = inputs.loader(inputs.retain, shuffle=True)
     total_steps = math.ceil(config.repair_epochs * len(retain_loader))
     if total_steps == 0:
-        return model
-    # an unset rate is probed on the retain loss alone (the descent part of the objective)
-    learning_rate = repair_learning_rate(inputs, config, model)
-    model = accelerator.prepare_model(model)
+        return accelerator.unwrap_model(model).eval()
+    learning_rate = config.learning_rate if config.learning_rate is not None else baselines.baseline_learning_rate
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=config.weight_decay)
     scheduler = get_scheduler(
         config.lr_scheduler_type,

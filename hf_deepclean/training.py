@@ -149,6 +149,7 @@ def train_model(
 LEARNING_RATE_CANDIDATES = (1e-3, 3e-4, 1e-4, 3e-5)
 PROBE_STEPS = 10
 PROBE_EVAL_ROWS = 256  # retain rows the probe measures each trial's loss on
+PROBE_TOLERANCE = 0.02  # losses within 2% are a tie, which the smaller rate wins
 
 
 def probe_learning_rate(
@@ -160,14 +161,17 @@ def probe_learning_rate(
     candidates: Sequence[float] = LEARNING_RATE_CANDIDATES,
     steps: int = PROBE_STEPS,
     masks: Mapping[str, torch.Tensor] | None = None,
+    tolerance: float = PROBE_TOLERANCE,
     **optimizer_arguments,
 ) -> tuple[float, dict[float, float]]:
     """Choose a learning rate by a short trial of each candidate from the same weights (a learning-rate probe).
 
     Each trial trains `steps` optimizer steps at a constant rate with `train_model` (same masks, data order and
     seed), measures the mean loss on `eval_dataloader`, and puts the weights back. Trials run from the largest rate
-    down and stop at the first rate that does no better than the one before it (the loss after a fixed number of
-    steps is U-shaped in log learning rate), so a model that takes the largest rate costs two trials. A trial whose
+    down. A rate whose loss is within `tolerance` (relative) of the lowest loss so far becomes the choice: a tie
+    goes to the smaller rate, which is the safer one over a repair much longer than the trial. The sweep stops at
+    the first rate that is worse than that by more than `tolerance` (the loss after a fixed number of steps is
+    U-shaped in log learning rate), so a model that clearly takes the largest rate costs two trials. A trial whose
     loss is not finite (divergence) counts as infinitely bad.
 
     Args:
@@ -178,6 +182,7 @@ def probe_learning_rate(
         candidates: the rates to try, in any order (tried largest first).
         steps: optimizer steps per trial.
         masks: as for `train_model`.
+        tolerance: relative difference of losses that counts as a tie.
         optimizer_arguments: other `train_model` arguments (`weight_decay`, `max_grad_norm`); the schedule is
             constant and without warm-up during trials.
 
@@ -197,6 +202,7 @@ def probe_learning_rate(
     epochs = steps / max(1, optimizer_steps_per_epoch(train_dataloader, accelerator))
     arguments = {**optimizer_arguments, "warmup_ratio": 0.0, "lr_scheduler_type": "constant"}
     losses: dict[float, float] = {}
+    chosen, lowest = None, math.inf
     generator = getattr(train_dataloader, "generator", None)
     order = generator.get_state() if generator is not None else None
     devices = [accelerator.device] if accelerator.device.type == "cuda" else []
@@ -215,20 +221,20 @@ def probe_learning_rate(
                     desc=f"Probe lr {rate:g}",
                     **arguments,
                 )
-                losses[rate] = mean_loss(model, eval_dataloader, accelerator)
+                loss = losses[rate] = mean_loss(model, eval_dataloader, accelerator)
             with torch.no_grad():
                 for name, value in saved.items():
                     state[name].copy_(value)
-            tried = list(losses.values())
-            if len(tried) > 1 and not tried[-1] < tried[-2]:
+            if chosen is not None and not loss <= lowest * (1 + tolerance):
                 break
+            chosen, lowest = rate, min(lowest, loss)
     finally:
         with torch.no_grad():
             for name, value in saved.items():
                 state[name].copy_(value)
         if generator is not None:
             generator.set_state(order)
-    return min(losses, key=lambda rate: (losses[rate], -rate)), losses
+    return chosen, losses
 
 
 @torch.no_grad()
