@@ -36,7 +36,6 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.logging import get_logger
 from datasets import Dataset
 from torch import nn
 from torch.utils.data import DataLoader
@@ -55,10 +54,7 @@ from .reset import (
     reset_selected_weights,
     select_weights_to_reset,
 )
-from .training import PROBE_EVAL_ROWS, optimizer_steps_per_epoch, probe_learning_rate, train_model
-
-
-logger = get_logger(__name__)
+from .training import PROBE_EVAL_ROWS, optimizer_steps_per_epoch, probe_repair_learning_rate, train_model
 
 
 @dataclass
@@ -248,13 +244,13 @@ def repair_learning_rate(
     inputs: UnlearningInputs,
     config: DeepCleanConfig,
     model: nn.Module,
-    masks: Mapping[str, torch.Tensor] | None = None,
+    masks: Mapping[str, torch.Tensor],
 ) -> float:
-    """`config.learning_rate`, or when it is unset the rate `probe_learning_rate` chooses for `model` (trained with
-    `masks`) on the retain rows, as the unlearner does; the probe's time is part of the method's."""
+    """`config.learning_rate`, or when it is unset the rate the probe chooses for repairing `model`'s `masks` on the
+    retain rows, as the unlearner does; the probe's time is part of the method's."""
     if config.learning_rate is not None:
         return config.learning_rate
-    rate, losses = probe_learning_rate(
+    rate, _ = probe_repair_learning_rate(
         model,
         inputs.loader(inputs.retain, shuffle=True),
         inputs.loader(subsample(inputs.retain, PROBE_EVAL_ROWS, inputs.seed)),
@@ -263,8 +259,6 @@ def repair_learning_rate(
         weight_decay=config.weight_decay,
         max_grad_norm=config.max_grad_norm,
     )
-    tried = ", ".join(f"{r:g}: {loss:.4g}" for r, loss in losses.items())
-    logger.info(f"learning rate {rate:g} (probe losses {tried})", main_process_only=True)
     return rate
 
 

@@ -361,16 +361,8 @@ def run_benchmark(
     }
 
 
-def run_scenario(
-    scenario: Scenario,
-    methods: Mapping[str, tuple[str, DeepCleanConfig]],
-    seed: int,
-    baseline_config: BaselineConfig,
-    args: BenchmarkArguments,
-    accelerator: Accelerator,
-    batch_size: int = 32,
-) -> list[dict[str, Any]]:
-    """Train the scenario's original model, run every method on it, and evaluate each result."""
+def train_original(scenario: Scenario, accelerator: Accelerator, seed: int, batch_size: int = 32) -> UnlearningInputs:
+    """Train the scenario's original model on all its training rows; the methods' inputs for it."""
     initial_state = {name: value.detach().clone() for name, value in scenario.model.state_dict().items()}
     scenario.model.to(accelerator.device)
     # the original trains through the same function as `retrain`, on all training rows
@@ -379,7 +371,7 @@ def run_scenario(
     )
     original = train_from_state(scenario.model, scenario.train, bootstrap, scenario.training, desc="Train original")
     forget, retain = scenario.split_rows()
-    inputs = UnlearningInputs(
+    return UnlearningInputs(
         original,
         forget,
         retain,
@@ -391,6 +383,20 @@ def run_scenario(
         initial_state=initial_state,
         training=scenario.training,
     )
+
+
+def run_scenario(
+    scenario: Scenario,
+    methods: Mapping[str, tuple[str, DeepCleanConfig]],
+    seed: int,
+    baseline_config: BaselineConfig,
+    args: BenchmarkArguments,
+    accelerator: Accelerator,
+    batch_size: int = 32,
+) -> list[dict[str, Any]]:
+    """Train the scenario's original model, run every method on it, and evaluate each result."""
+    inputs = train_original(scenario, accelerator, seed, batch_size)
+    forget, retain = inputs.forget, inputs.retain
     eval_loaders = {
         "forget": make_dataloader(forget, scenario.collator, 64),
         "retain": make_dataloader(subsample(retain, args.max_eval_samples, seed), scenario.collator, 64),

@@ -22,10 +22,14 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from accelerate import Accelerator
+from accelerate.logging import get_logger
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
+
+
+logger = get_logger(__name__)
 
 
 def train_model(
@@ -235,6 +239,32 @@ def probe_learning_rate(
         if generator is not None:
             generator.set_state(order)
     return chosen, losses
+
+
+def probe_repair_learning_rate(
+    model: nn.Module,
+    train_dataloader: DataLoader,
+    eval_dataloader: DataLoader,
+    accelerator: Accelerator,
+    *,
+    masks: Mapping[str, torch.Tensor],
+    weight_decay: float,
+    max_grad_norm: float,
+) -> tuple[float, dict[float, float]]:
+    """`probe_learning_rate` for DeepClean's repair of the reset elements (`masks`), with the run's optimizer
+    settings; logs the rates tried and the choice."""
+    rate, losses = probe_learning_rate(
+        model,
+        train_dataloader,
+        eval_dataloader,
+        accelerator,
+        masks=masks,
+        weight_decay=weight_decay,
+        max_grad_norm=max_grad_norm,
+    )
+    tried = ", ".join(f"{r:g}: {loss:.4g}" for r, loss in losses.items())
+    logger.info(f"Repair learning rate {rate:g} (probe losses {tried}).", main_process_only=True)
+    return rate, losses
 
 
 @torch.no_grad()

@@ -74,7 +74,7 @@ from .reset import (
     reset_statistics,
     select_weights_to_reset,
 )
-from .training import PROBE_EVAL_ROWS, optimizer_steps_per_epoch, probe_learning_rate
+from .training import PROBE_EVAL_ROWS, optimizer_steps_per_epoch, probe_repair_learning_rate
 
 
 logger = get_logger(__name__)
@@ -409,7 +409,7 @@ class DeepCleanUnlearner:
         if method.learning_rate is not None or not method.repair_epochs:
             return method.learning_rate, None
         with self.timer("probe_learning_rate"):
-            rate, losses = probe_learning_rate(
+            return probe_repair_learning_rate(
                 self.model,
                 self.dataloader("retain", shuffle=True),
                 self.dataloader("retain", max_rows=PROBE_EVAL_ROWS),
@@ -418,9 +418,6 @@ class DeepCleanUnlearner:
                 weight_decay=method.weight_decay,
                 max_grad_norm=method.max_grad_norm,
             )
-        tried = ", ".join(f"{r:g}: {loss:.4g}" for r, loss in losses.items())
-        logger.info(f"Repair learning rate {rate:g} (probe losses {tried}).", main_process_only=True)
-        return rate, losses
 
     def check_base_model(self) -> None:
         """`--reset base`: refuse a missing or unusable `--base_model_name_or_path` before any work (its config is

@@ -14,8 +14,8 @@ import sys
 
 from accelerate.utils import set_seed
 
-from hf_deepclean.baselines import BaselineConfig, TrainingSchedule, UnlearningInputs, retrain, train_from_state
-from hf_deepclean.benchmark import DIGITS_SCENARIOS, build_digits_scenario
+from hf_deepclean.baselines import BaselineConfig, TrainingSchedule, retrain
+from hf_deepclean.benchmark import DIGITS_SCENARIOS, build_digits_scenario, train_original
 from hf_deepclean.config import DeepCleanConfig
 from hf_deepclean.data import make_dataloader
 from hf_deepclean.distributed import default_accelerator
@@ -41,25 +41,9 @@ def main(argv: list[str]) -> int:
 
     accelerator = default_accelerator()
     scenario = build_digits_scenario(args.scenario, args.seed, args.epochs)
-    initial_state = {name: value.detach().clone() for name, value in scenario.model.state_dict().items()}
-    scenario.model.to(accelerator.device)
-    bootstrap = UnlearningInputs(
-        scenario.model, scenario.train, scenario.train, scenario.collator, accelerator, seed=args.seed
-    )
     set_seed(args.seed)
-    original = train_from_state(scenario.model, scenario.train, bootstrap, scenario.training, desc="Train original")
-    forget, retain = scenario.split_rows()
-    inputs = UnlearningInputs(
-        original,
-        forget,
-        retain,
-        scenario.collator,
-        accelerator,
-        seed=args.seed,
-        held_out=scenario.test,
-        initial_state=initial_state,
-        training=scenario.training,
-    )
+    inputs = train_original(scenario, accelerator, args.seed)
+    original, forget, retain = inputs.model, inputs.forget, inputs.retain
     loaders = {
         split: make_dataloader(rows, scenario.collator, 64)
         for split, rows in (("forget", forget), ("retain", retain), ("test", scenario.test))
