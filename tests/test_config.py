@@ -213,7 +213,7 @@ def test_config_yaml_values_are_defaults_that_flags_override(tmp_path):
     assert data_args.dataset_name == "csv"
     assert data_args.data_files == ["train=a.csv", "test=b.csv"]
     assert output_args.output_dir == "cleaned"
-    assert method.reset_fraction == 0.2  # neither in the yaml nor on the command line
+    assert method.reset_fraction == 0.5  # neither in the yaml nor on the command line
 
 
 def test_config_yaml_alone_is_enough(tmp_path):
