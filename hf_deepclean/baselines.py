@@ -390,6 +390,7 @@ def deepclean(inputs: UnlearningInputs, config: DeepCleanConfig, baselines: Base
             loader=inputs.loader,
             accelerator=inputs.accelerator,
             tolerance=config.early_stopping_tolerance,
+            criterion=config.early_stopping_criterion,
             steps_per_epoch=optimizer_steps_per_epoch(retain_loader, inputs.accelerator),
             seed=inputs.seed,
         )

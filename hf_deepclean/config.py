@@ -21,6 +21,7 @@ from .errors import DeepCleanError
 
 TASKS = ("text-classification", "image-classification", "causal-lm")
 SELECTION_SCOPES = ("global", "per_parameter")
+EARLY_STOPPING_CRITERIA = ("retain_and_mia", "retain")
 RESET_MODES = ("init", "zero", "base")
 # `datasets` builders that read local files given with --data_files (a --dataset_name, but never a Hub id)
 FILE_BUILDERS = ("csv", "json", "parquet", "text")
@@ -295,6 +296,15 @@ class DeepCleanConfig:
             "from held-out rows (checked 4 times per epoch on samples of 256 rows; needs a held-out split)."
         },
     )
+    early_stopping_criterion: str = field(
+        default="retain_and_mia",
+        metadata={
+            "help": "What ends the repair early: `retain_and_mia` (retain accuracy recovered and a loss attack no longer "
+            "tells forget rows from held-out rows) or `retain` (retain accuracy recovered: repair no further than the "
+            "original model, for fine-tuned models that the repair would train past their own fine-tuning).",
+            "choices": EARLY_STOPPING_CRITERIA,
+        },
+    )
     early_stopping_tolerance: float = field(
         default=0.01,
         metadata={"help": "Retain accuracy counts as recovered within this distance of the original model's."},
@@ -331,6 +341,7 @@ class DeepCleanConfig:
                 f"--per_device_batch_size: got {self.per_device_batch_size!r}; expected a positive integer."
             )
         _check_choice("selection_scope", self.selection_scope, SELECTION_SCOPES)
+        _check_choice("early_stopping_criterion", self.early_stopping_criterion, EARLY_STOPPING_CRITERIA)
         _check_positive("early_stopping_tolerance", self.early_stopping_tolerance, allow_zero=True)
 
     @classmethod

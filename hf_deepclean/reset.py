@@ -295,12 +295,13 @@ class RepairMonitor:
     """Early stopping of the repair: stop once retain accuracy has recovered and the forget rows look held out.
 
     Every `check_every` steps the model is evaluated on small fixed samples of the forget, retain and held-out
-    rows. The repair stops at the first check where both hold:
+    rows. With `criterion="retain_and_mia"` the repair stops at the first check where both hold:
     - retain accuracy >= `target_retain_accuracy` (the original model's, less a tolerance), and
     - the loss-threshold attack no longer tells forget rows from held-out rows better than chance:
       `mia_auc(forget vs held-out) <= 0.5 + auc_margin`.
     The repair on retain rows pulls forget rows that resemble retain rows back towards "member", so stopping as
-    soon as the model is repaired keeps what the reset forgot.
+    soon as the model is repaired keeps what the reset forgot. With `criterion="retain"` the first condition
+    alone ends the repair: the model is repaired no further than the original was trained.
 
     Args:
         model: the model being repaired.
@@ -309,6 +310,7 @@ class RepairMonitor:
         target_retain_accuracy: retain accuracy that counts as recovered.
         check_every: steps between checks.
         auc_margin: tolerance of the attack criterion.
+        criterion: `retain_and_mia` or `retain` (see above).
     """
 
     def __init__(
@@ -320,6 +322,7 @@ class RepairMonitor:
         target_retain_accuracy: float,
         check_every: int,
         auc_margin: float = 0.05,
+        criterion: str = "retain_and_mia",
     ):
         self.model = model
         self.dataloaders = dataloaders
@@ -327,6 +330,7 @@ class RepairMonitor:
         self.target_retain_accuracy = target_retain_accuracy
         self.check_every = max(1, check_every)
         self.auc_margin = auc_margin
+        self.criterion = criterion
         self.history: list[dict[str, float]] = []
 
     def __call__(self, step: int) -> bool:
@@ -339,7 +343,8 @@ class RepairMonitor:
         retain_accuracy = float(outputs["retain"]["correct"].mean())
         auc = membership_inference_auc(outputs["forget"]["loss"], outputs["test"]["loss"])
         self.history.append({"step": step, "retain_accuracy": retain_accuracy, "mia_auc": auc})
-        return retain_accuracy >= self.target_retain_accuracy and auc <= 0.5 + self.auc_margin
+        recovered = retain_accuracy >= self.target_retain_accuracy
+        return recovered if self.criterion == "retain" else recovered and auc <= 0.5 + self.auc_margin
 
 
 MONITOR_ROWS = 256
@@ -355,6 +360,7 @@ def build_repair_monitor(
     tolerance: float,
     steps_per_epoch: int,
     seed: int,
+    criterion: str = "retain_and_mia",
 ) -> RepairMonitor:
     """A `RepairMonitor` on seeded samples of at most 256 forget/retain/held-out rows, checking 4 times an epoch.
 
@@ -369,6 +375,7 @@ def build_repair_monitor(
         tolerance: how far below the original's retain accuracy still counts as recovered.
         steps_per_epoch: repair steps per epoch.
         seed: seed of the samples.
+        criterion: what ends the repair (`RepairMonitor`).
     """
     loaders = {split: loader(subsample(dataset, MONITOR_ROWS, seed)) for split, dataset in rows.items()}
     original = compute_sample_outputs(original_model, loaders["retain"], accelerator, desc="Monitor retain")
@@ -378,4 +385,5 @@ def build_repair_monitor(
         accelerator,
         target_retain_accuracy=float(original["correct"].mean()) - tolerance,
         check_every=max(1, steps_per_epoch // 4),
+        criterion=criterion,
     )

@@ -271,6 +271,7 @@ class DeepCleanUnlearner:
             loader=lambda rows: make_dataloader(rows, self.data.collator, self.config.per_device_batch_size),
             accelerator=self.accelerator,
             tolerance=self.config.early_stopping_tolerance,
+            criterion=self.config.early_stopping_criterion,
             steps_per_epoch=steps_per_epoch,
             seed=self.output_args.seed,
         )

@@ -60,6 +60,14 @@ GRID = {
     "base0.5_lr1e-4": {"reset": "base", "reset_fraction": 0.5, "learning_rate": 1e-4},
     "base0.2_early_stop": {"reset": "base", "early_stopping": True},
     "base0.5_early_stop": {"reset": "base", "reset_fraction": 0.5, "early_stopping": True},
+    "base0.2_stop_retain": {"reset": "base", "early_stopping": True, "early_stopping_criterion": "retain"},
+    "base0.5_stop_retain": {
+        "reset": "base",
+        "reset_fraction": 0.5,
+        "early_stopping": True,
+        "early_stopping_criterion": "retain",
+    },
+    "stop_retain": {"early_stopping": True, "early_stopping_criterion": "retain"},
 }
 
 

@@ -391,6 +391,42 @@ def test_early_stopping_and_per_parameter_selection(tmp_path, image_model_dir, i
     assert config["early_stopping"] is True and config["selection_scope"] == "per_parameter"
 
 
+def test_early_stopping_on_retain_accuracy_alone(tmp_path, image_model_dir, image_dataset_dir):
+    output_dir = tmp_path / "cleaned"
+    flags = ["--repair_epochs", "2", "--early_stopping", "--early_stopping_criterion", "retain"]
+    flags += ["--early_stopping_tolerance", "1", "--learning_rate", "0.001"]
+    assert main(_image_args(image_model_dir, image_dataset_dir, output_dir, *flags)) == 0
+    repair = json.loads((output_dir / "deepclean_results.json").read_text())["repair"]
+    # any retain accuracy is within 1 of the original's: the first check (every step here) ends the repair, whatever
+    # the attack says
+    assert repair["steps"] == 1 and repair["stopped_early"] is True
+    config = json.loads((output_dir / "deepclean_config.json").read_text())["arguments"]
+    assert config["early_stopping_criterion"] == "retain"
+
+
+@pytest.mark.parametrize(("forget_loss", "retain_and_mia_stops"), [(0.01, False), (1.0, True)])
+def test_repair_monitor_criteria(monkeypatch, forget_loss, retain_and_mia_stops):
+    """Retain accuracy recovered in both cases; the attack tells forget rows (loss 0.01) from held-out ones (loss
+    1.0, AUC 1) in the first, not in the second (identical losses, AUC 0.5)."""
+    import numpy as np
+
+    from hf_deepclean import reset
+
+    outputs = {
+        "forget": {"loss": np.full(8, forget_loss), "correct": np.ones(8)},
+        "retain": {"loss": np.full(8, 0.01), "correct": np.ones(8)},
+        "test": {"loss": np.full(8, 1.0), "correct": np.ones(8)},
+    }
+    monkeypatch.setattr(reset, "compute_sample_outputs", lambda model, loader, accelerator, desc: outputs[loader])
+    loaders = {split: split for split in outputs}
+    for criterion, expected in (("retain", True), ("retain_and_mia", retain_and_mia_stops)):
+        monitor = reset.RepairMonitor(
+            None, loaders, None, target_retain_accuracy=0.99, check_every=2, criterion=criterion
+        )
+        assert monitor(1) is False  # not a check step
+        assert monitor(2) is expected
+
+
 def _save_bert_lora(text_model_dir, adapter_dir):
     """A LoRA adapter (random A and B, so that it changes the model) on the tiny BERT, with its trained head."""
     from peft import LoraConfig, get_peft_model
