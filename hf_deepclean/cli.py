@@ -97,8 +97,10 @@ def dataclass_parser(command: str = "unlearn", dataclass_types=None) -> HfArgume
             "--preset",
             default=None,
             choices=list(PRESETS),
-            help="Named DeepClean settings: `default`, or `paper` (zero reset above a ratio threshold, as in arXiv "
-            "2311.10448). The preset's values act as defaults under --config and the command-line flags.",
+            help="Named DeepClean settings: `default`; `paper` (zero reset above a ratio threshold, as in arXiv "
+            "2311.10448); `finetuned` (for a fine-tuned pretrained model: --reset base, which needs "
+            "--base_model_name_or_path, and a repair that stops once retain accuracy is back). The preset's values "
+            "act as defaults under --config and the command-line flags.",
         )
     _add_common_flags(parser)
     return parser

@@ -349,8 +349,9 @@ class DeepCleanConfig:
         """A config from a named preset (`PRESETS`), with `overrides` on top.
 
         Args:
-            name: `default` (this library's tuned defaults) or `paper` (zero reset of the elements above a fixed
-                ratio threshold, as in arXiv 2311.10448).
+            name: `default` (this library's tuned defaults), `paper` (zero reset of the elements above a fixed
+                ratio threshold, as in arXiv 2311.10448) or `finetuned` (reset to the pretrained values, repair
+                until retain accuracy is back; needs `ModelArguments.base_model_name_or_path`).
             overrides: any other field.
         """
         return cls(**{**preset_values(name), **overrides})
@@ -365,9 +366,13 @@ class DeepCleanConfig:
 
 # The paper fixes a threshold gamma on the Fisher ratio and zero-resets; it gives no value that carries over to
 # other models, so the preset uses 10 (a forget-row Fisher ten times the retain one), capped like any run.
+# `finetuned`: for a pretrained model fine-tuned on the data (pass --base_model_name_or_path): selected elements go back
+# to the pretrained values, and the repair stops once retain accuracy is back to the fine-tuned model's, so that it
+# does not train the retain rows past the fine-tuning (README, "The fine-tuned-model settings").
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
     "paper": {"reset": "zero", "gamma": 10.0, "reset_fraction": None},
+    "finetuned": {"reset": "base", "early_stopping": True, "early_stopping_criterion": "retain"},
 }
 
 

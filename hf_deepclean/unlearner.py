@@ -392,8 +392,8 @@ class DeepCleanUnlearner:
         if "retain_accuracy" not in after or before["retain_accuracy"] - after["retain_accuracy"] <= DAMAGE_WARNING:
             return
         hint = (
-            "for a fine-tuned pretrained model, put the selected weights back to the pretrained ones with --reset base "
-            "--base_model_name_or_path BASE"
+            "for a fine-tuned pretrained model, use --preset finetuned --base_model_name_or_path BASE (--reset base: "
+            "the selected weights go back to the pretrained ones)"
             if self.config.reset != "base"
             else "try a smaller --reset_fraction or more --repair_epochs"
         )

@@ -37,6 +37,9 @@ def test_method_names_and_presets():
     assert method_config("ssd", DeepCleanConfig()) == ("ssd", DeepCleanConfig())
     function, config = method_config("deepclean_paper", DeepCleanConfig())
     assert function == "deepclean" and config.reset == "zero" and config.gamma == 10.0
+    function, config = method_config("deepclean_finetuned", DeepCleanConfig())
+    assert function == "deepclean" and config.reset == "base" and config.early_stopping
+    assert config.early_stopping_criterion == "retain" and config.reset_fraction == DeepCleanConfig().reset_fraction
     with pytest.raises(DeepCleanError, match="--methods: got 'magic'"):
         method_config("magic", DeepCleanConfig())
     with pytest.raises(DeepCleanError, match="--scenarios: got 'mnist'"):

@@ -590,3 +590,11 @@ def test_a_damaging_run_warns_with_a_hint(reset, caplog):
     with caplog.at_level("WARNING", logger="hf_deepclean.unlearner"):
         DeepCleanUnlearner.warn_if_damaged(unlearner, {"train_loss": 1.0}, {"train_loss": 9.0})  # causal LMs
     assert len(caplog.records) == 1
+
+
+def test_finetuned_preset_needs_the_base_model(tmp_path, text_model_dir, text_csv_files, capsys):
+    output_dir = tmp_path / "out"
+    args = _text_args(text_model_dir, text_csv_files, output_dir, "--forget", "random:5", "--preset", "finetuned")
+    assert main(args) == 2
+    assert "--base_model_name_or_path" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not output_dir.exists()

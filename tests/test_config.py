@@ -342,7 +342,7 @@ def test_preset_sets_defaults_under_the_config_file_and_the_flags(tmp_path):
 
 
 def test_unknown_preset_is_one_line_naming_the_flag():
-    with pytest.raises(DeepCleanError, match=r"^--preset: got 'papr'; expected one of default, paper\.$"):
+    with pytest.raises(DeepCleanError, match=r"^--preset: got 'papr'; expected one of default, paper, finetuned\.$"):
         parse_unlearn_args([*REQUIRED_FLAGS, "--preset", "papr"])
 
 
