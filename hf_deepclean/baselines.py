@@ -54,7 +54,7 @@ from .reset import (
     reset_selected_weights,
     select_weights_to_reset,
 )
-from .training import PROBE_EVAL_ROWS, optimizer_steps_per_epoch, probe_repair_learning_rate, train_model
+from .training import PROBE_EVAL_ROWS, choose_repair_learning_rate, optimizer_steps_per_epoch, train_model
 
 
 @dataclass
@@ -240,28 +240,6 @@ def train_from_state(
     return inputs.accelerator.unwrap_model(prepared).eval()
 
 
-def repair_learning_rate(
-    inputs: UnlearningInputs,
-    config: DeepCleanConfig,
-    model: nn.Module,
-    masks: Mapping[str, torch.Tensor],
-) -> float:
-    """`config.learning_rate`, or when it is unset the rate the probe chooses for repairing `model`'s `masks` on the
-    retain rows, as the unlearner does; the probe's time is part of the method's."""
-    if config.learning_rate is not None:
-        return config.learning_rate
-    rate, _ = probe_repair_learning_rate(
-        model,
-        inputs.loader(inputs.retain, shuffle=True),
-        inputs.loader(subsample(inputs.retain, PROBE_EVAL_ROWS, inputs.seed)),
-        inputs.accelerator,
-        masks=masks,
-        weight_decay=config.weight_decay,
-        max_grad_norm=config.max_grad_norm,
-    )
-    return rate
-
-
 def finetune(inputs: UnlearningInputs, config: DeepCleanConfig, baselines: BaselineConfig) -> nn.Module:
     """Fine-tune every weight on the retain rows with DeepClean's repair budget and optimizer settings (an unset
     learning rate is `baselines.baseline_learning_rate`)."""
@@ -277,7 +255,9 @@ def neggrad_plus(inputs: UnlearningInputs, config: DeepCleanConfig, baselines: B
     total_steps = math.ceil(config.repair_epochs * len(retain_loader))
     if total_steps == 0:
         return accelerator.unwrap_model(model).eval()
-    learning_rate = config.learning_rate if config.learning_rate is not None else baselines.baseline_learning_rate
+    learning_rate = TrainingSchedule.repair_budget(
+        config, inputs.batch_size, baselines.baseline_learning_rate
+    ).learning_rate
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=config.weight_decay)
     scheduler = get_scheduler(
         config.lr_scheduler_type,
@@ -394,7 +374,15 @@ def deepclean(inputs: UnlearningInputs, config: DeepCleanConfig, baselines: Base
             steps_per_epoch=optimizer_steps_per_epoch(retain_loader, inputs.accelerator),
             seed=inputs.seed,
         )
-    learning_rate = repair_learning_rate(inputs, config, prepared, masks) if config.repair_epochs else 0.0
+    # the probe's time is part of the method's, as in the unlearner
+    learning_rate, _ = choose_repair_learning_rate(
+        config,
+        prepared,
+        inputs.loader(inputs.retain, shuffle=True),
+        inputs.loader(subsample(inputs.retain, PROBE_EVAL_ROWS, inputs.seed)),
+        inputs.accelerator,
+        masks,
+    )
     repair_selected_weights(
         prepared,
         masks,

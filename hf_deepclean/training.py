@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from accelerate import Accelerator
@@ -27,6 +28,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
+
+
+if TYPE_CHECKING:
+    from .config import DeepCleanConfig
 
 
 logger = get_logger(__name__)
@@ -195,26 +200,32 @@ def probe_learning_rate(
     """
     if not candidates:
         raise ValueError("probe_learning_rate: needs at least one candidate rate.")
-    unwrapped = accelerator.unwrap_model(model)
     # what a trial can change: every parameter it trains, and buffers (BatchNorm statistics of an unmasked run)
-    saved = {
-        name: value.detach().clone()
-        for name, value in unwrapped.state_dict(keep_vars=True).items()
+    state = {
+        name: value
+        for name, value in accelerator.unwrap_model(model).state_dict(keep_vars=True).items()
         if not isinstance(value, nn.Parameter) or value.requires_grad or (masks is not None and name in masks)
     }
-    state = {name: value for name, value in unwrapped.state_dict(keep_vars=True).items() if name in saved}
-    epochs = steps / max(1, optimizer_steps_per_epoch(train_dataloader, accelerator))
-    arguments = {**optimizer_arguments, "warmup_ratio": 0.0, "lr_scheduler_type": "constant"}
-    losses: dict[float, float] = {}
-    chosen, lowest = None, math.inf
+    saved = {name: value.detach().clone() for name, value in state.items()}
     generator = getattr(train_dataloader, "generator", None)
     order = generator.get_state() if generator is not None else None
+
+    def restore() -> None:  # the weights, and the data order for the next trial
+        with torch.no_grad():
+            for name, value in saved.items():
+                state[name].copy_(value)
+        if generator is not None:
+            generator.set_state(order)
+
+    epochs = steps / max(1, optimizer_steps_per_epoch(train_dataloader, accelerator))
+    arguments = {**optimizer_arguments, "warmup_ratio": 0.0, "lr_scheduler_type": "constant"}
     devices = [accelerator.device] if accelerator.device.type == "cuda" else []
-    try:
-        for rate in sorted(set(candidates), reverse=True):
-            if generator is not None:
-                generator.set_state(order)  # every trial sees the same batches ...
-            with torch.random.fork_rng(devices=devices):  # ... and the same dropout draws
+    losses: dict[float, float] = {}
+    chosen, lowest = None, math.inf
+    for rate in sorted(set(candidates), reverse=True):
+        try:
+            # every trial sees the same batches (the restored generator) and the same dropout draws
+            with torch.random.fork_rng(devices=devices):
                 train_model(
                     model,
                     train_dataloader,
@@ -226,41 +237,39 @@ def probe_learning_rate(
                     **arguments,
                 )
                 loss = losses[rate] = mean_loss(model, eval_dataloader, accelerator)
-            with torch.no_grad():
-                for name, value in saved.items():
-                    state[name].copy_(value)
-            if chosen is not None and not loss <= lowest * (1 + tolerance):
-                break
-            chosen, lowest = rate, min(lowest, loss)
-    finally:
-        with torch.no_grad():
-            for name, value in saved.items():
-                state[name].copy_(value)
-        if generator is not None:
-            generator.set_state(order)
+        finally:
+            restore()
+        if chosen is not None and not loss <= lowest * (1 + tolerance):
+            break
+        chosen, lowest = rate, min(lowest, loss)
     return chosen, losses
 
 
-def probe_repair_learning_rate(
+def choose_repair_learning_rate(
+    config: DeepCleanConfig,
     model: nn.Module,
     train_dataloader: DataLoader,
     eval_dataloader: DataLoader,
     accelerator: Accelerator,
-    *,
     masks: Mapping[str, torch.Tensor],
-    weight_decay: float,
-    max_grad_norm: float,
-) -> tuple[float, dict[float, float]]:
-    """`probe_learning_rate` for DeepClean's repair of the reset elements (`masks`), with the run's optimizer
-    settings; logs the rates tried and the choice."""
+) -> tuple[float | None, dict[float, float] | None]:
+    """The rate of DeepClean's repair of the reset elements (`masks`): `config.learning_rate` when set, else the one
+    `probe_learning_rate` chooses with the run's optimizer settings (logged).
+
+    Returns:
+        `(rate, {rate tried: loss})`; `(config.learning_rate, None)` without a probe, and the rate is `None` when
+        nothing is repaired and none was set.
+    """
+    if config.learning_rate is not None or not config.repair_epochs:
+        return config.learning_rate, None
     rate, losses = probe_learning_rate(
         model,
         train_dataloader,
         eval_dataloader,
         accelerator,
         masks=masks,
-        weight_decay=weight_decay,
-        max_grad_norm=max_grad_norm,
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
     )
     tried = ", ".join(f"{r:g}: {loss:.4g}" for r, loss in losses.items())
     logger.info(f"Repair learning rate {rate:g} (probe losses {tried}).", main_process_only=True)

@@ -74,7 +74,7 @@ from .reset import (
     reset_statistics,
     select_weights_to_reset,
 )
-from .training import PROBE_EVAL_ROWS, optimizer_steps_per_epoch, probe_repair_learning_rate
+from .training import PROBE_EVAL_ROWS, choose_repair_learning_rate, optimizer_steps_per_epoch
 
 
 logger = get_logger(__name__)
@@ -331,7 +331,15 @@ class DeepCleanUnlearner:
             f"({stats['__total__']['share']:.2%}).",
             main_process_only=True,
         )
-        learning_rate, probe = self.repair_learning_rate(masks)
+        with timer("probe_learning_rate"):
+            learning_rate, probe = choose_repair_learning_rate(
+                method,
+                self.model,
+                self.dataloader("retain", shuffle=True),
+                self.dataloader("retain", max_rows=PROBE_EVAL_ROWS),
+                self.accelerator,
+                masks,
+            )
         with timer("repair"):
             repair = repair_selected_weights(
                 self.model,
@@ -402,23 +410,6 @@ class DeepCleanUnlearner:
             f"did not rebuild what the reset removed; {hint}.",
             main_process_only=True,
         )
-
-    def repair_learning_rate(self, masks: ResetMasks) -> tuple[float | None, dict[float, float] | None]:
-        """The repair's learning rate: `--learning_rate` when given, else the one `probe_learning_rate` chooses
-        for the reset model (`(rate, {rate tried: loss})`); `None` when nothing is repaired and none was given."""
-        method = self.config
-        if method.learning_rate is not None or not method.repair_epochs:
-            return method.learning_rate, None
-        with self.timer("probe_learning_rate"):
-            return probe_repair_learning_rate(
-                self.model,
-                self.dataloader("retain", shuffle=True),
-                self.dataloader("retain", max_rows=PROBE_EVAL_ROWS),
-                self.accelerator,
-                masks=masks,
-                weight_decay=method.weight_decay,
-                max_grad_norm=method.max_grad_norm,
-            )
 
     def check_base_model(self) -> None:
         """`--reset base`: refuse a missing or unusable `--base_model_name_or_path` before any work (its config is
