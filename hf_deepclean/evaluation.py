@@ -47,23 +47,27 @@ def compute_sample_outputs(
 
     Returns:
         `{"loss", "correct", "entropy", "max_prob"}`, one float entry per sample of the whole dataset.
+
+    The global CPU random state is left as it was (see `evaluate_splits`): the repair's early-stopping monitor
+    measures between training steps, and measuring must not change the repair.
     """
     model.eval()
     columns: dict[str, list[torch.Tensor]] = {"loss": [], "correct": [], "entropy": [], "max_prob": []}
     loader = accelerator.prepare_data_loader(dataloader, device_placement=True)
-    for batch in tqdm(loader, desc=desc, disable=not accelerator.is_local_main_process, leave=False):
-        labels = batch.pop("labels")
-        logits = model(**batch).logits.float()
-        log_probs = torch.log_softmax(logits, dim=-1)
-        probs = log_probs.exp()
-        values = {
-            "loss": -log_probs.gather(-1, labels.unsqueeze(-1)).squeeze(-1),
-            "correct": (logits.argmax(-1) == labels).float(),
-            "entropy": -(probs * log_probs).sum(-1),
-            "max_prob": probs.max(-1).values,
-        }
-        for key, value in accelerator.gather_for_metrics(values).items():
-            columns[key].append(value.cpu())
+    with torch.random.fork_rng(devices=[]):
+        for batch in tqdm(loader, desc=desc, disable=not accelerator.is_local_main_process, leave=False):
+            labels = batch.pop("labels")
+            logits = model(**batch).logits.float()
+            log_probs = torch.log_softmax(logits, dim=-1)
+            probs = log_probs.exp()
+            values = {
+                "loss": -log_probs.gather(-1, labels.unsqueeze(-1)).squeeze(-1),
+                "correct": (logits.argmax(-1) == labels).float(),
+                "entropy": -(probs * log_probs).sum(-1),
+                "max_prob": probs.max(-1).values,
+            }
+            for key, value in accelerator.gather_for_metrics(values).items():
+                columns[key].append(value.cpu())
     return {key: torch.cat(parts).numpy() if parts else np.zeros(0) for key, parts in columns.items()}
 
 

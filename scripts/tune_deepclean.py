@@ -3,7 +3,9 @@
     python scripts/tune_deepclean.py --output_dir tuning_output --seeds 0 1 2 [--grid frac0.3 epochs4 ...]
 
 Runs every baseline and, besides `deepclean` (the settings given, library defaults otherwise), one DeepClean variant
-per entry of `GRID` (all, or those named by `--grid`), each changing one or two of those settings. Fisher sums are
+per entry of `GRID` (all, or those named by `--grid`), each changing one or two of those settings. A variant whose
+name carries a share (`frac0.3`, `base0.2`, `zero0.2`) sets it; every other setting comes from the command line or
+the current defaults, so a sweep made under older defaults is reproduced by passing them (the README names them). Fisher sums are
 shared between variants; every method's time still includes the Fisher passes it uses. The other arguments are
 those of `hf-deepclean benchmark`.
 """
@@ -24,11 +26,11 @@ GRID = {
     "frac0.1": {"reset_fraction": 0.1},
     "frac0.3": {"reset_fraction": 0.3},
     "frac0.5": {"reset_fraction": 0.5},
-    "per_param0.2": {"selection_scope": "per_parameter"},
+    "per_param0.2": {"selection_scope": "per_parameter", "reset_fraction": 0.2},
     "per_param0.3": {"selection_scope": "per_parameter", "reset_fraction": 0.3},
     "gamma3": {"gamma": 3.0},
     "gamma10": {"gamma": 10.0},
-    "zero0.2": {"reset": "zero"},
+    "zero0.2": {"reset": "zero", "reset_fraction": 0.2},
     "epochs1": {"repair_epochs": 1.0},
     "epochs4": {"repair_epochs": 4.0},
     "early_stop": {"early_stopping": True},
@@ -54,13 +56,18 @@ GRID = {
     "frac0.3_epochs3": {"reset_fraction": 0.3, "repair_epochs": 3.0},
     "frac0.5_epochs3": {"reset_fraction": 0.5, "repair_epochs": 3.0},
     "frac0.5_epochs2": {"reset_fraction": 0.5, "repair_epochs": 2.0},
-    "base0.2": {"reset": "base"},
-    "base0.2_lr1e-4": {"reset": "base", "learning_rate": 1e-4},
+    "base0.2": {"reset": "base", "reset_fraction": 0.2},
+    "base0.2_lr1e-4": {"reset": "base", "reset_fraction": 0.2, "learning_rate": 1e-4},
     "base0.5": {"reset": "base", "reset_fraction": 0.5},
     "base0.5_lr1e-4": {"reset": "base", "reset_fraction": 0.5, "learning_rate": 1e-4},
-    "base0.2_early_stop": {"reset": "base", "early_stopping": True},
+    "base0.2_early_stop": {"reset": "base", "reset_fraction": 0.2, "early_stopping": True},
     "base0.5_early_stop": {"reset": "base", "reset_fraction": 0.5, "early_stopping": True},
-    "base0.2_stop_retain": {"reset": "base", "early_stopping": True, "early_stopping_criterion": "retain"},
+    "base0.2_stop_retain": {
+        "reset": "base",
+        "reset_fraction": 0.2,
+        "early_stopping": True,
+        "early_stopping_criterion": "retain",
+    },
     "base0.5_stop_retain": {
         "reset": "base",
         "reset_fraction": 0.5,
@@ -68,6 +75,12 @@ GRID = {
         "early_stopping_criterion": "retain",
     },
     "stop_retain": {"early_stopping": True, "early_stopping_criterion": "retain"},
+    "frac0.5_lr2e-3": {"reset_fraction": 0.5, "learning_rate": 2e-3},
+    "frac0.5_lr3e-3": {"reset_fraction": 0.5, "learning_rate": 3e-3},
+    "frac0.5_epochs3_lr2e-3": {"reset_fraction": 0.5, "repair_epochs": 3.0, "learning_rate": 2e-3},
+    "frac0.5_epochs3_lr3e-3": {"reset_fraction": 0.5, "repair_epochs": 3.0, "learning_rate": 3e-3},
+    "frac0.5_epochs2_lr3e-3": {"reset_fraction": 0.5, "repair_epochs": 2.0, "learning_rate": 3e-3},
+    "frac0.3_epochs2_lr3e-3": {"reset_fraction": 0.3, "repair_epochs": 2.0, "learning_rate": 3e-3},
 }
 
 

@@ -93,9 +93,12 @@ class _Echo(torch.nn.Module):
 
 
 def test_sample_outputs_one_process():
+    rng_state = torch.get_rng_state()
     outputs = compute_sample_outputs(_Echo(), DataLoader(_echo_rows(7), batch_size=2), Accelerator(cpu=True))
     # logits (i, 0) always predict class 0; the label is i % 2
     assert outputs["correct"].tolist() == [1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0]
+    # the loader's iteration drew a seed from the global state inside, but measuring leaves it as it was
+    assert torch.equal(torch.get_rng_state(), rng_state)
 
 
 TWO_PROCESS_SCRIPT = """

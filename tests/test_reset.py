@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 
 from hf_deepclean.errors import DeepCleanError
 from hf_deepclean.reset import (
+    RepairMonitor,
     compute_fisher_ratio,
     repair_selected_weights,
     reset_selected_weights,
@@ -274,6 +275,46 @@ def test_repair_changes_only_selected_elements():
         assert bool(changed.any()), name
     assert {name: p.requires_grad for name, p in model.named_parameters()} == requires_grad
     assert not requires_grad[frozen]
+
+
+def test_repair_monitor_leaves_the_repair_unchanged():
+    """A monitor whose criterion is never met must not change the repair: its evaluations run between training
+    steps, and every DataLoader iteration draws a seed from the global random state that the repair's shuffling and
+    dropout draw from after."""
+
+    def repair(monitor_rows: int | None) -> dict[str, torch.Tensor]:
+        model, tokenizer = build_tiny_bert()
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.1
+
+        def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
+            batch = dict(tokenizer([r["text"] for r in rows], padding=True, return_tensors="pt"))
+            batch["labels"] = torch.tensor([r["label"] for r in rows])
+            return batch
+
+        masks = random_masks(model, MASKED, share=0.3)
+        reset_selected_weights(model, masks, reset="zero")
+        accelerator = Accelerator(cpu=True)
+        monitor = None
+        if monitor_rows is not None:
+            loaders = {
+                split: DataLoader(make_reviews(monitor_rows, seed=seed), batch_size=4, collate_fn=collate)
+                for seed, split in enumerate(("forget", "retain", "test"))
+            }
+            monitor = RepairMonitor(model, loaders, accelerator, target_retain_accuracy=2.0, check_every=1)
+        torch.manual_seed(0)
+        dataloader = DataLoader(make_reviews(16, seed=5), batch_size=4, shuffle=True, collate_fn=collate)
+        result = repair_selected_weights(
+            model, masks, dataloader, accelerator, epochs=2, learning_rate=1e-2, should_stop=monitor
+        )
+        assert result["steps"] == 8 and not result["stopped_early"]
+        if monitor is not None:
+            assert len(monitor.history) == 7  # a check after every step but the last
+        return snapshot(model)
+
+    plain, monitored = repair(None), repair(8)
+    assert all(torch.equal(plain[name], monitored[name]) for name in plain)
 
 
 def test_reset_statistics():
