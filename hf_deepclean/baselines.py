@@ -54,7 +54,13 @@ from .reset import (
     reset_selected_weights,
     select_weights_to_reset,
 )
-from .training import PROBE_EVAL_ROWS, choose_repair_learning_rate, optimizer_steps_per_epoch, train_model
+from .training import (
+    PROBE_EVAL_ROWS,
+    choose_repair_learning_rate,
+    optimizer_steps_per_epoch,
+    release_prepared,
+    train_model,
+)
 
 
 @dataclass
@@ -286,7 +292,7 @@ def neggrad_plus(inputs: UnlearningInputs, config: DeepCleanConfig, baselines: B
                 bar.update(1)
                 if step >= total_steps:
                     break
-    accelerator.free_memory()
+    release_prepared(accelerator, optimizer, scheduler, retain_loader, forget_loader)
     return accelerator.unwrap_model(model).eval()
 
 

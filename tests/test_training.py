@@ -136,3 +136,33 @@ def test_probe_needs_candidates():
     train, evaluation = loaders()
     with pytest.raises(ValueError):
         probe_learning_rate(Regressor(), train, evaluation, Accelerator(cpu=True), candidates=())
+
+
+def test_training_frees_its_optimizer_without_a_garbage_collection(monkeypatch):
+    """After `train_model` the Accelerator holds nothing the training prepared, and the optimizer (with its state,
+    two copies of the trained weights) is freed by reference counting alone: the probe runs one training per
+    candidate rate, and `free_memory`'s full `gc.collect()` cost more than a trial of a small model."""
+    import gc
+    import weakref
+
+    optimizers = []
+
+    class RecordedAdamW(torch.optim.AdamW):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            optimizers.append(weakref.ref(self))
+
+    monkeypatch.setattr(torch.optim, "AdamW", RecordedAdamW)
+    torch.manual_seed(0)
+    model, (train, _) = Regressor(), loaders()
+    accelerator = Accelerator(cpu=True)
+    prepared_before = accelerator.prepare(DataLoader(rows(8, 3), batch_size=4))  # what the caller prepared stays
+    gc.disable()
+    try:
+        for _ in range(2):
+            train_model(model, train, accelerator, epochs=1, learning_rate=1e-2)
+        assert len(optimizers) == 2 and all(ref() is None for ref in optimizers)
+    finally:
+        gc.enable()
+    assert accelerator._optimizers == [] and accelerator._schedulers == []
+    assert accelerator._dataloaders == [prepared_before]
