@@ -268,8 +268,8 @@ class DeepCleanConfig:
         default=None,
         metadata={
             "help": "AdamW learning rate of the repair. Default: chosen after the reset by a probe of 10 steps per "
-            "candidate (1e-3, 3e-4, 1e-4, 3e-5, largest first) on retain rows: models trained from scratch take "
-            "1e-3, fine-tuned pretrained ones a smaller rate."
+            "candidate (3e-3, 1e-3, 3e-4, 1e-4, 3e-5, largest first) on retain rows: models trained from scratch "
+            "take the larger rates, fine-tuned pretrained ones a smaller rate."
         },
     )
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (acts on selected elements only)."})
