@@ -44,6 +44,7 @@ from transformers import get_scheduler
 
 from .config import DeepCleanConfig
 from .data import make_dataloader, subsample
+from .distributed import transient_preparations
 from .errors import DeepCleanError
 from .fisher import FisherDiagonal, accumulate_fisher_sums
 from .modeling import get_parameters_in_scope
@@ -58,7 +59,7 @@ from .training import (
     PROBE_EVAL_ROWS,
     choose_repair_learning_rate,
     optimizer_steps_per_epoch,
-    release_prepared,
+    release_training,
     train_model,
 )
 
@@ -200,15 +201,16 @@ class UnlearningInputs:
             return result
         model = self.accelerator.unwrap_model(self.model)
         start = time.perf_counter()
-        result = accumulate_fisher_sums(
-            model,
-            self.accelerator.prepare_data_loader(self.loader(getattr(self, split))),  # each process its shard
-            params=get_parameters_in_scope(model),
-            fisher_type=fisher_type,
-            accelerator=self.accelerator,
-            seed=self.seed,
-            desc=f"Fisher {split}",
-        )
+        with transient_preparations(self.accelerator):
+            result = accumulate_fisher_sums(
+                model,
+                self.accelerator.prepare_data_loader(self.loader(getattr(self, split))),  # each process its shard
+                params=get_parameters_in_scope(model),
+                fisher_type=fisher_type,
+                accelerator=self.accelerator,
+                seed=self.seed,
+                desc=f"Fisher {split}",
+            )
         self._fisher_cache[key] = (result, time.perf_counter() - start)
         return result
 
@@ -256,44 +258,47 @@ def finetune(inputs: UnlearningInputs, config: DeepCleanConfig, baselines: Basel
 def neggrad_plus(inputs: UnlearningInputs, config: DeepCleanConfig, baselines: BaselineConfig) -> nn.Module:
     """Descend `alpha * L_retain - (1 - alpha) * L_forget` for DeepClean's repair budget (retain epochs)."""
     accelerator = inputs.accelerator
-    model = accelerator.prepare_model(inputs.copy_model())
-    retain_loader = inputs.loader(inputs.retain, shuffle=True)
-    total_steps = math.ceil(config.repair_epochs * len(retain_loader))
-    if total_steps == 0:
+    with transient_preparations(accelerator):  # the model copy, optimizer and loaders prepared here
+        model = accelerator.prepare_model(inputs.copy_model())
+        retain_loader = inputs.loader(inputs.retain, shuffle=True)
+        total_steps = math.ceil(config.repair_epochs * len(retain_loader))
+        if total_steps == 0:
+            return accelerator.unwrap_model(model).eval()
+        learning_rate = TrainingSchedule.repair_budget(
+            config, inputs.batch_size, baselines.baseline_learning_rate
+        ).learning_rate
+        optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=config.weight_decay)
+        scheduler = get_scheduler(
+            config.lr_scheduler_type,
+            optimizer,
+            num_warmup_steps=int(config.warmup_ratio * total_steps),
+            num_training_steps=total_steps,
+        )
+        optimizer, retain_loader, forget_loader, scheduler = accelerator.prepare(
+            optimizer, retain_loader, inputs.loader(inputs.forget, shuffle=True), scheduler
+        )
+        forget_batches = itertools.cycle(forget_loader)
+        alpha = baselines.neggrad_alpha
+        model.train()
+        step = 0
+        with tqdm(
+            total=total_steps, desc="NegGrad+", disable=not accelerator.is_local_main_process, leave=False
+        ) as bar:
+            while step < total_steps:
+                for batch in retain_loader:
+                    loss = alpha * model(**batch).loss - (1 - alpha) * model(**next(forget_batches)).loss
+                    accelerator.backward(loss)
+                    if config.max_grad_norm:
+                        accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    step += 1
+                    bar.update(1)
+                    if step >= total_steps:
+                        break
+        release_training(accelerator, optimizer)
         return accelerator.unwrap_model(model).eval()
-    learning_rate = TrainingSchedule.repair_budget(
-        config, inputs.batch_size, baselines.baseline_learning_rate
-    ).learning_rate
-    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=config.weight_decay)
-    scheduler = get_scheduler(
-        config.lr_scheduler_type,
-        optimizer,
-        num_warmup_steps=int(config.warmup_ratio * total_steps),
-        num_training_steps=total_steps,
-    )
-    optimizer, retain_loader, forget_loader, scheduler = accelerator.prepare(
-        optimizer, retain_loader, inputs.loader(inputs.forget, shuffle=True), scheduler
-    )
-    forget_batches = itertools.cycle(forget_loader)
-    alpha = baselines.neggrad_alpha
-    model.train()
-    step = 0
-    with tqdm(total=total_steps, desc="NegGrad+", disable=not accelerator.is_local_main_process, leave=False) as bar:
-        while step < total_steps:
-            for batch in retain_loader:
-                loss = alpha * model(**batch).loss - (1 - alpha) * model(**next(forget_batches)).loss
-                accelerator.backward(loss)
-                if config.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                bar.update(1)
-                if step >= total_steps:
-                    break
-    release_prepared(accelerator, optimizer, scheduler, retain_loader, forget_loader)
-    return accelerator.unwrap_model(model).eval()
 
 
 def ssd_factors(forget: FisherDiagonal, full: FisherDiagonal, *, alpha: float, lam: float) -> dict[str, torch.Tensor]:

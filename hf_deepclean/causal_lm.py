@@ -33,6 +33,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .distributed import transient_preparations
 from .errors import DeepCleanError
 from .evaluation import evaluate_splits, membership_inference_auc
 
@@ -120,20 +121,21 @@ def compute_sequence_outputs(
     """
     model.eval()
     columns: dict[str, list[torch.Tensor]] = {"nll": [], "tokens": [], "loss": [], "min_k": []}
-    loader = accelerator.prepare_data_loader(dataloader, device_placement=True)
-    for batch in tqdm(loader, desc=desc, disable=not accelerator.is_local_main_process, leave=False):
-        labels = batch.pop("labels")
-        log_probs, valid = token_log_likelihoods(model(**batch).logits, labels)
-        tokens = valid.sum(-1)
-        nll = -log_probs.sum(-1)
-        values = {
-            "nll": nll,
-            "tokens": tokens.float(),
-            "loss": torch.where(tokens > 0, nll / tokens.clamp(min=1), torch.full_like(nll, math.nan)),
-            "min_k": min_k_scores(log_probs, valid, k),
-        }
-        for key, value in accelerator.gather_for_metrics(values).items():
-            columns[key].append(value.cpu())
+    with transient_preparations(accelerator):
+        loader = accelerator.prepare_data_loader(dataloader, device_placement=True)
+        for batch in tqdm(loader, desc=desc, disable=not accelerator.is_local_main_process, leave=False):
+            labels = batch.pop("labels")
+            log_probs, valid = token_log_likelihoods(model(**batch).logits, labels)
+            tokens = valid.sum(-1)
+            nll = -log_probs.sum(-1)
+            values = {
+                "nll": nll,
+                "tokens": tokens.float(),
+                "loss": torch.where(tokens > 0, nll / tokens.clamp(min=1), torch.full_like(nll, math.nan)),
+                "min_k": min_k_scores(log_probs, valid, k),
+            }
+            for key, value in accelerator.gather_for_metrics(values).items():
+                columns[key].append(value.cpu())
     return {key: torch.cat(parts).double().numpy() if parts else np.zeros(0) for key, parts in columns.items()}
 
 

@@ -9,6 +9,9 @@ the rows, and one reduce gives all of them the same sums, hence the same selecti
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedType, get_int_from_env
@@ -74,6 +77,29 @@ def check_data_parallel(accelerator: Accelerator) -> None:
             f"accelerate: got {name}, which splits the weights across processes; DeepClean needs every weight on "
             f"every process: {INSTEAD}."
         )
+
+
+# where Accelerate keeps what `prepare` returned, for `save_state`/`load_state` (which hf_deepclean does not use)
+PREPARED_REGISTRIES = ("_models", "_optimizers", "_schedulers", "_dataloaders")
+
+
+@contextlib.contextmanager
+def transient_preparations(accelerator: Accelerator) -> Iterator[None]:
+    """What `accelerator.prepare*` registers inside the block is dropped from the Accelerator when the block ends.
+
+    Accelerate keeps a reference to every model, optimizer, scheduler and dataloader it prepares. A run's Accelerator
+    lives for the whole run (the benchmark's, for every scenario and seed), while loaders are prepared for every
+    evaluation, monitor check and probe trial, and an optimizer (whose AdamW state is two copies of the trained
+    weights) for every training: kept, they would pile up with the datasets and models they hold.
+    `Accelerator.free_memory` drops them all, with a full `gc.collect()` that took a quarter of a second here, more
+    than a probe trial of a small model; this drops just what the block prepared, and keeps what its caller had.
+    """
+    lengths = {name: len(getattr(accelerator, name)) for name in PREPARED_REGISTRIES}
+    try:
+        yield
+    finally:
+        for name, length in lengths.items():
+            del getattr(accelerator, name)[length:]
 
 
 def quiet_other_processes() -> None:

@@ -11,6 +11,7 @@ Metric names are `{split}_{metric}` (DESIGN §6):
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping
 
 import numpy as np
@@ -23,6 +24,8 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
+
+from .distributed import transient_preparations
 
 
 SPLITS = ("forget", "retain", "test")
@@ -48,13 +51,14 @@ def compute_sample_outputs(
     Returns:
         `{"loss", "correct", "entropy", "max_prob"}`, one float entry per sample of the whole dataset.
 
-    The global CPU random state is left as it was (see `evaluate_splits`): the repair's early-stopping monitor
-    measures between training steps, and measuring must not change the repair.
+    The global random state is left as it was (`preserved_random_state`): the repair's early-stopping monitor
+    measures between training steps, and measuring must not change the repair. Nothing prepared here stays with
+    the Accelerator.
     """
     model.eval()
     columns: dict[str, list[torch.Tensor]] = {"loss": [], "correct": [], "entropy": [], "max_prob": []}
-    loader = accelerator.prepare_data_loader(dataloader, device_placement=True)
-    with torch.random.fork_rng(devices=[]):
+    with transient_preparations(accelerator), preserved_random_state(accelerator):
+        loader = accelerator.prepare_data_loader(dataloader, device_placement=True)
         for batch in tqdm(loader, desc=desc, disable=not accelerator.is_local_main_process, leave=False):
             labels = batch.pop("labels")
             logits = model(**batch).logits.float()
@@ -69,6 +73,12 @@ def compute_sample_outputs(
             for key, value in accelerator.gather_for_metrics(values).items():
                 columns[key].append(value.cpu())
     return {key: torch.cat(parts).numpy() if parts else np.zeros(0) for key, parts in columns.items()}
+
+
+def preserved_random_state(accelerator: Accelerator) -> contextlib.AbstractContextManager:
+    """A block after which the global random state (the CPU generator's, and on CUDA the run's device's) is as it was
+    before: measuring must not change what a training draws after it."""
+    return torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else [])
 
 
 def split_metrics(split: str, outputs: Mapping[str, np.ndarray]) -> dict[str, float]:
@@ -113,10 +123,10 @@ def evaluate_splits(
     """Per-sample outputs of every loader (`compute_outputs(model, loader, accelerator, desc=...)`), and the metrics
     `metrics_of_split(split, outputs)` of the forget, retain and test splits among them.
 
-    The global CPU random state is left as it was: each DataLoader iteration draws a seed from it, and the repair's
+    The global random state is left as it was: each DataLoader iteration draws a seed from it, and the repair's
     dropout draws from it after, so measuring more (canaries, say) must not change the cleaned weights.
     """
-    with torch.random.fork_rng(devices=[]):
+    with preserved_random_state(accelerator):
         outputs = {
             split: compute_outputs(model, loader, accelerator, desc=f"{prefix}{split}".strip())
             for split, loader in dataloaders.items()

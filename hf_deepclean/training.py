@@ -24,10 +24,14 @@ from typing import TYPE_CHECKING
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
+from accelerate.utils.memory import clear_device_cache
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
+
+from .distributed import transient_preparations
+from .evaluation import preserved_random_state
 
 
 if TYPE_CHECKING:
@@ -68,107 +72,104 @@ def train_model(
     Returns:
         `{"steps": ..., "final_loss": ..., "stopped_early": ...}` (`final_loss` is `None` when no step was taken).
     """
-    unwrapped = accelerator.unwrap_model(model)
-    named = dict(unwrapped.named_parameters())
-    if masks is None:
-        trainable = {name: p for name, p in named.items() if p.requires_grad}
-    else:
-        trainable = {name: named[name] for name, mask in masks.items() if bool(mask.any())}
-    dataloader = accelerator.prepare(dataloader)  # each process its shard of every global batch (a DataLoader)
-    total_steps = math.ceil(epochs * len(dataloader))
-    if total_steps == 0 or not trainable:
-        return {"steps": 0, "final_loss": None, "stopped_early": False}
+    with transient_preparations(accelerator):  # nothing this training prepared outlives it
+        unwrapped = accelerator.unwrap_model(model)
+        named = dict(unwrapped.named_parameters())
+        if masks is None:
+            trainable = {name: p for name, p in named.items() if p.requires_grad}
+        else:
+            trainable = {name: named[name] for name, mask in masks.items() if bool(mask.any())}
+        dataloader = accelerator.prepare(dataloader)  # each process its shard of every global batch (a DataLoader)
+        total_steps = math.ceil(epochs * len(dataloader))
+        if total_steps == 0 or not trainable:
+            return {"steps": 0, "final_loss": None, "stopped_early": False}
 
-    saved_requires_grad = {name: p.requires_grad for name, p in named.items()}
-    saved_attributes = {
-        key: unwrapped.__dict__[key]
-        for key in ("forward", "_original_forward", "_is_accelerate_prepared")
-        if key in unwrapped.__dict__
-    }
-    hooks, anchors, device_masks = [], {}, {}
-    for name, p in named.items():
-        p.requires_grad_(name in trainable)
-    if masks is not None:
-        for name, p in trainable.items():
-            mask = masks[name].to(p.device)
-            device_masks[name] = mask
-            anchors[name] = p.detach().clone()
-            # a tensor hook runs before DDP averages the gradient: every process averages masked gradients
-            hooks.append(p.register_hook(lambda grad, mask=mask: grad * mask))
-    if accelerator.num_processes > 1:
-        # DDP over exactly the trainable parameters (those with requires_grad when it is built). Accelerate returns
-        # a module it prepared before (for evaluation) unchanged, so its mark is lifted for this preparation.
-        unwrapped.__dict__.pop("_is_accelerate_prepared", None)
-        model = accelerator.prepare_model(unwrapped)
-
-    optimizer = torch.optim.AdamW(list(trainable.values()), lr=learning_rate, weight_decay=weight_decay)
-    # Accelerate's scheduler takes one step per process at every optimizer step (it expects schedules counted in
-    # one-process steps) unless batches are split, so the counts are scaled to keep `total_steps` optimizer steps
-    scheduler_steps_per_update = 1 if accelerator.split_batches else accelerator.num_processes
-    scheduler = get_scheduler(
-        lr_scheduler_type,
-        optimizer,
-        num_warmup_steps=int(warmup_ratio * total_steps) * scheduler_steps_per_update,
-        num_training_steps=total_steps * scheduler_steps_per_update,
-    )
-    optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
-    _set_train_mode(unwrapped, frozen_statistics=masks is not None)
-    step, loss_value, stopped_early = 0, None, False
-    progress = tqdm(total=total_steps, desc=desc, disable=not accelerator.is_local_main_process, leave=False)
-    try:
-        while step < total_steps:
-            for batch in dataloader:
-                loss = model(**batch).loss
-                accelerator.backward(loss)
-                if max_grad_norm:
-                    accelerator.clip_grad_norm_(list(trainable.values()), max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                if anchors:
-                    with torch.no_grad():
-                        for name, anchor in anchors.items():
-                            trainable[name].copy_(torch.where(device_masks[name], trainable[name], anchor))
-                loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()  # of the global batch
-                step += 1
-                progress.update(1)
-                progress.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
-                if should_stop is not None and step < total_steps:
-                    stopped_early = bool(should_stop(step))
-                    _set_train_mode(unwrapped, frozen_statistics=masks is not None)
-                if step >= total_steps or stopped_early:
-                    break
-            if stopped_early:
-                break
-    finally:
-        progress.close()
-        for hook in hooks:
-            hook.remove()
+        saved_requires_grad = {name: p.requires_grad for name, p in named.items()}
+        saved_attributes = {
+            key: unwrapped.__dict__[key]
+            for key in ("forward", "_original_forward", "_is_accelerate_prepared")
+            if key in unwrapped.__dict__
+        }
+        hooks, anchors, device_masks = [], {}, {}
         for name, p in named.items():
-            p.requires_grad_(saved_requires_grad[name])
-        # the module as it came: without the second mixed-precision wrapping of `forward` that the DDP preparation added
-        unwrapped.__dict__.update(saved_attributes)
-        unwrapped.eval()
-        release_prepared(accelerator, optimizer, scheduler, dataloader, model)
-    return {"steps": step, "final_loss": loss_value, "stopped_early": stopped_early}
+            p.requires_grad_(name in trainable)
+        if masks is not None:
+            for name, p in trainable.items():
+                mask = masks[name].to(p.device)
+                device_masks[name] = mask
+                anchors[name] = p.detach().clone()
+                # a tensor hook runs before DDP averages the gradient: every process averages masked gradients
+                hooks.append(p.register_hook(lambda grad, mask=mask: grad * mask))
+        if accelerator.num_processes > 1:
+            # DDP over exactly the trainable parameters (those with requires_grad when it is built). Accelerate returns
+            # a module it prepared before (for evaluation) unchanged, so its mark is lifted for this preparation.
+            unwrapped.__dict__.pop("_is_accelerate_prepared", None)
+            model = accelerator.prepare_model(unwrapped)
+
+        optimizer = torch.optim.AdamW(list(trainable.values()), lr=learning_rate, weight_decay=weight_decay)
+        # Accelerate's scheduler takes one step per process at every optimizer step (it expects schedules counted in
+        # one-process steps) unless batches are split, so the counts are scaled to keep `total_steps` optimizer steps
+        scheduler_steps_per_update = 1 if accelerator.split_batches else accelerator.num_processes
+        scheduler = get_scheduler(
+            lr_scheduler_type,
+            optimizer,
+            num_warmup_steps=int(warmup_ratio * total_steps) * scheduler_steps_per_update,
+            num_training_steps=total_steps * scheduler_steps_per_update,
+        )
+        optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
+        _set_train_mode(unwrapped, frozen_statistics=masks is not None)
+        step, loss_value, stopped_early = 0, None, False
+        progress = tqdm(total=total_steps, desc=desc, disable=not accelerator.is_local_main_process, leave=False)
+        try:
+            while step < total_steps:
+                for batch in dataloader:
+                    loss = model(**batch).loss
+                    accelerator.backward(loss)
+                    if max_grad_norm:
+                        accelerator.clip_grad_norm_(list(trainable.values()), max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    if anchors:
+                        with torch.no_grad():
+                            for name, anchor in anchors.items():
+                                trainable[name].copy_(torch.where(device_masks[name], trainable[name], anchor))
+                    loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()  # of the global batch
+                    step += 1
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
+                    if should_stop is not None and step < total_steps:
+                        stopped_early = bool(should_stop(step))
+                        _set_train_mode(unwrapped, frozen_statistics=masks is not None)
+                    if step >= total_steps or stopped_early:
+                        break
+                if stopped_early:
+                    break
+        finally:
+            progress.close()
+            for hook in hooks:
+                hook.remove()
+            for name, p in named.items():
+                p.requires_grad_(saved_requires_grad[name])
+            # the module as it came: without the second mixed-precision wrapping of `forward` that the DDP preparation added
+            unwrapped.__dict__.update(saved_attributes)
+            unwrapped.eval()
+            release_training(accelerator, optimizer)
+        return {"steps": step, "final_loss": loss_value, "stopped_early": stopped_early}
 
 
-def release_prepared(accelerator: Accelerator, *objects: object) -> None:
-    """Drop the Accelerator's references to `objects` (what one training prepared), so that the optimizer's state, two
-    copies of the trained weights for AdamW, is freed when the caller lets go of them.
+def release_training(accelerator: Accelerator, optimizer: torch.optim.Optimizer) -> None:
+    """Free what a finished training holds on the device, within a `transient_preparations` block.
 
-    `Accelerator.free_memory` drops every such reference too, but then runs a full `gc.collect()`: a quarter of a
-    second in a process that holds datasets, models and plots, more than a learning-rate probe trial of a small model
-    and paid once per trial. One process's optimizer, scheduler and loaders hold no reference cycles, so dropping
-    the references frees them at once (tested). Under several processes the loop also wraps the model for DDP, whose
-    release is not tested that way, so there `free_memory` runs as before; its cost is small beside such a run's
-    steps.
+    The optimizer's moments (two copies of the trained weights for AdamW) go at once, whatever still refers to the
+    optimizer: with a gradient scaler (fp16), Accelerate's wrapper refers to itself and would wait for a garbage
+    collection. Under several processes the DDP wrapper is released by Accelerate's `free_memory`, whose full
+    garbage collection costs little beside such a run's steps.
     """
+    optimizer.state.clear()
     if accelerator.num_processes > 1:
         accelerator.free_memory()
-        return
-    for registry in (accelerator._optimizers, accelerator._schedulers, accelerator._dataloaders, accelerator._models):
-        registry[:] = [item for item in registry if not any(item is obj for obj in objects)]
+    clear_device_cache()
 
 
 # the repair rates `probe_learning_rate` tries, largest first: half-decades from the rate a model trained from scratch
@@ -238,13 +239,12 @@ def probe_learning_rate(
 
     epochs = steps / max(1, optimizer_steps_per_epoch(train_dataloader, accelerator))
     arguments = {**optimizer_arguments, "warmup_ratio": 0.0, "lr_scheduler_type": "constant"}
-    devices = [accelerator.device] if accelerator.device.type == "cuda" else []
     losses: dict[float, float] = {}
     chosen, lowest = None, math.inf
     for rate in sorted(set(candidates), reverse=True):
         try:
             # every trial sees the same batches (the restored generator) and the same dropout draws
-            with torch.random.fork_rng(devices=devices):
+            with preserved_random_state(accelerator):
                 train_model(
                     model,
                     train_dataloader,
@@ -301,14 +301,15 @@ def mean_loss(model: nn.Module, dataloader: DataLoader, accelerator: Accelerator
     `inf` when it is not finite."""
     model.eval()
     total = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
-    for batch in accelerator.prepare_data_loader(dataloader, device_placement=True):
-        rows = len(batch["labels"])
-        total += torch.stack(
-            [
-                model(**batch).loss.detach().double() * rows,
-                torch.tensor(rows, dtype=torch.float64, device=total.device),
-            ]
-        )
+    with transient_preparations(accelerator):
+        for batch in accelerator.prepare_data_loader(dataloader, device_placement=True):
+            rows = len(batch["labels"])
+            total += torch.stack(
+                [
+                    model(**batch).loss.detach().double() * rows,
+                    torch.tensor(rows, dtype=torch.float64, device=total.device),
+                ]
+            )
     total = accelerator.reduce(total, reduction="sum")
     value = (total[0] / total[1]).item() if total[1] else math.inf
     return value if math.isfinite(value) else math.inf
@@ -316,7 +317,8 @@ def mean_loss(model: nn.Module, dataloader: DataLoader, accelerator: Accelerator
 
 def optimizer_steps_per_epoch(dataloader: DataLoader, accelerator: Accelerator) -> int:
     """Optimizer steps in one epoch over a plain `dataloader` once Accelerate has sharded it across processes."""
-    return len(accelerator.prepare(dataloader))
+    with transient_preparations(accelerator):
+        return len(accelerator.prepare(dataloader))
 
 
 def _set_train_mode(model: nn.Module, *, frozen_statistics: bool) -> None:

@@ -19,6 +19,7 @@ from hf_deepclean.baselines import (
 )
 from hf_deepclean.config import DeepCleanConfig
 from hf_deepclean.data import ClassificationCollator, Columns
+from hf_deepclean.distributed import PREPARED_REGISTRIES
 from hf_deepclean.errors import DeepCleanError
 from hf_deepclean.evaluation import compute_sample_outputs
 
@@ -95,7 +96,10 @@ def test_finetune_moves_every_tensor_and_keeps_the_architecture(inputs):
 
 def test_neggrad_plus_without_ascent_is_finetune(inputs):
     finetuned, _ = _run("finetune", inputs)
+    registered = {name: list(getattr(inputs.accelerator, name)) for name in PREPARED_REGISTRIES}
     descent_only, _ = _run("neggrad_plus", inputs, baselines=BaselineConfig(neggrad_alpha=1.0))
+    # its model copy, optimizer and loaders are not kept by the benchmark's long-lived Accelerator
+    assert {name: list(getattr(inputs.accelerator, name)) for name in PREPARED_REGISTRIES} == registered
     for name, p in descent_only.named_parameters():
         torch.testing.assert_close(p, dict(finetuned.named_parameters())[name], rtol=1e-5, atol=1e-6)
     # with ascent, the forget rows end up with a higher loss than under plain descent

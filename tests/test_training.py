@@ -138,10 +138,12 @@ def test_probe_needs_candidates():
         probe_learning_rate(Regressor(), train, evaluation, Accelerator(cpu=True), candidates=())
 
 
-def test_training_frees_its_optimizer_without_a_garbage_collection(monkeypatch):
-    """After `train_model` the Accelerator holds nothing the training prepared, and the optimizer (with its state,
-    two copies of the trained weights) is freed by reference counting alone: the probe runs one training per
-    candidate rate, and `free_memory`'s full `gc.collect()` cost more than a trial of a small model."""
+def test_training_frees_what_it_prepared_without_a_garbage_collection(monkeypatch):
+    """After `train_model` the Accelerator holds nothing the training prepared (its optimizer, scheduler and loader,
+    nor the loaders that evaluations during it prepared), keeps what its caller had prepared, and the optimizer
+    (with its state, two copies of the trained weights) is freed by reference counting alone: the probe runs one
+    training per candidate rate, and `Accelerator.free_memory`'s full `gc.collect()` cost more than a trial of a small
+    model."""
     import gc
     import weakref
 
@@ -152,17 +154,28 @@ def test_training_frees_its_optimizer_without_a_garbage_collection(monkeypatch):
             super().__init__(*args, **kwargs)
             optimizers.append(weakref.ref(self))
 
+    def no_collection(*args, **kwargs):
+        raise AssertionError("gc.collect() called")
+
     monkeypatch.setattr(torch.optim, "AdamW", RecordedAdamW)
     torch.manual_seed(0)
-    model, (train, _) = Regressor(), loaders()
+    model, (train, evaluation) = Regressor(), loaders()
     accelerator = Accelerator(cpu=True)
     prepared_before = accelerator.prepare(DataLoader(rows(8, 3), batch_size=4))  # what the caller prepared stays
+    losses = []
+
+    def evaluate_during_training(step: int) -> bool:  # as the early-stopping monitor does
+        losses.append(mean_loss(model, evaluation, accelerator))
+        return False
+
+    monkeypatch.setattr(gc, "collect", no_collection)
     gc.disable()
     try:
         for _ in range(2):
-            train_model(model, train, accelerator, epochs=1, learning_rate=1e-2)
+            train_model(model, train, accelerator, epochs=1, learning_rate=1e-2, should_stop=evaluate_during_training)
         assert len(optimizers) == 2 and all(ref() is None for ref in optimizers)
     finally:
         gc.enable()
-    assert accelerator._optimizers == [] and accelerator._schedulers == []
+    assert len(losses) == 2 * (len(train) - 1)
+    assert accelerator._optimizers == [] and accelerator._schedulers == [] and accelerator._models == []
     assert accelerator._dataloaders == [prepared_before]
