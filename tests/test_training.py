@@ -179,3 +179,32 @@ def test_training_frees_what_it_prepared_without_a_garbage_collection(monkeypatc
     assert len(losses) == 2 * (len(train) - 1)
     assert accelerator._optimizers == [] and accelerator._schedulers == [] and accelerator._models == []
     assert accelerator._dataloaders == [prepared_before]
+
+
+def test_release_training_frees_the_moments_of_an_optimizer_kept_alive_by_a_gradient_scaler():
+    """With fp16 on a GPU, Accelerate's optimizer wrapper refers to itself through its gradient scaler, so dropping
+    the references leaves it (and AdamW's moments) to the next garbage collection. `release_training` frees the
+    moments at once. Built on the CPU with a CPU scaler, which Accelerate wraps the same way."""
+    import gc
+    import weakref
+
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    from hf_deepclean.training import release_training
+
+    accelerator = Accelerator(cpu=True)
+    model = nn.Linear(4, 2)
+    optimizer = AcceleratedOptimizer(torch.optim.AdamW(model.parameters()), scaler=torch.amp.GradScaler("cpu"))
+    optimizer.scaler.scale(model(torch.randn(3, 4)).sum()).backward()
+    optimizer.step()
+    moments = [weakref.ref(tensor) for state in optimizer.state.values() for tensor in state.values()]
+    assert moments and all(ref() is not None for ref in moments)
+    wrapper = weakref.ref(optimizer)
+    gc.disable()
+    try:
+        release_training(accelerator, optimizer)
+        del optimizer
+        assert wrapper() is not None  # the reference cycle: only a garbage collection would free it
+        assert all(ref() is None for ref in moments)  # but the moments are gone already
+    finally:
+        gc.enable()
