@@ -13,16 +13,29 @@ from pathlib import Path
 SCRIPTS = Path(__file__).parent.parent / "scripts"
 
 
-def test_benchmark_fisher_quick_prints_one_row_per_model():
+def run_script(name: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """Run `scripts/<name>` on one thread; it must succeed."""
     result = subprocess.run(
-        [sys.executable, str(SCRIPTS / "benchmark_fisher.py"), "--quick", "--no-memory", "--threads", "1"]
-        + ["--models", "mlp-digits,bert-minilm,gpt2-small"],
+        [sys.executable, str(SCRIPTS / name), *args],
         capture_output=True,
         text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        env={**os.environ, "OMP_NUM_THREADS": "1", **env},
         timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def test_benchmark_fisher_quick_prints_one_row_per_model():
+    result = run_script(
+        "benchmark_fisher.py",
+        "--quick",
+        "--no-memory",
+        "--threads",
+        "1",
+        "--models",
+        "mlp-digits,bert-minilm,gpt2-small",
+    )
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert [row.split(" | ")[0].split()[1] for row in rows] == ["MLP", "BERT", "GPT-2"]
     for row in rows:
@@ -31,15 +44,9 @@ def test_benchmark_fisher_quick_prints_one_row_per_model():
 
 
 def test_repair_trajectory_prints_a_line_per_quarter_epoch():
-    result = subprocess.run(
-        [sys.executable, str(SCRIPTS / "repair_trajectory.py"), "--epochs", "1", "--repair_epochs", "0.5"]
-        + ["--reset_fractions", "0.5"],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"},
-        timeout=600,
+    result = run_script(
+        "repair_trajectory.py", "--epochs", "1", "--repair_epochs", "0.5", "--reset_fractions", "0.5", TQDM_DISABLE="1"
     )
-    assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     assert re.fullmatch(r"original avg_gap \d+\.\d\d", lines[0])
     checks = [line for line in lines if line.startswith("share 0.5 epoch ")]
