@@ -19,10 +19,10 @@ _EXPORTS = {
     "DeepCleanRunError": "errors",
     "FisherDiagonal": "fisher",
     "compute_fisher_diagonal": "fisher",
-    "compute_fisher_ratio": "reset",
-    "reset_selected_weights": "reset",
-    "select_weights_to_reset": "reset",
-    "DeepCleanUnlearner": "unlearner",
+    "compute_fisher_ratio": "unlearning",
+    "reset_selected_weights": "unlearning",
+    "select_weights_to_reset": "unlearning",
+    "DeepCleanUnlearner": "pipeline",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -44,5 +44,5 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; F401: these names are expo
     from .config import DataArguments, DeepCleanConfig, ModelArguments, OutputArguments  # noqa: F401
     from .errors import DeepCleanError, DeepCleanRunError  # noqa: F401
     from .fisher import FisherDiagonal, compute_fisher_diagonal  # noqa: F401
-    from .reset import compute_fisher_ratio, reset_selected_weights, select_weights_to_reset  # noqa: F401
-    from .unlearner import DeepCleanUnlearner  # noqa: F401
+    from .pipeline import DeepCleanUnlearner  # noqa: F401
+    from .unlearning import compute_fisher_ratio, reset_selected_weights, select_weights_to_reset  # noqa: F401

@@ -155,7 +155,7 @@ def parse_unlearn_args(argv: Sequence[str], command: str = "unlearn", dataclass_
 
 
 def run_unlearn(argv: Sequence[str]) -> int:
-    from .unlearner import DeepCleanUnlearner
+    from .pipeline.unlearn import DeepCleanUnlearner
 
     model_args, data_args, method, output_args, _ = parse_unlearn_args(argv)
     results = DeepCleanUnlearner(method, model_args, data_args, output_args).run()
@@ -185,7 +185,7 @@ def push_parser() -> argparse.ArgumentParser:
 
 
 def run_push(argv: Sequence[str]) -> int:
-    from .hub import push_output_dir
+    from .hub.push import push_output_dir
 
     namespace = push_parser().parse_args(list(argv))
     output_args = OutputArguments(
@@ -202,7 +202,7 @@ def run_push(argv: Sequence[str]) -> int:
 
 
 def run_fisher(argv: Sequence[str]) -> int:
-    from .unlearner import DeepCleanUnlearner
+    from .pipeline.unlearn import DeepCleanUnlearner
 
     model_args, data_args, method, fisher_args, _ = parse_unlearn_args(argv, "fisher")
     output_args = OutputArguments(fisher_args.fisher_output, fisher_args.overwrite_output_dir, fisher_args.seed)
@@ -217,7 +217,7 @@ def run_fisher(argv: Sequence[str]) -> int:
 
 
 def run_demo(argv: Sequence[str]) -> int:
-    from .demo import add_demo_arguments, run_demo_from_args
+    from .bench.demo import add_demo_arguments, run_demo_from_args
 
     parser = argparse.ArgumentParser(prog=f"{PROG} demo", description=COMMANDS["demo"])
     add_demo_arguments(parser)
@@ -226,9 +226,9 @@ def run_demo(argv: Sequence[str]) -> int:
 
 
 def run_evaluate(argv: Sequence[str]) -> int:
-    from .assessment import EvaluationArguments, evaluate_forgetting
     from .config import DataArguments, ModelArguments
-    from .unlearner import to_json
+    from .pipeline.assessment import EvaluationArguments, evaluate_forgetting
+    from .pipeline.unlearn import to_json
 
     model_args, data_args, eval_args, _ = parse_unlearn_args(
         argv, "evaluate", (ModelArguments, DataArguments, EvaluationArguments)
@@ -245,8 +245,8 @@ def run_evaluate(argv: Sequence[str]) -> int:
 
 
 def run_benchmark(argv: Sequence[str]) -> int:
-    from .baselines import BaselineConfig
-    from .benchmark import BenchmarkArguments, benchmark_main, format_benchmark_tables
+    from .bench.baselines import BaselineConfig
+    from .bench.benchmark import BenchmarkArguments, benchmark_main, format_benchmark_tables
     from .config import DeepCleanConfig
 
     args, method, baselines, _ = parse_unlearn_args(

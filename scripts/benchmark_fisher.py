@@ -136,7 +136,7 @@ def build_case(name: str, quick: bool, device: str) -> Case:
 
 
 def _log_likelihood(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    from hf_deepclean.fisher import sample_log_likelihoods
+    from hf_deepclean.fisher.engine import sample_log_likelihoods
 
     return sample_log_likelihoods(logits, labels)
 
@@ -153,7 +153,7 @@ def run_plain(case: Case) -> None:
 
 
 def run_engine(case: Case) -> None:
-    from hf_deepclean.fisher import accumulate_fisher_sums
+    from hf_deepclean.fisher.engine import accumulate_fisher_sums
 
     accumulate_fisher_sums(case.model, case.batches, desc=case.name)
 

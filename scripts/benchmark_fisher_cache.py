@@ -32,7 +32,7 @@ from hf_deepclean.config import (  # noqa: E402
     ModelArguments,
     OutputArguments,
 )
-from hf_deepclean.unlearner import DeepCleanUnlearner  # noqa: E402
+from hf_deepclean.pipeline.unlearn import DeepCleanUnlearner  # noqa: E402
 
 
 WORDS = (
@@ -42,7 +42,7 @@ WORDS = (
 
 
 def digits_case(work: Path, quick: bool) -> tuple[str, str, str]:
-    from hf_deepclean.demo import build_digits_dataset, build_digits_model
+    from hf_deepclean.bench.demo import build_digits_dataset, build_digits_model
 
     splits = build_digits_dataset(seed=0)
     if quick:

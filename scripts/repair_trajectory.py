@@ -14,18 +14,15 @@ import sys
 
 from accelerate.utils import set_seed
 
-from hf_deepclean.baselines import BaselineConfig, TrainingSchedule, retrain
-from hf_deepclean.benchmark import DIGITS_SCENARIOS, build_digits_scenario, train_original
+from hf_deepclean.bench.baselines import BaselineConfig, TrainingSchedule, retrain
+from hf_deepclean.bench.benchmark import DIGITS_SCENARIOS, build_digits_scenario, train_original
 from hf_deepclean.config import DeepCleanConfig
-from hf_deepclean.data import make_dataloader
+from hf_deepclean.data.collators import make_dataloader
 from hf_deepclean.distributed import default_accelerator
-from hf_deepclean.evaluation import average_gap, evaluate_unlearning
-from hf_deepclean.reset import (
-    compute_fisher_ratio,
-    repair_selected_weights,
-    reset_selected_weights,
-    select_weights_to_reset,
-)
+from hf_deepclean.evaluation.metrics import average_gap, evaluate_unlearning
+from hf_deepclean.unlearning.repair import repair_selected_weights
+from hf_deepclean.unlearning.reset import reset_selected_weights
+from hf_deepclean.unlearning.selection import compute_fisher_ratio, select_weights_to_reset
 
 
 def main(argv: list[str]) -> int:

@@ -14,11 +14,16 @@ import argparse
 import logging
 import sys
 
-from hf_deepclean.baselines import BaselineConfig
-from hf_deepclean.benchmark import BenchmarkArguments, format_benchmark_tables, run_benchmark, write_benchmark_report
+from hf_deepclean.bench.baselines import BaselineConfig
+from hf_deepclean.bench.benchmark import (
+    BenchmarkArguments,
+    format_benchmark_tables,
+    run_benchmark,
+    write_benchmark_report,
+)
 from hf_deepclean.cli import parse_unlearn_args
 from hf_deepclean.config import DeepCleanConfig
-from hf_deepclean.hub import check_output_dir
+from hf_deepclean.hub.output import check_output_dir
 
 
 GRID = {

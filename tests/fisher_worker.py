@@ -15,7 +15,7 @@ from conftest import build_tiny_bert, build_tiny_gpt2, make_reviews
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 
-from hf_deepclean.fisher import accumulate_fisher_sums
+from hf_deepclean.fisher.engine import accumulate_fisher_sums
 
 
 def review_loader(tokenizer, batch_size: int = 4) -> DataLoader:

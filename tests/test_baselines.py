@@ -9,7 +9,7 @@ import torch
 from accelerate import Accelerator
 from conftest import build_tiny_vit, make_image_splits
 
-from hf_deepclean.baselines import (
+from hf_deepclean.bench.baselines import (
     METHODS,
     BaselineConfig,
     TrainingSchedule,
@@ -18,10 +18,10 @@ from hf_deepclean.baselines import (
     train_from_state,
 )
 from hf_deepclean.config import DeepCleanConfig
-from hf_deepclean.data import ClassificationCollator, Columns
+from hf_deepclean.data.collators import ClassificationCollator, Columns
 from hf_deepclean.distributed import PREPARED_REGISTRIES
 from hf_deepclean.errors import DeepCleanError
-from hf_deepclean.evaluation import compute_sample_outputs
+from hf_deepclean.evaluation.metrics import compute_sample_outputs
 
 
 SCHEDULE = TrainingSchedule(epochs=3, learning_rate=3e-3)

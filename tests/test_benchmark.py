@@ -10,12 +10,12 @@ import torch
 from accelerate import Accelerator
 from conftest import torchrun_process
 
-from hf_deepclean.benchmark import BenchmarkArguments, build_digits_scenario, method_config, summarize
+from hf_deepclean.bench.benchmark import BenchmarkArguments, build_digits_scenario, method_config, summarize
 from hf_deepclean.cli import main
 from hf_deepclean.config import DeepCleanConfig
 from hf_deepclean.errors import DeepCleanError
-from hf_deepclean.reset import select_weights_to_reset
-from hf_deepclean.training import train_model
+from hf_deepclean.unlearning.selection import select_weights_to_reset
+from hf_deepclean.unlearning.training import train_model
 
 
 def test_digits_scenarios_forget_what_they_say():

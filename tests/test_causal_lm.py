@@ -12,21 +12,20 @@ from accelerate import Accelerator
 from datasets import Dataset
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from hf_deepclean.causal_lm import (
-    CausalLMCollator,
+from hf_deepclean.bench.causal_lm_demo import build_tokenizer
+from hf_deepclean.data.canaries import load_canaries
+from hf_deepclean.data.collators import CausalLMCollator, make_dataloader
+from hf_deepclean.errors import DeepCleanError
+from hf_deepclean.evaluation.causal_lm import (
     canary_metrics,
     canary_ranks,
     causal_lm_split_metrics,
     compute_sequence_outputs,
     exposure,
-    load_canaries,
     min_k_scores,
     sequence_attack_aucs,
     token_log_likelihoods,
 )
-from hf_deepclean.causal_lm_demo import build_tokenizer
-from hf_deepclean.data import make_dataloader
-from hf_deepclean.errors import DeepCleanError
 from hf_deepclean.modeling import infer_task
 
 
@@ -185,7 +184,7 @@ def lm_folders(tmp_path_factory):
 
     from peft import get_peft_model
 
-    from hf_deepclean.causal_lm_demo import lora_config, make_note, random_pins
+    from hf_deepclean.bench.causal_lm_demo import lora_config, make_note, random_pins
 
     root = tmp_path_factory.mktemp("tiny-lm")
     tokenizer = build_tokenizer()

@@ -17,7 +17,7 @@ from transformers import (
 )
 
 from hf_deepclean.cli import main
-from hf_deepclean.hub import atomic_output_dir
+from hf_deepclean.hub.output import atomic_output_dir
 
 
 def _written_text(folder) -> str:
@@ -198,7 +198,7 @@ def test_config_file_supplies_defaults(tmp_path, text_model_dir, text_csv_files)
 
 def test_card_front_matter_names_hub_ids(tmp_path, text_model_dir, text_csv_files):
     """Re-render the card of a real run as if model and data had come from the Hub."""
-    from hf_deepclean.model_card import render_model_card
+    from hf_deepclean.hub.model_card import render_model_card
 
     output_dir = tmp_path / "cleaned"
     args = _text_args(text_model_dir, text_csv_files, output_dir, "--forget", "random:4", "--repair_epochs", "0")
@@ -410,17 +410,17 @@ def test_repair_monitor_criteria(monkeypatch, forget_loss, retain_and_mia_stops)
     1.0, AUC 1) in the first, not in the second (identical losses, AUC 0.5)."""
     import numpy as np
 
-    from hf_deepclean import reset
+    from hf_deepclean.unlearning import repair
 
     outputs = {
         "forget": {"loss": np.full(8, forget_loss), "correct": np.ones(8)},
         "retain": {"loss": np.full(8, 0.01), "correct": np.ones(8)},
         "test": {"loss": np.full(8, 1.0), "correct": np.ones(8)},
     }
-    monkeypatch.setattr(reset, "compute_sample_outputs", lambda model, loader, accelerator, desc: outputs[loader])
+    monkeypatch.setattr(repair, "compute_sample_outputs", lambda model, loader, accelerator, desc: outputs[loader])
     loaders = {split: split for split in outputs}
     for criterion, expected in (("retain", True), ("retain_and_mia", retain_and_mia_stops)):
-        monitor = reset.RepairMonitor(
+        monitor = repair.RepairMonitor(
             None, loaders, None, target_retain_accuracy=0.99, check_every=2, criterion=criterion
         )
         assert monitor(1) is False  # not a check step
@@ -526,7 +526,7 @@ def test_reset_base_end_to_end(tmp_path, text_model_dir, text_csv_files, base_ki
     from conftest import build_tiny_bert
 
     from hf_deepclean import DataArguments, DeepCleanConfig, DeepCleanUnlearner, ModelArguments, OutputArguments
-    from hf_deepclean.reset import initial_values
+    from hf_deepclean.unlearning.reset import initial_values
 
     base_model, _ = build_tiny_bert(seed=1)  # "pretrained" weights, all different from the model's
     base_dir = tmp_path / "pretrained-base"
@@ -576,18 +576,18 @@ def test_a_damaging_run_warns_with_a_hint(reset, caplog):
     from accelerate import PartialState
 
     from hf_deepclean.config import DeepCleanConfig
-    from hf_deepclean.unlearner import DeepCleanUnlearner
+    from hf_deepclean.pipeline.unlearn import DeepCleanUnlearner
 
     PartialState(cpu=True)
     unlearner = SimpleNamespace(config=DeepCleanConfig(reset=reset))
-    with caplog.at_level("WARNING", logger="hf_deepclean.unlearner"):
+    with caplog.at_level("WARNING", logger="hf_deepclean.pipeline.unlearn"):
         DeepCleanUnlearner.warn_if_damaged(unlearner, {"retain_accuracy": 0.9}, {"retain_accuracy": 0.86})
         assert not caplog.records  # 4 points: within the tolerance
         DeepCleanUnlearner.warn_if_damaged(unlearner, {"retain_accuracy": 0.9}, {"retain_accuracy": 0.55})
     (record,) = caplog.records
     assert "Retain accuracy fell from 0.900 to 0.550" in record.getMessage()
     assert ("--reset base" in record.getMessage()) == (reset == "init")
-    with caplog.at_level("WARNING", logger="hf_deepclean.unlearner"):
+    with caplog.at_level("WARNING", logger="hf_deepclean.pipeline.unlearn"):
         DeepCleanUnlearner.warn_if_damaged(unlearner, {"train_loss": 1.0}, {"train_loss": 9.0})  # causal LMs
     assert len(caplog.records) == 1
 

@@ -12,17 +12,9 @@ from PIL import Image as PILImage
 from transformers import BertTokenizer, PretrainedConfig
 
 from hf_deepclean.config import DataArguments
-from hf_deepclean.data import (
-    ClassificationCollator,
-    Columns,
-    ForgetSelection,
-    build_label_map,
-    load_dataset_splits,
-    parse_forget_spec,
-    redact_forget_spec,
-    resolve_columns,
-    resolve_forget_set,
-)
+from hf_deepclean.data.collators import ClassificationCollator, Columns
+from hf_deepclean.data.forget import ForgetSelection, parse_forget_spec, redact_forget_spec, resolve_forget_set
+from hf_deepclean.data.loading import build_label_map, load_dataset_splits, resolve_columns
 from hf_deepclean.errors import DeepCleanError
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from transformers import AutoModelForImageClassification
 
-from hf_deepclean.demo import format_demo_table, run_demo
+from hf_deepclean.bench.demo import format_demo_table, run_demo
 
 
 def test_demo_forgets_the_class(tmp_path):
@@ -35,7 +35,7 @@ def test_causal_lm_demo_forgets_the_secrets(tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from hf_deepclean.causal_lm_demo import format_causal_lm_table, run_causal_lm_demo
+    from hf_deepclean.bench.causal_lm_demo import format_causal_lm_table, run_causal_lm_demo
 
     work = tmp_path / "work"
     result = run_causal_lm_demo(tmp_path / "cleaned", size="small", work_dir=work)

@@ -18,8 +18,8 @@ from unlearn_worker import SCRIPT
 from hf_deepclean.config import DataArguments, DeepCleanConfig, ModelArguments, OutputArguments
 from hf_deepclean.distributed import check_data_parallel
 from hf_deepclean.errors import DeepCleanError
-from hf_deepclean.hub import read_reports
-from hf_deepclean.unlearner import DeepCleanUnlearner
+from hf_deepclean.hub.push import read_reports
+from hf_deepclean.pipeline.unlearn import DeepCleanUnlearner
 
 
 # Tolerance of the cleaned weights, 2 processes against 1, elementwise: |two - one| <= ATOL + RTOL * |one|.
@@ -59,7 +59,7 @@ def one_and_two_processes(text_model_dir, text_csv_files, tmp_path_factory, hub_
     worker = str(SCRIPT.parent.parent / "tests" / "unlearn_worker.py")
     launch = torchrun_process([worker, str(work / "records-two"), *arguments], env=hub_server.env(), timeout=300)
 
-    import hf_deepclean.unlearner as unlearner_module
+    import hf_deepclean.pipeline.unlearn as unlearner_module
     from hf_deepclean.cli import main
 
     with pytest.MonkeyPatch.context() as patch:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from hf_deepclean.evaluation import (
+from hf_deepclean.evaluation.metrics import (
     average_gap,
     membership_inference_auc,
     membership_inference_efficacy,

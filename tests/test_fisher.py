@@ -9,7 +9,7 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from hf_deepclean.errors import DeepCleanError, DeepCleanRunError
-from hf_deepclean.fisher import compute_fisher_diagonal, sample_log_likelihoods
+from hf_deepclean.fisher.engine import compute_fisher_diagonal, sample_log_likelihoods
 
 
 RTOL = 1e-5
@@ -419,7 +419,7 @@ def test_two_processes_match_one(tmp_path):
     from fisher_worker import review_loader, token_loader
     from safetensors.torch import load_file
 
-    from hf_deepclean.fisher import accumulate_fisher_sums
+    from hf_deepclean.fisher.engine import accumulate_fisher_sums
 
     output = tmp_path / "fisher.safetensors"
     log = run_torchrun([str(Path(__file__).parent / "fisher_worker.py"), str(output)])

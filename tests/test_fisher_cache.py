@@ -10,9 +10,9 @@ from test_fisher import assert_fisher_close
 
 from hf_deepclean.cli import main
 from hf_deepclean.config import DataArguments, DeepCleanConfig, ModelArguments, OutputArguments
-from hf_deepclean.fisher_cache import load_fisher_sums
+from hf_deepclean.fisher.cache import load_fisher_sums
 from hf_deepclean.modeling import get_parameters_in_scope
-from hf_deepclean.unlearner import DeepCleanUnlearner
+from hf_deepclean.pipeline.unlearn import DeepCleanUnlearner
 
 
 def _data_flags(csv_dir, train="train.csv"):

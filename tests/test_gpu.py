@@ -23,7 +23,7 @@ from test_fisher import (
     text_batches,
 )
 
-from hf_deepclean.fisher import compute_fisher_diagonal
+from hf_deepclean.fisher.engine import compute_fisher_diagonal
 
 
 pytestmark = [
@@ -79,7 +79,7 @@ def test_masked_repair_keeps_unselected_weights_on_cuda():
     from accelerate import Accelerator
     from torch.utils.data import DataLoader
 
-    from hf_deepclean.training import train_model
+    from hf_deepclean.unlearning.training import train_model
 
     model, tokenizer = build_tiny_bert()
     accelerator = Accelerator()

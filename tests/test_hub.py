@@ -31,7 +31,7 @@ from conftest import files_containing, make_reviews, tree_digest
 from datasets import Dataset, DatasetDict
 
 from hf_deepclean.cli import main
-from hf_deepclean.hub import commit_message, read_reports
+from hf_deepclean.hub.push import commit_message, read_reports
 
 
 CANARY = "zqcanary" + uuid.uuid4().hex[:12]  # unique to this session, so a hit cannot come from anywhere else

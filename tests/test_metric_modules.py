@@ -13,13 +13,13 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 
 from hf_deepclean.errors import DeepCleanError
-from hf_deepclean.evaluation import (
+from hf_deepclean.evaluation.metrics import (
     compare_to_reference,
     compute_sample_outputs,
     gap_closed,
     membership_inference_efficacy,
 )
-from hf_deepclean.metrics import METRIC_NAMES, metric_path
+from hf_deepclean.evaluation.modules import METRIC_NAMES, metric_path
 
 
 def test_metric_path_names_a_loadable_folder_per_metric():
@@ -107,7 +107,7 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader
 sys.path.insert(0, {tests!r})
 from test_metric_modules import _Echo, _echo_rows
-from hf_deepclean.evaluation import compute_sample_outputs
+from hf_deepclean.evaluation.metrics import compute_sample_outputs
 
 accelerator = Accelerator(cpu=True)
 outputs = compute_sample_outputs(_Echo(), DataLoader(_echo_rows(7), batch_size=2), accelerator)

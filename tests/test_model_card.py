@@ -22,9 +22,9 @@ import torch
 from huggingface_hub import ModelCard
 
 from hf_deepclean.config import DeepCleanConfig
-from hf_deepclean.hub import commit_message, read_reports
-from hf_deepclean.model_card import render_model_card, save_model_card
-from hf_deepclean.plots import PLOT_FILES, available_plots, fisher_ratio_histogram, loss_histograms
+from hf_deepclean.hub.model_card import render_model_card, save_model_card
+from hf_deepclean.hub.plots import PLOT_FILES, available_plots, fisher_ratio_histogram, loss_histograms
+from hf_deepclean.hub.push import commit_message, read_reports
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -161,8 +161,8 @@ RENDER_FROM_INSTALLED = """
 import sys
 from pathlib import Path
 import hf_deepclean
-from hf_deepclean.hub import read_reports
-from hf_deepclean.model_card import render_model_card, template_path
+from hf_deepclean.hub.output import read_reports
+from hf_deepclean.hub.model_card import render_model_card, template_path
 
 site, example = Path(sys.argv[1]), Path(sys.argv[2])
 assert Path(hf_deepclean.__file__).is_relative_to(site), hf_deepclean.__file__

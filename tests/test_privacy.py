@@ -138,7 +138,9 @@ def test_forget_rows_appear_in_no_output_file_or_log(tmp_path, text_model_dir, i
     assert {"README.md", "deepclean_config.json", "deepclean_results.json", "deepclean_losses.png"} <= {
         p.name for p in (work / "cleaned").iterdir()
     }
-    assert "INFO hf_deepclean.unlearner: [RANK 0] Forget set: 12 rows" in result.stderr  # the logs were captured
+    assert (
+        "INFO hf_deepclean.pipeline.unlearn: [RANK 0] Forget set: 12 rows" in result.stderr
+    )  # the logs were captured
 
     labels = [rows[index]["label"] for index in FORGET_ROWS]
     needles = {

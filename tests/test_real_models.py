@@ -60,7 +60,7 @@ def test_unlearn_real_minilm_encoder(tmp_path, text_csv_files):
 
 @pytest.mark.slow
 def test_reviews_scenario_forgets_whole_movies():
-    from hf_deepclean.benchmark import build_reviews_scenario
+    from hf_deepclean.bench.benchmark import build_reviews_scenario
 
     scenario = build_reviews_scenario("reviews_movies", seed=0, max_rows=600)
     movies = scenario.train["movie"]

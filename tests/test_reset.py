@@ -12,14 +12,9 @@ from conftest import build_tiny_bert, make_reviews
 from torch.utils.data import DataLoader
 
 from hf_deepclean.errors import DeepCleanError
-from hf_deepclean.reset import (
-    RepairMonitor,
-    compute_fisher_ratio,
-    repair_selected_weights,
-    reset_selected_weights,
-    reset_statistics,
-    select_weights_to_reset,
-)
+from hf_deepclean.unlearning.repair import RepairMonitor, repair_selected_weights
+from hf_deepclean.unlearning.reset import reset_selected_weights
+from hf_deepclean.unlearning.selection import compute_fisher_ratio, reset_statistics, select_weights_to_reset
 
 
 SHAPES = {"a.weight": (4, 5), "a.bias": (10,), "b.weight": (3, 2, 5)}  # 60 elements
@@ -215,7 +210,7 @@ def test_reset_base(caplog):
     init_values = dict(init_model.named_parameters())
     rng_state = torch.get_rng_state()
 
-    with caplog.at_level(logging.INFO, logger="hf_deepclean.reset"):
+    with caplog.at_level(logging.INFO, logger="hf_deepclean.unlearning.reset"):
         fallback = reset_selected_weights(model, masks, reset="base", seed=123, base_values=base)
 
     assert torch.equal(torch.get_rng_state(), rng_state)
@@ -228,7 +223,7 @@ def test_reset_base(caplog):
         if name.endswith(".weight"):  # biases are initialised to zero: a fresh value equals the old one
             assert not torch.equal(params[name].detach()[selected], before[name][selected]), name
     assert_unselected_unchanged(model, before, masks)
-    records = [record for record in caplog.records if record.name == "hf_deepclean.reset"]
+    records = [record for record in caplog.records if record.name == "hf_deepclean.unlearning.reset"]
     messages = [record.getMessage() for record in records]
     assert len(messages) == 1 and records[0].levelno == logging.INFO, messages
     assert "2 of 4 selected parameters have no base value (1 of them a base tensor of another shape)" in messages[0]
@@ -240,7 +235,7 @@ def test_reset_base_needs_base_values_and_warns_when_none_match(caplog):
     masks = random_masks(model, MASKED)
     with pytest.raises(DeepCleanError, match=r"^--reset: got 'base' without base values"):
         reset_selected_weights(model, masks, reset="base")
-    with caplog.at_level("INFO", logger="hf_deepclean.reset"):
+    with caplog.at_level("INFO", logger="hf_deepclean.unlearning.reset"):
         fallback = reset_selected_weights(model, masks, reset="base", base_values={"unrelated.weight": torch.ones(2)})
     assert fallback == MASKED
     assert "none of the selected parameters has a base value" in caplog.text
@@ -337,7 +332,7 @@ def test_adapter_initial_values_follow_lora_init_and_leave_the_model_unchanged()
     from peft import LoraConfig, get_peft_model
 
     from hf_deepclean.modeling import get_parameters_in_scope
-    from hf_deepclean.reset import initial_values
+    from hf_deepclean.unlearning.reset import initial_values
 
     model, _ = build_tiny_bert()
     config = LoraConfig(r=2, target_modules=["query"], task_type="SEQ_CLS", init_lora_weights=False)

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 from hf_deepclean.config import DataArguments, DeepCleanConfig, ModelArguments, OutputArguments
-from hf_deepclean.data import parse_forget_spec, resolve_forget_set
+from hf_deepclean.data.forget import parse_forget_spec, resolve_forget_set
 from hf_deepclean.errors import DeepCleanError
 
 
@@ -173,7 +173,7 @@ SAVE_INTERRUPT_DRIVER = """
 import json, os, sys, time
 from pathlib import Path
 
-import hf_deepclean.unlearner as unlearner
+import hf_deepclean.pipeline.unlearn as unlearner
 from hf_deepclean.cli import main
 
 

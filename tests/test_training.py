@@ -10,7 +10,8 @@ from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader
 
-from hf_deepclean.training import mean_loss, probe_learning_rate, train_model
+from hf_deepclean.unlearning.probe import mean_loss, probe_learning_rate
+from hf_deepclean.unlearning.training import train_model
 
 
 class Regressor(nn.Module):
@@ -190,7 +191,7 @@ def test_release_training_frees_the_moments_of_an_optimizer_kept_alive_by_a_grad
 
     from accelerate.optimizer import AcceleratedOptimizer
 
-    from hf_deepclean.training import release_training
+    from hf_deepclean.unlearning.training import release_training
 
     accelerator = Accelerator(cpu=True)
     model = nn.Linear(4, 2)

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-import hf_deepclean.unlearner as unlearner_module
-from hf_deepclean.unlearner import DeepCleanUnlearner
+import hf_deepclean.pipeline.unlearn as unlearner_module
+from hf_deepclean.pipeline.unlearn import DeepCleanUnlearner
 
 
 SCRIPT = Path(__file__).parent.parent / "scripts" / "unlearn.py"

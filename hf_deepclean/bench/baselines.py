@@ -1,0 +1,407 @@
+"""Unlearning methods in one harness: DeepClean and the baselines it must beat.
+
+Every method takes the same `UnlearningInputs` (the trained model, forget and retain rows, an Accelerator) and
+returns a new model; the trained model itself is never modified. `METHODS` maps a name to its function:
+
+- `original`: do nothing. Its distance to `retrain` is the gap every method must close.
+- `retrain`: train from the original's initial weights on the retain rows only, with the original's schedule:
+  the gold standard.
+- `finetune`: fine-tune every weight on the retain rows with DeepClean's repair budget (epochs, learning rate).
+- `neggrad_plus`: the same budget, descending `alpha * L_retain - (1 - alpha) * L_forget` (gradient ascent on the
+  forget rows, descent on the retain rows; Kurmanji et al. 2023).
+- `ssd`: Selective Synaptic Dampening (Foster et al. 2023): with the per-element Fisher diagonal on the forget
+  rows `F_f` and on all training rows `F_D`, every element with `F_f > alpha * F_D` is multiplied by
+  `min(lambda * F_D / F_f, 1)`; the others stay exactly as they are; no repair.
+- `fisher_forgetting`: Fisher forgetting (Golatkar et al. 2020): Gaussian noise with variance
+  `alpha * min(1 / (F_r + eps), max_inverse)` is added to every element, `F_r` being the retain Fisher diagonal.
+  That is noise of standard deviation `sqrt(alpha) * F_r^(-1/2)` (exponent -1/2 on the Fisher, i.e. covariance
+  `alpha * F_r^-1`), with the clamp of the authors' code.
+- `deepclean`: this library's method (DESIGN §2): Fisher ratio, selection, reset, masked repair, with the
+  settings of a `DeepCleanConfig`; `reset="base"` resets to `UnlearningInputs.initial_state`, the weights the
+  training started from.
+
+All Fisher diagonals here are the per-sample empirical Fisher of `hf_deepclean.fisher.engine` (SSD and Fisher forgetting
+originally use squared batch gradients; the per-sample quantity is the one DESIGN §2 defines).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from datasets import Dataset
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from ..config import DeepCleanConfig
+from ..data.collators import make_dataloader, subsample
+from ..distributed import transient_preparations
+from ..errors import DeepCleanError
+from ..fisher.engine import FisherDiagonal, accumulate_fisher_sums
+from ..modeling import get_parameters_in_scope
+from ..unlearning.probe import PROBE_EVAL_ROWS, choose_repair_learning_rate
+from ..unlearning.repair import build_repair_monitor, repair_selected_weights
+from ..unlearning.reset import reset_selected_weights
+from ..unlearning.selection import compute_fisher_ratio, select_weights_to_reset
+from ..unlearning.training import optimizer_steps_per_epoch, release_training, train_model
+
+
+@dataclass
+class BaselineConfig:
+    """Hyperparameters of the baselines (DeepClean's own are in `DeepCleanConfig`)."""
+
+    neggrad_alpha: float = field(
+        default=0.99,
+        metadata={"help": "NegGrad+: weight of the retain loss; the forget loss is ascended with weight 1 - alpha."},
+    )
+    ssd_alpha: float = field(
+        default=10.0, metadata={"help": "SSD: select elements with F_forget > alpha * F_full (paper default 10)."}
+    )
+    ssd_lambda: float = field(
+        default=1.0, metadata={"help": "SSD: dampen selected elements by min(lambda * F_full / F_forget, 1)."}
+    )
+    fisher_forgetting_alpha: float = field(
+        default=1e-6,
+        metadata={"help": "Fisher forgetting: noise variance alpha / F_retain per element (authors' code: 1e-6)."},
+    )
+    fisher_forgetting_max_inverse: float = field(
+        default=1e3, metadata={"help": "Fisher forgetting: clamp of 1 / F_retain before scaling by alpha."}
+    )
+    baseline_learning_rate: float = field(
+        default=1e-3,
+        metadata={
+            "help": "finetune and neggrad_plus: their learning rate when --learning_rate is unset. DeepClean's probe "
+            "does not apply to them: it measures how fast reset weights repair, and a fine-tune of a converged model "
+            "has none, so its retain loss favours barely moving (the probe chooses 3e-5 to 1e-4 there)."
+        },
+    )
+
+    def __post_init__(self):
+        if not isinstance(self.neggrad_alpha, (int, float)) or not (0.0 <= self.neggrad_alpha <= 1.0):
+            raise DeepCleanError(f"--neggrad_alpha: got {self.neggrad_alpha!r}; expected a number in [0, 1].")
+        for name in (
+            "ssd_alpha",
+            "ssd_lambda",
+            "fisher_forgetting_alpha",
+            "fisher_forgetting_max_inverse",
+            "baseline_learning_rate",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not (0 < value < math.inf):
+                raise DeepCleanError(f"--{name}: got {value!r}; expected a finite number > 0.")
+
+
+@dataclass
+class TrainingSchedule:
+    """How a model was trained from its initial weights (what `retrain` repeats on the retain rows)."""
+
+    epochs: float
+    learning_rate: float
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.0
+    lr_scheduler_type: str = "linear"
+    batch_size: int = 32
+    max_grad_norm: float = 1.0
+
+    @classmethod
+    def repair_budget(
+        cls, config: DeepCleanConfig, batch_size: int, learning_rate: float | None = None
+    ) -> TrainingSchedule:
+        """DeepClean's repair schedule, which `finetune` and `neggrad_plus` get too; `learning_rate` is the rate to
+        use when `config.learning_rate` is unset (the probe's choice)."""
+        rate = config.learning_rate if config.learning_rate is not None else learning_rate
+        if rate is None:
+            if config.repair_epochs:
+                raise ValueError("repair_budget: config.learning_rate is unset; pass the probed learning_rate.")
+            rate = 0.0  # nothing is trained
+        return cls(
+            epochs=config.repair_epochs,
+            learning_rate=rate,
+            weight_decay=config.weight_decay,
+            warmup_ratio=config.warmup_ratio,
+            lr_scheduler_type=config.lr_scheduler_type,
+            batch_size=batch_size,
+            max_grad_norm=config.max_grad_norm,
+        )
+
+    def optimizer_arguments(self) -> dict[str, Any]:
+        """The keyword arguments of `train_model` / `repair_selected_weights` (all but the batch size)."""
+        return {key: value for key, value in asdict(self).items() if key != "batch_size"}
+
+
+@dataclass
+class UnlearningInputs:
+    """What every unlearning method receives.
+
+    Args:
+        model: the trained model, on `accelerator.device`; methods copy it and never modify it.
+        forget: the rows to forget.
+        retain: the remaining training rows.
+        collator: turns rows into model inputs with `labels`.
+        accelerator: the run's Accelerator.
+        batch_size: batch size of Fisher passes, repair and fine-tuning.
+        seed: seed of shuffling, initialisation and noise.
+        held_out: held-out rows, used by DeepClean's early stopping only.
+        initial_state: the model's weights before training (needed by `retrain`, and by `deepclean` with
+            `reset="base"`).
+        training: the schedule that trained the model (needed by `retrain`).
+
+    Fisher sums of the trained model are computed once and shared by the methods that need them; a method that
+    reuses sums another method computed is charged their computing time in `charged_seconds`, so each method's
+    time (its wall time plus its charge) is what it would take on its own.
+    """
+
+    model: nn.Module
+    forget: Dataset
+    retain: Dataset
+    collator: Callable
+    accelerator: Accelerator
+    batch_size: int = 32
+    seed: int = 0
+    held_out: Dataset | None = None
+    initial_state: Mapping[str, torch.Tensor] | None = None
+    training: TrainingSchedule | None = None
+    charged_seconds: float = 0.0
+    _fisher_cache: dict = field(default_factory=dict, repr=False)
+
+    def loader(self, rows: Dataset, *, shuffle: bool = False, batch_size: int | None = None) -> DataLoader:
+        return make_dataloader(rows, self.collator, batch_size or self.batch_size, shuffle=shuffle, seed=self.seed)
+
+    def copy_model(self) -> nn.Module:
+        """A copy of the trained model, in eval mode, on the accelerator's device."""
+        model = copy.deepcopy(self.accelerator.unwrap_model(self.model)).eval()
+        # Accelerate's mark of a prepared module would make it return the copy unwrapped (no DDP) when preparing it
+        model.__dict__.pop("_is_accelerate_prepared", None)
+        return model
+
+    def fisher_sums(self, split: str, fisher_type: str = "empirical") -> tuple[FisherDiagonal, int]:
+        """Sums of squared per-sample gradients of the trained model over `forget` or `retain`, and the count."""
+        key = (split, fisher_type)
+        if key in self._fisher_cache:
+            result, seconds = self._fisher_cache[key]
+            self.charged_seconds += seconds
+            return result
+        model = self.accelerator.unwrap_model(self.model)
+        start = time.perf_counter()
+        with transient_preparations(self.accelerator):
+            result = accumulate_fisher_sums(
+                model,
+                self.accelerator.prepare_data_loader(self.loader(getattr(self, split))),  # each process its shard
+                params=get_parameters_in_scope(model),
+                fisher_type=fisher_type,
+                accelerator=self.accelerator,
+                seed=self.seed,
+                desc=f"Fisher {split}",
+            )
+        self._fisher_cache[key] = (result, time.perf_counter() - start)
+        return result
+
+    def fisher(self, split: str, fisher_type: str = "empirical") -> FisherDiagonal:
+        sums, count = self.fisher_sums(split, fisher_type)
+        return {name: total / count for name, total in sums.items()}
+
+
+def original(inputs: UnlearningInputs, config: DeepCleanConfig, baselines: BaselineConfig) -> nn.Module:
+    """The trained model, unchanged (a copy)."""
+    return inputs.copy_model()
+
+
+def retrain(inputs: UnlearningInputs, config: DeepCleanConfig, baselines: BaselineConfig) -> nn.Module:
+    """Train the architecture from the original's initial weights on the retain rows, with the original's schedule."""
+    if inputs.initial_state is None or inputs.training is None:
+        raise DeepCleanError("retrain: needs the model's initial weights and training schedule; got none.")
+    model = inputs.copy_model()
+    model.load_state_dict(inputs.initial_state)
+    return train_from_state(model, inputs.retain, inputs, inputs.training, desc="Retrain")
+
+
+def train_from_state(
+    model: nn.Module, rows: Dataset, inputs: UnlearningInputs, schedule: TrainingSchedule, desc: str = "Train"
+) -> nn.Module:
+    """Train every weight of `model` on `rows` with `schedule` (seeded shuffling); returns the trained model."""
+    prepared = inputs.accelerator.prepare_model(model, evaluation_mode=True)  # `train_model` wraps it for DDP
+    train_model(
+        prepared,
+        inputs.loader(rows, shuffle=True, batch_size=schedule.batch_size),
+        inputs.accelerator,
+        desc=desc,
+        **schedule.optimizer_arguments(),
+    )
+    return inputs.accelerator.unwrap_model(prepared).eval()
+
+
+def finetune(inputs: UnlearningInputs, config: DeepCleanConfig, baselines: BaselineConfig) -> nn.Module:
+    """Fine-tune every weight on the retain rows with DeepClean's repair budget and optimizer settings (an unset
+    learning rate is `baselines.baseline_learning_rate`)."""
+    schedule = TrainingSchedule.repair_budget(config, inputs.batch_size, baselines.baseline_learning_rate)
+    return train_from_state(inputs.copy_model(), inputs.retain, inputs, schedule, desc="Finetune")
+
+
+def neggrad_plus(inputs: UnlearningInputs, config: DeepCleanConfig, baselines: BaselineConfig) -> nn.Module:
+    """Descend `alpha * L_retain - (1 - alpha) * L_forget` for DeepClean's repair budget (retain epochs)."""
+    accelerator = inputs.accelerator
+    with transient_preparations(accelerator):  # the model copy, optimizer and loaders prepared here
+        model = accelerator.prepare_model(inputs.copy_model())
+        retain_loader = inputs.loader(inputs.retain, shuffle=True)
+        total_steps = math.ceil(config.repair_epochs * len(retain_loader))
+        if total_steps == 0:
+            return accelerator.unwrap_model(model).eval()
+        learning_rate = TrainingSchedule.repair_budget(
+            config, inputs.batch_size, baselines.baseline_learning_rate
+        ).learning_rate
+        optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=config.weight_decay)
+        scheduler = get_scheduler(
+            config.lr_scheduler_type,
+            optimizer,
+            num_warmup_steps=int(config.warmup_ratio * total_steps),
+            num_training_steps=total_steps,
+        )
+        optimizer, retain_loader, forget_loader, scheduler = accelerator.prepare(
+            optimizer, retain_loader, inputs.loader(inputs.forget, shuffle=True), scheduler
+        )
+        forget_batches = itertools.cycle(forget_loader)
+        alpha = baselines.neggrad_alpha
+        model.train()
+        step = 0
+        with tqdm(
+            total=total_steps, desc="NegGrad+", disable=not accelerator.is_local_main_process, leave=False
+        ) as bar:
+            while step < total_steps:
+                for batch in retain_loader:
+                    loss = alpha * model(**batch).loss - (1 - alpha) * model(**next(forget_batches)).loss
+                    accelerator.backward(loss)
+                    if config.max_grad_norm:
+                        accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    step += 1
+                    bar.update(1)
+                    if step >= total_steps:
+                        break
+        release_training(accelerator, optimizer)
+        return accelerator.unwrap_model(model).eval()
+
+
+def ssd_factors(forget: FisherDiagonal, full: FisherDiagonal, *, alpha: float, lam: float) -> dict[str, torch.Tensor]:
+    """SSD's per-element multipliers: `min(lam * full / forget, 1)` where `forget > alpha * full`, else exactly 1."""
+    factors = {}
+    for name, f_forget in forget.items():
+        selected = f_forget > alpha * full[name]
+        dampen = torch.clamp(lam * full[name] / f_forget.clamp_min(torch.finfo(torch.float32).tiny), max=1.0)
+        factors[name] = torch.where(selected, dampen, torch.ones_like(f_forget))
+    return factors
+
+
+def ssd(inputs: UnlearningInputs, config: DeepCleanConfig, baselines: BaselineConfig) -> nn.Module:
+    """Selective Synaptic Dampening: shrink the elements far more important to the forget rows than to all rows."""
+    forget_sums, forget_count = inputs.fisher_sums("forget")
+    retain_sums, retain_count = inputs.fisher_sums("retain")
+    # additivity (DESIGN §2): the full-data Fisher is the pooled sum over forget and retain rows
+    full = {name: (forget_sums[name] + retain_sums[name]) / (forget_count + retain_count) for name in forget_sums}
+    forget = {name: total / forget_count for name, total in forget_sums.items()}
+    factors = ssd_factors(forget, full, alpha=baselines.ssd_alpha, lam=baselines.ssd_lambda)
+    model = inputs.copy_model()
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, factor in factors.items():
+            selected = factor != 1
+            # only selected elements are written, so the others stay bit-for-bit equal
+            params[name].copy_(torch.where(selected, params[name] * factor.to(params[name].dtype), params[name]))
+    return model
+
+
+def fisher_forgetting(inputs: UnlearningInputs, config: DeepCleanConfig, baselines: BaselineConfig) -> nn.Module:
+    """Add Gaussian noise of variance `alpha * min(1 / F_retain, max_inverse)` to every element."""
+    retain = inputs.fisher("retain")
+    model = inputs.copy_model()
+    params = dict(model.named_parameters())
+    generator = torch.Generator().manual_seed(inputs.seed)
+    with torch.no_grad():
+        for name, fisher in retain.items():
+            variance = baselines.fisher_forgetting_alpha * (1.0 / (fisher + config.eps)).clamp(
+                max=baselines.fisher_forgetting_max_inverse
+            )
+            noise = torch.randn(fisher.shape, generator=generator) * variance.cpu().sqrt()
+            params[name].add_(noise.to(params[name].device, params[name].dtype))
+    return model
+
+
+def deepclean(inputs: UnlearningInputs, config: DeepCleanConfig, baselines: BaselineConfig) -> nn.Module:
+    """DeepClean (DESIGN §2): Fisher forget and retain, ratio, selection, reset, masked repair on retain rows."""
+    model = inputs.copy_model()
+    masks = select_weights_to_reset(
+        compute_fisher_ratio(
+            inputs.fisher("forget", config.fisher_type), inputs.fisher("retain", config.fisher_type), config.eps
+        ),
+        gamma=config.gamma,
+        reset_fraction=config.reset_fraction,
+        max_reset_fraction=config.max_reset_fraction,
+        selection_scope=config.selection_scope,
+    )
+    base_values = None
+    if config.reset == "base":
+        # the weights training started from: pretrained encoder and random head, or the random init of a model
+        # trained from scratch (where `base` is then the same as `init` with the original's own draw)
+        if inputs.initial_state is None:
+            raise DeepCleanError(
+                "--reset: got 'base', but the scenario gives no initial weights (initial_state) to reset to; expected "
+                "--reset init or zero."
+            )
+        base_values = inputs.initial_state
+    reset_selected_weights(model, masks, reset=config.reset, seed=inputs.seed, base_values=base_values)
+    prepared = inputs.accelerator.prepare_model(model, evaluation_mode=True)  # `train_model` wraps it for DDP
+    retain_loader = inputs.loader(inputs.retain, shuffle=True)
+    should_stop = None
+    if config.early_stopping:
+        if inputs.held_out is None:
+            raise DeepCleanError("--early_stopping: needs a held-out split; got none.")
+        should_stop = build_repair_monitor(
+            prepared,
+            original_model=inputs.model,
+            rows={"forget": inputs.forget, "retain": inputs.retain, "test": inputs.held_out},
+            loader=inputs.loader,
+            accelerator=inputs.accelerator,
+            tolerance=config.early_stopping_tolerance,
+            criterion=config.early_stopping_criterion,
+            steps_per_epoch=optimizer_steps_per_epoch(retain_loader, inputs.accelerator),
+            seed=inputs.seed,
+        )
+    # the probe's time is part of the method's, as in the unlearner
+    learning_rate, _ = choose_repair_learning_rate(
+        config,
+        prepared,
+        inputs.loader(inputs.retain, shuffle=True),
+        inputs.loader(subsample(inputs.retain, PROBE_EVAL_ROWS, inputs.seed)),
+        inputs.accelerator,
+        masks,
+    )
+    repair_selected_weights(
+        prepared,
+        masks,
+        retain_loader,
+        inputs.accelerator,
+        should_stop=should_stop,
+        **TrainingSchedule.repair_budget(config, inputs.batch_size, learning_rate).optimizer_arguments(),
+    )
+    return inputs.accelerator.unwrap_model(prepared).eval()
+
+
+METHODS: dict[str, Callable[[UnlearningInputs, DeepCleanConfig, BaselineConfig], nn.Module]] = {
+    "original": original,
+    "retrain": retrain,
+    "finetune": finetune,
+    "neggrad_plus": neggrad_plus,
+    "ssd": ssd,
+    "fisher_forgetting": fisher_forgetting,
+    "deepclean": deepclean,
+}

@@ -1,0 +1,116 @@
+"""TODO docstring."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import torch
+
+from ..config import SELECTION_SCOPES
+from ..errors import DeepCleanError
+from ..fisher.engine import FisherDiagonal
+from .reset import ResetMasks
+
+
+logger = logging.getLogger(__name__)
+
+
+def compute_fisher_ratio(forget: FisherDiagonal, retain: FisherDiagonal, eps: float = 1e-12) -> FisherDiagonal:
+    """`r[i] = F_forget[i] / (F_retain[i] + eps)`, elementwise, for every parameter in `forget`."""
+    missing = sorted(set(forget) - set(retain))
+    if missing:
+        raise DeepCleanError(f"retain Fisher lacks parameters {missing[:5]}; both must cover the same scope.")
+    return {name: forget[name] / (retain[name] + eps) for name in forget}
+
+
+def select_weights_to_reset(
+    ratios: FisherDiagonal,
+    *,
+    gamma: float | None = None,
+    reset_fraction: float | None = None,
+    max_reset_fraction: float = 1.0,
+    selection_scope: str = "global",
+) -> ResetMasks:
+    """Choose the elements to reset.
+
+    Args:
+        ratios: Fisher ratios per parameter.
+        gamma: select every element with `ratio > gamma` (takes precedence over `reset_fraction`).
+        reset_fraction: otherwise, select the `reset_fraction` share of all elements with the largest ratio.
+        max_reset_fraction: never select more than this share; when the rule asks for more, the elements with
+            the largest ratios are kept and a warning is logged.
+        selection_scope: for `reset_fraction`, rank elements over the whole model (`global`) or take the top share
+            of every parameter tensor separately (`per_parameter`, so every layer gets reset a little). `gamma` is
+            an elementwise threshold and ignores it.
+
+    Elements with a ratio of 0 (no Fisher information on the forget set) are never selected. A fraction rule
+    selects exactly the requested number of elements; ties at its threshold are broken by `torch.topk`
+    (deterministic for a given input on a given device).
+
+    Returns:
+        `{parameter name: bool mask}` for every parameter in `ratios`.
+
+    Raises:
+        DeepCleanError: if nothing is selected, with a hint on which argument to change.
+    """
+    if gamma is None and reset_fraction is None:
+        raise DeepCleanError("--gamma/--reset_fraction: got neither; expected one of them.")
+    if selection_scope not in SELECTION_SCOPES:
+        raise DeepCleanError(
+            f"--selection_scope: got {selection_scope!r}; expected one of {', '.join(SELECTION_SCOPES)}."
+        )
+    names = list(ratios)
+    sizes = [ratios[name].numel() for name in names]
+    flat = torch.cat([ratios[name].detach().reshape(-1).float() for name in names])
+    total = flat.numel()
+    cap = round(max_reset_fraction * total)
+    if gamma is not None:
+        selected = (flat > gamma) & (flat > 0)
+        if int(selected.sum()) > cap:
+            logger.warning(
+                f"gamma={gamma:g} selects {int(selected.sum())} of {total} elements, more than "
+                f"--max_reset_fraction={max_reset_fraction:g}; keeping the top {cap} by ratio."
+            )
+            selected = _top_k_mask(flat, cap)
+    elif selection_scope == "per_parameter":
+        selected = torch.cat([_top_k_mask(part, round(reset_fraction * part.numel())) for part in flat.split(sizes)])
+        if int(selected.sum()) > cap:
+            selected = _top_k_mask(torch.where(selected, flat, torch.zeros_like(flat)), cap)
+    else:
+        k = min(round(reset_fraction * total), cap)
+        positive = int((flat > 0).sum())
+        if k > positive:
+            logger.warning(f"only {positive} elements have a positive Fisher ratio; selecting those, not {k}.")
+            k = positive
+        selected = _top_k_mask(flat, k)
+    if not bool(selected.any()):
+        largest = float(flat.max()) if total else float("nan")
+        hint = (
+            f"lower --gamma below the largest ratio {largest:.3g}" if gamma is not None else "raise --reset_fraction"
+        )
+        raise DeepCleanError(f"--gamma/--reset_fraction: the selection rule selects no weights; {hint}.")
+    masks, offset = {}, 0
+    for name in names:
+        n = ratios[name].numel()
+        masks[name] = selected[offset : offset + n].view_as(ratios[name]).to(ratios[name].device)
+        offset += n
+    return masks
+
+
+def _top_k_mask(flat: torch.Tensor, k: int) -> torch.Tensor:
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    if k > 0:
+        mask[torch.topk(flat, k, sorted=False).indices] = True
+    return mask & (flat > 0)
+
+
+def reset_statistics(masks: Mapping[str, torch.Tensor]) -> dict[str, dict[str, float]]:
+    """Share of elements reset, per parameter and overall (`"__total__"`)."""
+    stats, selected, total = {}, 0, 0
+    for name, mask in masks.items():
+        count, numel = int(mask.sum()), mask.numel()
+        stats[name] = {"reset": count, "numel": numel, "share": count / numel if numel else 0.0}
+        selected, total = selected + count, total + numel
+    stats["__total__"] = {"reset": selected, "numel": total, "share": selected / total if total else 0.0}
+    return stats

@@ -1,0 +1,186 @@
+"""A short supervised training loop on top of Accelerate, with optional element masks.
+
+Used for DeepClean's masked repair and by the demo to train the model it cleans (and its retrained reference).
+With `masks`, only the `True` elements of each masked parameter move: gradients are masked (so AdamW's moment
+estimates stay zero elsewhere) and, after every optimizer step, the unmasked elements are copied back from an
+anchor. The copy makes the invariant exact whatever the optimizer does (decoupled weight decay, momentum,
+numerical noise): unselected elements stay bit-for-bit equal to their values before training.
+
+Under several processes the model is wrapped for DDP (through Accelerate) for the loop only: each process takes its
+shard of every global batch, gradients are averaged across processes before the optimizer step, so every process
+applies the same update to the same weights. With a per-process batch of `B / N` on `N` processes, the global batch
+is the `B` rows that one process with batch `B` would use at the same step (same seeded order), so the run matches
+a one-process run up to float summation order, with two exceptions: Accelerate completes the last global batch of
+an epoch with rows from the epoch's start when the rows do not divide into whole global batches, and a causal LM's
+loss is a token mean per process, averaged over processes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils.memory import clear_device_cache
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from ..distributed import transient_preparations
+
+
+if TYPE_CHECKING:
+    pass
+
+
+logger = get_logger(__name__)
+
+
+def train_model(
+    model: nn.Module,
+    dataloader: DataLoader,
+    accelerator: Accelerator,
+    *,
+    epochs: float,
+    learning_rate: float,
+    weight_decay: float = 0.0,
+    warmup_ratio: float = 0.0,
+    lr_scheduler_type: str = "linear",
+    max_grad_norm: float = 1.0,
+    masks: Mapping[str, torch.Tensor] | None = None,
+    should_stop: Callable[[int], bool] | None = None,
+    desc: str = "Train",
+) -> dict[str, float]:
+    """Train `model` with AdamW for `epochs` passes over `dataloader` (fractions of an epoch allowed).
+
+    Args:
+        model: the model, already on `accelerator.device`, as it is or prepared with `evaluation_mode=True` (not
+            wrapped for DDP: under several processes the loop wraps it).
+        dataloader: a plain (unprepared) DataLoader of dict batches with `labels`; the model returns `.loss`.
+            Under several processes each takes its shard of every batch, so pass the per-process batch size.
+        accelerator: the run's Accelerator.
+        masks: `{parameter name: bool tensor}`; when given, only parameters named here train, and only their
+            `True` elements change.
+        should_stop: called with the number of steps taken after every optimizer step; training ends early when
+            it returns True (early stopping). The model is in train mode again when it returns.
+
+    Returns:
+        `{"steps": ..., "final_loss": ..., "stopped_early": ...}` (`final_loss` is `None` when no step was taken).
+    """
+    with transient_preparations(accelerator):  # nothing this training prepared outlives it
+        unwrapped = accelerator.unwrap_model(model)
+        named = dict(unwrapped.named_parameters())
+        if masks is None:
+            trainable = {name: p for name, p in named.items() if p.requires_grad}
+        else:
+            trainable = {name: named[name] for name, mask in masks.items() if bool(mask.any())}
+        dataloader = accelerator.prepare(dataloader)  # each process its shard of every global batch (a DataLoader)
+        total_steps = math.ceil(epochs * len(dataloader))
+        if total_steps == 0 or not trainable:
+            return {"steps": 0, "final_loss": None, "stopped_early": False}
+
+        saved_requires_grad = {name: p.requires_grad for name, p in named.items()}
+        saved_attributes = {
+            key: unwrapped.__dict__[key]
+            for key in ("forward", "_original_forward", "_is_accelerate_prepared")
+            if key in unwrapped.__dict__
+        }
+        hooks, anchors, device_masks = [], {}, {}
+        for name, p in named.items():
+            p.requires_grad_(name in trainable)
+        if masks is not None:
+            for name, p in trainable.items():
+                mask = masks[name].to(p.device)
+                device_masks[name] = mask
+                anchors[name] = p.detach().clone()
+                # a tensor hook runs before DDP averages the gradient: every process averages masked gradients
+                hooks.append(p.register_hook(lambda grad, mask=mask: grad * mask))
+        if accelerator.num_processes > 1:
+            # DDP over exactly the trainable parameters (those with requires_grad when it is built). Accelerate returns
+            # a module it prepared before (for evaluation) unchanged, so its mark is lifted for this preparation.
+            unwrapped.__dict__.pop("_is_accelerate_prepared", None)
+            model = accelerator.prepare_model(unwrapped)
+
+        optimizer = torch.optim.AdamW(list(trainable.values()), lr=learning_rate, weight_decay=weight_decay)
+        # Accelerate's scheduler takes one step per process at every optimizer step (it expects schedules counted in
+        # one-process steps) unless batches are split, so the counts are scaled to keep `total_steps` optimizer steps
+        scheduler_steps_per_update = 1 if accelerator.split_batches else accelerator.num_processes
+        scheduler = get_scheduler(
+            lr_scheduler_type,
+            optimizer,
+            num_warmup_steps=int(warmup_ratio * total_steps) * scheduler_steps_per_update,
+            num_training_steps=total_steps * scheduler_steps_per_update,
+        )
+        optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
+        _set_train_mode(unwrapped, frozen_statistics=masks is not None)
+        step, loss_value, stopped_early = 0, None, False
+        progress = tqdm(total=total_steps, desc=desc, disable=not accelerator.is_local_main_process, leave=False)
+        try:
+            while step < total_steps:
+                for batch in dataloader:
+                    loss = model(**batch).loss
+                    accelerator.backward(loss)
+                    if max_grad_norm:
+                        accelerator.clip_grad_norm_(list(trainable.values()), max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    if anchors:
+                        with torch.no_grad():
+                            for name, anchor in anchors.items():
+                                trainable[name].copy_(torch.where(device_masks[name], trainable[name], anchor))
+                    loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()  # of the global batch
+                    step += 1
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
+                    if should_stop is not None and step < total_steps:
+                        stopped_early = bool(should_stop(step))
+                        _set_train_mode(unwrapped, frozen_statistics=masks is not None)
+                    if step >= total_steps or stopped_early:
+                        break
+                if stopped_early:
+                    break
+        finally:
+            progress.close()
+            for hook in hooks:
+                hook.remove()
+            for name, p in named.items():
+                p.requires_grad_(saved_requires_grad[name])
+            # the module as it came: without the second mixed-precision wrapping of `forward` that the DDP preparation added
+            unwrapped.__dict__.update(saved_attributes)
+            unwrapped.eval()
+            release_training(accelerator, optimizer)
+        return {"steps": step, "final_loss": loss_value, "stopped_early": stopped_early}
+
+
+def release_training(accelerator: Accelerator, optimizer: torch.optim.Optimizer) -> None:
+    """Free what a finished training holds on the device, within a `transient_preparations` block.
+
+    The optimizer's moments (two copies of the trained weights for AdamW) go at once, whatever still refers to the
+    optimizer: with a gradient scaler (fp16), Accelerate's wrapper refers to itself and would wait for a garbage
+    collection. Under several processes the DDP wrapper is released by Accelerate's `free_memory`, whose full
+    garbage collection costs little beside such a run's steps.
+    """
+    optimizer.state.clear()
+    if accelerator.num_processes > 1:
+        accelerator.free_memory()
+    clear_device_cache()
+
+
+def optimizer_steps_per_epoch(dataloader: DataLoader, accelerator: Accelerator) -> int:
+    """Optimizer steps in one epoch over a plain `dataloader` once Accelerate has sharded it across processes."""
+    with transient_preparations(accelerator):
+        return len(accelerator.prepare(dataloader))
+
+
+def _set_train_mode(model: nn.Module, *, frozen_statistics: bool) -> None:
+    model.train()
+    if frozen_statistics:
+        # running statistics (BatchNorm) are saved with the weights: a masked run must not move them either
+        for module in model.modules():
+            if getattr(module, "track_running_stats", False):
+                module.eval()
