@@ -22,7 +22,13 @@ _EXPORTS = {
     "compute_fisher_ratio": "unlearning",
     "reset_selected_weights": "unlearning",
     "select_weights_to_reset": "unlearning",
-    "DeepCleanUnlearner": "pipeline",
+    "DeepCleanSession": "pipeline.session",
+    "DeepCleanUnlearner": "pipeline.unlearn",
+    "UnlearningRows": "pipeline.deepclean",
+    "evaluate_forgetting": "pipeline.assessment",
+    "run_deepclean": "pipeline.deepclean",
+    "unlearn": "pipeline.unlearn",
+    "UnlearningResults": "records",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -44,5 +50,9 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; F401: these names are expo
     from .config import DataArguments, DeepCleanConfig, ModelArguments, OutputArguments  # noqa: F401
     from .errors import DeepCleanError, DeepCleanRunError  # noqa: F401
     from .fisher import FisherDiagonal, compute_fisher_diagonal  # noqa: F401
-    from .pipeline import DeepCleanUnlearner  # noqa: F401
+    from .pipeline.assessment import evaluate_forgetting  # noqa: F401
+    from .pipeline.deepclean import UnlearningRows, run_deepclean  # noqa: F401
+    from .pipeline.session import DeepCleanSession  # noqa: F401
+    from .pipeline.unlearn import DeepCleanUnlearner, unlearn  # noqa: F401
+    from .records import UnlearningResults  # noqa: F401
     from .unlearning import compute_fisher_ratio, reset_selected_weights, select_weights_to_reset  # noqa: F401

@@ -155,15 +155,15 @@ def parse_unlearn_args(argv: Sequence[str], command: str = "unlearn", dataclass_
 
 
 def run_unlearn(argv: Sequence[str]) -> int:
-    from .pipeline.unlearn import DeepCleanUnlearner
+    from .pipeline.unlearn import unlearn
 
     model_args, data_args, method, output_args, _ = parse_unlearn_args(argv)
-    results = DeepCleanUnlearner(method, model_args, data_args, output_args).run()
+    results = unlearn(method, model_args, data_args, output_args).results
     if _is_main_process():
-        print(json.dumps({"before": results["metrics"]["before"], "after": results["metrics"]["after"]}, indent=2))
+        print(json.dumps({"before": results.metrics_before, "after": results.metrics_after}, indent=2))
         print(f"Cleaned model written to {output_args.output_dir}")
-        if "hub_commit_url" in results:
-            print(f"Pushed to the Hub: {results['hub_commit_url']}")
+        if results.hub_commit_url is not None:
+            print(f"Pushed to the Hub: {results.hub_commit_url}")
     return 0
 
 
@@ -202,33 +202,72 @@ def run_push(argv: Sequence[str]) -> int:
 
 
 def run_fisher(argv: Sequence[str]) -> int:
-    from .pipeline.unlearn import DeepCleanUnlearner
+    from .pipeline.fisher_sums import compute_fisher_sums
 
     model_args, data_args, method, fisher_args, _ = parse_unlearn_args(argv, "fisher")
-    output_args = OutputArguments(fisher_args.fisher_output, fisher_args.overwrite_output_dir, fisher_args.seed)
-    unlearner = DeepCleanUnlearner(method, model_args, data_args, output_args)
-    info = unlearner.write_fisher_cache(fisher_args.fisher_output, fisher_args.overwrite_output_dir)
-    seconds = unlearner.timer.seconds["fisher"]
+    result = compute_fisher_sums(method, model_args, data_args, fisher_args)
     if _is_main_process():
         print(
-            f"Fisher sums over {info.count} rows of split {info.split!r} ({seconds:.1f} s) written to {fisher_args.fisher_output}"
+            f"Fisher sums over {result.info.count} rows of split {result.info.split!r} ({result.seconds:.1f} s) "
+            f"written to {fisher_args.fisher_output}"
         )
     return 0
 
 
+def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    from .bench.demo import DEFAULT_FORGET
+
+    parser.add_argument(
+        "--task",
+        default="image-classification",
+        choices=("image-classification", "causal-lm"),
+        help="`image-classification`: forget a digit class from a ViT; `causal-lm`: forget notes with secret PINs "
+        "from a GPT-2's LoRA adapter (--forget and --epochs do not apply). Default: %(default)s.",
+    )
+    parser.add_argument("--output_dir", default="demo_output", help="Folder for the cleaned model.")
+    parser.add_argument("--overwrite_output_dir", action="store_true", help="Replace an existing --output_dir.")
+    # no defaults here, so that a value given with `--task causal-lm` (where they do not apply) can be refused
+    parser.add_argument("--forget", default=None, help=f"Forget specification (default: {DEFAULT_FORGET}).")
+    parser.add_argument("--epochs", type=int, default=None, help="Training epochs of original and reference (40).")
+    parser.add_argument("--work_dir", default=".deepclean_demo", help="Scratch folder for the trained model.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of data split, initialisation and training.")
+
+
 def run_demo(argv: Sequence[str]) -> int:
-    from .bench.demo import add_demo_arguments, run_demo_from_args
+    from .bench.demo import DEFAULT_FORGET, format_demo_table
+    from .bench.demo import run_demo as run_digits_demo
 
     parser = argparse.ArgumentParser(prog=f"{PROG} demo", description=COMMANDS["demo"])
-    add_demo_arguments(parser)
+    _add_demo_arguments(parser)
     _add_common_flags(parser)
-    return run_demo_from_args(parser.parse_args(list(argv)))
+    args = parser.parse_args(list(argv))
+    common = {"work_dir": args.work_dir, "overwrite_output_dir": args.overwrite_output_dir, "seed": args.seed}
+    if args.task == "causal-lm":
+        from .bench.causal_lm_demo import format_causal_lm_table, run_causal_lm_demo
+
+        for flag in ("forget", "epochs"):
+            if getattr(args, flag) is not None:
+                raise DeepCleanError(
+                    f"--{flag}: does not apply to --task causal-lm; expected it only with image-classification."
+                )
+
+        result = run_causal_lm_demo(args.output_dir, **common)
+        table = format_causal_lm_table(result)
+    else:
+        forget = DEFAULT_FORGET if args.forget is None else args.forget
+        result = run_digits_demo(
+            args.output_dir, forget=forget, epochs=40 if args.epochs is None else args.epochs, **common
+        )
+        table = format_demo_table(result)
+    print(table)
+    print(f"Cleaned model written to {result.output_dir}")
+    return 0
 
 
 def run_evaluate(argv: Sequence[str]) -> int:
     from .config import DataArguments, ModelArguments
     from .pipeline.assessment import EvaluationArguments, evaluate_forgetting
-    from .pipeline.unlearn import to_json
+    from .records import to_json
 
     model_args, data_args, eval_args, _ = parse_unlearn_args(
         argv, "evaluate", (ModelArguments, DataArguments, EvaluationArguments)
@@ -246,7 +285,8 @@ def run_evaluate(argv: Sequence[str]) -> int:
 
 def run_benchmark(argv: Sequence[str]) -> int:
     from .bench.baselines import BaselineConfig
-    from .bench.benchmark import BenchmarkArguments, benchmark_main, format_benchmark_tables
+    from .bench.benchmark import BenchmarkArguments, benchmark_main
+    from .bench.report import format_benchmark_tables
     from .config import DeepCleanConfig
 
     args, method, baselines, _ = parse_unlearn_args(

@@ -241,7 +241,7 @@ class DeepCleanConfig:
         metadata={"help": "Reset elements with F_forget / (F_retain + eps) > gamma. Overrides --reset_fraction."},
     )
     # 0.5 rather than 0.2: on the digits benchmark it closed more of the gap on average, most on random subsets
-    # and mislabelled rows (README, "Tuning")
+    # and mislabelled rows (docs/decisions.md, 2026-11-26)
     reset_fraction: float | None = field(
         default=0.5,
         metadata={"help": "Reset this share (0, 1] of the elements in scope with the largest Fisher ratio."},
@@ -260,7 +260,7 @@ class DeepCleanConfig:
             "choices": RESET_MODES,
         },
     )
-    # 4 rather than 2: on the digits benchmark it closed more of the gap on every scenario (README, "Tuning")
+    # 4 rather than 2: on the digits benchmark it closed more of the gap on every scenario (docs/decisions.md, 2026-11-26)
     repair_epochs: float = field(
         default=4.0, metadata={"help": "Epochs of repair on the retain set (0 disables the repair)."}
     )
@@ -368,7 +368,7 @@ class DeepCleanConfig:
 # other models, so the preset uses 10 (a forget-row Fisher ten times the retain one), capped like any run.
 # `finetuned`: for a pretrained model fine-tuned on the data (pass --base_model_name_or_path): selected elements go back
 # to the pretrained values, and the repair stops once retain accuracy is back to the fine-tuned model's, so that it
-# does not train the retain rows past the fine-tuning (README, "The fine-tuned-model settings").
+# does not train the retain rows past the fine-tuning (docs/decisions.md, 2026-11-27).
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
     "paper": {"reset": "zero", "gamma": 10.0, "reset_fraction": None},

@@ -15,6 +15,8 @@ from collections.abc import Iterator
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedType, get_int_from_env
+from datasets import Dataset
+from datasets.distributed import split_dataset_by_node
 
 from .errors import DeepCleanError
 
@@ -77,6 +79,23 @@ def check_data_parallel(accelerator: Accelerator) -> None:
             f"accelerate: got {name}, which splits the weights across processes; DeepClean needs every weight on "
             f"every process: {INSTEAD}."
         )
+
+
+def process_shard(dataset: Dataset, accelerator: Accelerator | None) -> tuple[Dataset, int]:
+    """This process's rows of `dataset` for a pass whose sums are reduced across processes, and the index in `dataset`
+    of its first row.
+
+    `datasets.distributed.split_dataset_by_node` gives each process one contiguous block and every row exactly once,
+    so a sum over the shards is the sum over `dataset` with no repeated rows to drop (a loader prepared by Accelerate
+    pads the last batches with repeats). The offset lets per-row randomness be seeded as on one process.
+    """
+    if accelerator is None or accelerator.num_processes == 1:
+        return dataset, 0
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if len(dataset) < world:  # `split_dataset_by_node` wants a row for every process: one row each, then none
+        return dataset.select([rank] if rank < len(dataset) else []), min(rank, len(dataset))
+    offset = sum(len(split_dataset_by_node(dataset, earlier, world)) for earlier in range(rank))
+    return split_dataset_by_node(dataset, rank, world), offset
 
 
 # where Accelerate keeps what `prepare` returned, for `save_state`/`load_state` (which hf_deepclean does not use)

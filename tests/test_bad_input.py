@@ -2,7 +2,7 @@
 and what is accepted; exit status 2 for a usage error, 1 for a run that failed; no traceback unless `--debug`; and
 nothing left behind (no output folder, no temporary sibling, an existing folder unchanged).
 
-The table `BAD_INPUTS` is the source of the README's "Errors" table: keep them in step.
+The table `BAD_INPUTS` is the source of the table in docs/errors.md: keep them in step.
 """
 
 from __future__ import annotations

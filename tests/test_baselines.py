@@ -9,19 +9,13 @@ import torch
 from accelerate import Accelerator
 from conftest import build_tiny_vit, make_image_splits
 
-from hf_deepclean.bench.baselines import (
-    METHODS,
-    BaselineConfig,
-    TrainingSchedule,
-    UnlearningInputs,
-    ssd_factors,
-    train_from_state,
-)
+from hf_deepclean.bench.baselines import METHODS, BaselineConfig, UnlearningInputs, ssd_factors, train_from_state
 from hf_deepclean.config import DeepCleanConfig
 from hf_deepclean.data.collators import ClassificationCollator, Columns
 from hf_deepclean.distributed import PREPARED_REGISTRIES
 from hf_deepclean.errors import DeepCleanError
 from hf_deepclean.evaluation.metrics import compute_sample_outputs
+from hf_deepclean.unlearning.training import TrainingSchedule
 
 
 SCHEDULE = TrainingSchedule(epochs=3, learning_rate=3e-3)
@@ -120,7 +114,7 @@ def test_ssd_factors_on_known_values():
 
 
 def test_ssd_leaves_unselected_elements_exactly_unchanged(inputs):
-    # alpha=2 (not the default 10): with a forget share of 1/6, forget > 10 x full is impossible (see README)
+    # alpha=2 (not the default 10): with a forget share of 1/6, forget > 10 x full is impossible (see docs/benchmark.md)
     model, before = _run("ssd", inputs, baselines=BaselineConfig(ssd_alpha=2.0))
     forget = inputs.fisher("forget")
     retain_sums, retain_count = inputs.fisher_sums("retain")
@@ -175,7 +169,7 @@ def test_deepclean_base_reset_puts_back_the_initial_state(inputs):
         assert torch.equal(p.detach()[moved], shifted[name][moved]), name
         changed += int(moved.sum())
     assert 0 < changed <= round(0.1 * sum(p.numel() for p in model.parameters()))
-    with pytest.raises(DeepCleanError, match="^--reset: got 'base', but the scenario gives no initial weights"):
+    with pytest.raises(DeepCleanError, match="^--reset: got 'base', but no base values to reset to"):
         METHODS["deepclean"](replace(inputs, initial_state=None), config, BaselineConfig())
 
 

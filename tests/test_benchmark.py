@@ -10,7 +10,9 @@ import torch
 from accelerate import Accelerator
 from conftest import torchrun_process
 
-from hf_deepclean.bench.benchmark import BenchmarkArguments, build_digits_scenario, method_config, summarize
+from hf_deepclean.bench.benchmark import BenchmarkArguments, method_config
+from hf_deepclean.bench.report import summarize
+from hf_deepclean.bench.scenarios import build_digits_scenario
 from hf_deepclean.cli import main
 from hf_deepclean.config import DeepCleanConfig
 from hf_deepclean.errors import DeepCleanError

@@ -18,6 +18,7 @@ from transformers import (
 
 from hf_deepclean.cli import main
 from hf_deepclean.hub.output import atomic_output_dir
+from hf_deepclean.hub.push import read_reports
 
 
 def _written_text(folder) -> str:
@@ -100,7 +101,7 @@ def test_unlearn_text_model_writes_loadable_folder(tmp_path, text_model_dir, tex
         assert forget_id not in written
 
     # every element outside the selection is bit-for-bit the original one
-    reset = results["reset"]["per_parameter"]["__total__"]
+    reset = results["reset"]["total"]
     assert 0 < reset["reset"] <= 0.5 * reset["numel"]
     assert 0 < _changed_elements(text_model_dir, output_dir) <= reset["reset"]
 
@@ -203,9 +204,8 @@ def test_card_front_matter_names_hub_ids(tmp_path, text_model_dir, text_csv_file
     output_dir = tmp_path / "cleaned"
     args = _text_args(text_model_dir, text_csv_files, output_dir, "--forget", "random:4", "--repair_epochs", "0")
     assert main(args) == 0
-    config = json.loads((output_dir / "deepclean_config.json").read_text())
-    results = json.loads((output_dir / "deepclean_results.json").read_text())
-    config["arguments"].update(model_name_or_path="my-org/tiny-bert", dataset_name="my-org/reviews", revision="v1")
+    config, results = read_reports(output_dir)
+    config.arguments.update(model_name_or_path="my-org/tiny-bert", dataset_name="my-org/reviews", revision="v1")
     card = ModelCard(str(render_model_card(config, results)))
     assert card.data.base_model == "my-org/tiny-bert"
     assert card.data.datasets == ["my-org/reviews"]
@@ -282,7 +282,7 @@ def test_batchnorm_statistics_stay_unchanged(tmp_path, image_dataset_dir):
     before, after = load_file(model_dir / "model.safetensors"), load_file(output_dir / "model.safetensors")
     running = [k for k in before if "running_" in k or "num_batches_tracked" in k]
     assert running and all(torch.equal(before[k], after[k]) for k in running)
-    reset = json.loads((output_dir / "deepclean_results.json").read_text())["reset"]["per_parameter"]["__total__"]
+    reset = json.loads((output_dir / "deepclean_results.json").read_text())["reset"]["total"]
     assert 0 < _changed_elements(model_dir, output_dir) <= reset["reset"]
 
 
@@ -361,9 +361,9 @@ def test_python_api_with_json_data_and_string_labels(tmp_path, text_model_dir):
         ),
         OutputArguments(str(tmp_path / "out")),
     ).run()
-    assert set(results["metrics"]["before"]) >= {"forget_accuracy", "test_accuracy", "mia_auc", "mia_efficacy"}
+    assert set(results.metrics_before) >= {"forget_accuracy", "test_accuracy", "mia_auc", "mia_efficacy"}
     config = json.loads((tmp_path / "out" / "deepclean_config.json").read_text())
-    assert config["forget"]["num_rows"] == results["fisher"]["forget_samples"] > 0
+    assert config["forget"]["num_rows"] == results.fisher.forget_samples > 0
 
 
 def test_early_stopping_and_per_parameter_selection(tmp_path, image_model_dir, image_dataset_dir, capsys):
@@ -382,7 +382,7 @@ def test_early_stopping_and_per_parameter_selection(tmp_path, image_model_dir, i
     assert main(_image_args(image_model_dir, image_dataset_dir, output_dir, *flags)) == 0
     results = json.loads((output_dir / "deepclean_results.json").read_text())
     # every parameter tensor gets its own 10% (rounded), as long as it has that many positive ratios
-    entries = [entry for name, entry in results["reset"]["per_parameter"].items() if name != "__total__"]
+    entries = list(results["reset"]["per_parameter"].values())
     assert all(entry["reset"] <= round(0.1 * entry["numel"]) for entry in entries)
     assert sum(entry["reset"] == round(0.1 * entry["numel"]) for entry in entries) > len(entries) // 2
     assert set(results["repair"]) == {"steps", "final_loss", "stopped_early", "learning_rate", "learning_rate_probe"}
@@ -458,11 +458,12 @@ def test_adapter_scope_end_to_end(tmp_path, text_model_dir, text_csv_files):
     )
     assert set(before) == set(after)
     changed = sum(int((before[k] != after[k]).sum()) for k in before)
-    stats = json.loads((output_dir / "deepclean_results.json").read_text())["reset"]["per_parameter"]
-    assert 0 < changed <= stats["__total__"]["reset"]
+    stats = json.loads((output_dir / "deepclean_results.json").read_text())["reset"]
+    assert 0 < changed <= stats["total"]["reset"]
     adapter_numel = sum(v.numel() for v in before.values())
-    assert stats["__total__"]["numel"] == adapter_numel  # the scope was the adapter, nothing else
-    assert all("lora_" in name or "modules_to_save" in name for name in stats if name != "__total__")
+    assert stats["total"]["numel"] == adapter_numel  # the scope was the adapter, nothing else
+    assert sum(entry["numel"] for entry in stats["per_parameter"].values()) == adapter_numel
+    assert all("lora_" in name or "modules_to_save" in name for name in stats["per_parameter"])
 
     reloaded = PeftModel.from_pretrained(
         AutoModelForSequenceClassification.from_pretrained(text_model_dir), output_dir
@@ -546,9 +547,9 @@ def test_reset_base_end_to_end(tmp_path, text_model_dir, text_csv_files, base_ki
     results = unlearner.run()
     masks = {name: mask for name, mask in unlearner.masks.items() if bool(mask.any())}
     lacking = {name for name in masks if name.startswith("classifier.")} if base_kind == "encoder" else set()
-    assert results["reset"]["mode"] == "base"
-    assert results["reset"]["base_model"] == str(base_dir)
-    assert set(results["reset"]["init_fallback"]) == lacking
+    assert results.reset.mode == "base"
+    assert results.reset.base_model == str(base_dir)
+    assert set(results.reset.init_fallback) == lacking
     if base_kind == "encoder":
         assert lacking, "the head must be selected for this test to check the fallback"
 
@@ -571,24 +572,22 @@ def test_reset_base_end_to_end(tmp_path, text_model_dir, text_csv_files, base_ki
 
 @pytest.mark.parametrize("reset", ["init", "base"])
 def test_a_damaging_run_warns_with_a_hint(reset, caplog):
-    from types import SimpleNamespace
-
     from accelerate import PartialState
 
     from hf_deepclean.config import DeepCleanConfig
-    from hf_deepclean.pipeline.unlearn import DeepCleanUnlearner
+    from hf_deepclean.pipeline.unlearn import warn_if_damaged
 
     PartialState(cpu=True)
-    unlearner = SimpleNamespace(config=DeepCleanConfig(reset=reset))
+    config = DeepCleanConfig(reset=reset)
     with caplog.at_level("WARNING", logger="hf_deepclean.pipeline.unlearn"):
-        DeepCleanUnlearner.warn_if_damaged(unlearner, {"retain_accuracy": 0.9}, {"retain_accuracy": 0.86})
+        warn_if_damaged(config, {"retain_accuracy": 0.9}, {"retain_accuracy": 0.86})
         assert not caplog.records  # 4 points: within the tolerance
-        DeepCleanUnlearner.warn_if_damaged(unlearner, {"retain_accuracy": 0.9}, {"retain_accuracy": 0.55})
+        warn_if_damaged(config, {"retain_accuracy": 0.9}, {"retain_accuracy": 0.55})
     (record,) = caplog.records
     assert "Retain accuracy fell from 0.900 to 0.550" in record.getMessage()
     assert ("--reset base" in record.getMessage()) == (reset == "init")
     with caplog.at_level("WARNING", logger="hf_deepclean.pipeline.unlearn"):
-        DeepCleanUnlearner.warn_if_damaged(unlearner, {"train_loss": 1.0}, {"train_loss": 9.0})  # causal LMs
+        warn_if_damaged(config, {"train_loss": 1.0}, {"train_loss": 9.0})  # causal LMs
     assert len(caplog.records) == 1
 
 

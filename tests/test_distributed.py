@@ -19,7 +19,7 @@ from hf_deepclean.config import DataArguments, DeepCleanConfig, ModelArguments, 
 from hf_deepclean.distributed import check_data_parallel
 from hf_deepclean.errors import DeepCleanError
 from hf_deepclean.hub.push import read_reports
-from hf_deepclean.pipeline.unlearn import DeepCleanUnlearner
+from hf_deepclean.pipeline.unlearn import unlearn
 
 
 # Tolerance of the cleaned weights, 2 processes against 1, elementwise: |two - one| <= ATOL + RTOL * |one|.
@@ -59,17 +59,13 @@ def one_and_two_processes(text_model_dir, text_csv_files, tmp_path_factory, hub_
     worker = str(SCRIPT.parent.parent / "tests" / "unlearn_worker.py")
     launch = torchrun_process([worker, str(work / "records-two"), *arguments], env=hub_server.env(), timeout=300)
 
-    import hf_deepclean.pipeline.unlearn as unlearner_module
+    import hf_deepclean.pipeline.unlearn as unlearn_module
     from hf_deepclean.cli import main
 
     with pytest.MonkeyPatch.context() as patch:
         # the same recording wrappers in this process: what they replace is put back on leaving the context
-        for owner, name in (
-            (DeepCleanUnlearner, "run"),
-            (DeepCleanUnlearner, "save"),
-            (unlearner_module, "push_output_dir"),
-        ):
-            patch.setattr(owner, name, getattr(owner, name))
+        for name in ("unlearn", "save_output", "push_output_dir"):
+            patch.setattr(unlearn_module, name, getattr(unlearn_module, name))
         (work / "records-one").mkdir()
         record_processes(str(work / "records-one"))
         status = main(["unlearn", *_unlearn_arguments(text_model_dir, text_csv_files, one_dir / "cleaned", 8)])
@@ -90,10 +86,10 @@ def test_two_processes_finish_cleanly_and_write_and_push_once(one_and_two_proces
     # one folder, complete, nothing else next to it (no staging folder of another process)
     assert [p.name for p in run.two.parent.iterdir()] == ["cleaned"]
     config, results = read_reports(run.two)
-    assert config["num_processes"] == 2  # one gloo group of 2 (not 2 independent copies)
+    assert config.num_processes == 2  # one gloo group of 2 (not 2 independent copies)
     # every row evaluated once: Accelerate's repeats (12, 48 and 20 rows in batches of 4 on 2 processes) dropped
-    assert results["evaluated_rows"] == {"forget": 12, "retain": 48, "test": 20}
-    assert results["fisher"]["forget_samples"] == 12 and results["fisher"]["retain_samples"] == 48
+    assert results.evaluated_rows == {"forget": 12, "retain": 48, "test": 20}
+    assert results.fisher.forget_samples == 12 and results.fisher.retain_samples == 48
     repo = hub_server.state()[f"model:{REPO}"]
     assert len(repo["commits"]) == 2  # the repository's first commit, then one upload
     # each log line, result line and progress bar once
@@ -136,10 +132,10 @@ def test_two_processes_select_and_clean_like_one(one_and_two_processes, text_mod
     assert moved > 100 * ATOL  # the repair did move the selected weights well beyond the tolerance
     _, results_one = read_reports(run.one)
     _, results_two = read_reports(run.two)
-    assert results_two["reset"]["selection_sha256"] == results_one["reset"]["selection_sha256"]
-    assert results_two["repair"]["steps"] == results_one["repair"]["steps"] == 12
-    for stage in ("before", "after"):
-        assert results_two["metrics"][stage] == pytest.approx(results_one["metrics"][stage], abs=1e-5)
+    assert results_two.reset.selection_sha256 == results_one.reset.selection_sha256
+    assert results_two.repair.steps == results_one.repair.steps == 12
+    assert results_two.metrics_before == pytest.approx(results_one.metrics_before, abs=1e-5)
+    assert results_two.metrics_after == pytest.approx(results_one.metrics_after, abs=1e-5)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -177,16 +173,15 @@ def test_data_parallel_setups_are_accepted(kind):
     check_data_parallel(_accelerator(kind, parallelism_config=SimpleNamespace(dp_replicate_enabled=True)))
 
 
-def test_unlearner_refuses_a_sharded_accelerator_before_loading(tmp_path):
-    unlearner = DeepCleanUnlearner(
-        DeepCleanConfig(),
-        ModelArguments(str(tmp_path / "no-such-model")),  # loading it would fail with another error
-        DataArguments(str(tmp_path / "no-such-data"), forget="random:0.1"),
-        OutputArguments(str(tmp_path / "out")),
-        accelerator=_accelerator(DistributedType.FSDP, fsdp_plugin=object()),
-    )
+def test_unlearn_refuses_a_sharded_accelerator_before_loading(tmp_path):
     with pytest.raises(DeepCleanError, match="got FSDP, which splits the weights"):
-        unlearner.run()
+        unlearn(
+            DeepCleanConfig(),
+            ModelArguments(str(tmp_path / "no-such-model")),  # loading it would fail with another error
+            DataArguments(str(tmp_path / "no-such-data"), forget="random:0.1"),
+            OutputArguments(str(tmp_path / "out")),
+            accelerator=_accelerator(DistributedType.FSDP, fsdp_plugin=object()),
+        )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -207,7 +202,7 @@ def test_every_command_asks_default_accelerator(
         asked.append(command)
         raise DeepCleanError("stopped by the test")
 
-    for module in ("unlearner", "benchmark"):
+    for module in ("pipeline.session", "bench.benchmark"):
         monkeypatch.setattr(f"hf_deepclean.{module}.default_accelerator", spy)
     data = _unlearn_arguments(text_model_dir, text_csv_files, tmp_path / "out", 8)[:7]  # model and data flags
     arguments = {
@@ -232,3 +227,21 @@ def test_a_usage_error_on_two_processes_is_one_line_without_a_rank_traceback(tex
     # the other process passed the loading barrier and met the same error: no broken connection, no rank traceback
     assert "[rank1]" not in launch.stdout and "Connection closed" not in launch.stdout
     assert not output_dir.exists()
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 8])
+def test_process_shards_cover_every_row_once_in_order(world):
+    """The Fisher passes' sharding: the shards, in rank order, are the rows themselves (none repeated, none lost), and
+    each offset is the index of the shard's first row, so per-row seeds match one process's."""
+    from datasets import Dataset
+
+    from hf_deepclean.distributed import process_shard
+
+    rows = Dataset.from_dict({"n": list(range(7))})
+    seen = []
+    for rank in range(world):
+        accelerator = SimpleNamespace(num_processes=world, process_index=rank)
+        shard, offset = process_shard(rows, accelerator)
+        assert offset == len(seen)
+        seen.extend(shard["n"])
+    assert seen == list(range(7))

@@ -1,4 +1,4 @@
-"""Fisher diagonals against a brute-force, one-sample-at-a-time reference (DESIGN §2.1)."""
+"""Fisher diagonals against a brute-force, one-sample-at-a-time reference."""
 
 from __future__ import annotations
 
@@ -411,8 +411,8 @@ def test_bf16_autocast_accumulates_in_float32(bert, reviews, bert_fisher):
 
 
 def test_two_processes_match_one(tmp_path):
-    """`torchrun --nproc_per_node 2` on CPU (gloo): per-rank sums, one SUM reduce, the repeats Accelerate adds
-    to even out the last batches not counted; equal to one process."""
+    """`torchrun --nproc_per_node 2` on CPU (gloo): per-rank sums over each process's block of rows, one SUM
+    reduce; equal to one process, the sampled labels of the true Fisher included."""
     from pathlib import Path
 
     from conftest import run_torchrun
@@ -426,7 +426,7 @@ def test_two_processes_match_one(tmp_path):
     assert output.exists(), log[-3000:]
     two = load_file(output)
     assert float(two.pop("__processes__")) == 2.0
-    assert float(two.pop("__count__")) == 13.0  # 16 samples were run: 3 repeats dropped
+    assert float(two.pop("__count__")) == 13.0  # every row once
 
     two_true = {name.removeprefix("true/"): two.pop(name) for name in list(two) if name.startswith("true/")}
     model, tokenizer = build_tiny_bert()

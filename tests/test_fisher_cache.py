@@ -9,10 +9,13 @@ from safetensors import safe_open
 from test_fisher import assert_fisher_close
 
 from hf_deepclean.cli import main
-from hf_deepclean.config import DataArguments, DeepCleanConfig, ModelArguments, OutputArguments
+from hf_deepclean.config import DataArguments, DeepCleanConfig, ModelArguments
 from hf_deepclean.fisher.cache import load_fisher_sums
 from hf_deepclean.modeling import get_parameters_in_scope
-from hf_deepclean.pipeline.unlearn import DeepCleanUnlearner
+from hf_deepclean.pipeline.deepclean import compute_fisher_diagonals
+from hf_deepclean.pipeline.fisher_sums import load_checked_fisher_cache
+from hf_deepclean.pipeline.session import DeepCleanSession
+from hf_deepclean.records import StageTimer
 
 
 def _data_flags(csv_dir, train="train.csv"):
@@ -42,16 +45,20 @@ def cache_file(tmp_path_factory, text_model_dir, text_csv_files):
     return output
 
 
-def _unlearner(model_dir, csv_dir, forget, tmp_path, **method):
-    return DeepCleanUnlearner(
-        DeepCleanConfig(per_device_batch_size=8, **method),
+def _fisher(model_dir, csv_dir, forget, **method):
+    """Fisher diagonals of the forget and retain rows, computed by the pipeline's own stage."""
+    config = DeepCleanConfig(per_device_batch_size=8, **method)
+    data_files = [f"train={csv_dir / 'train.csv'}", f"test={csv_dir / 'test.csv'}"]
+    session = DeepCleanSession.load(
         ModelArguments(str(model_dir)),
-        DataArguments(
-            "csv",
-            forget=forget,
-            data_files=[f"train={csv_dir / 'train.csv'}", f"test={csv_dir / 'test.csv'}"],
-        ),
-        OutputArguments(str(tmp_path / "out")),
+        DataArguments("csv", forget=forget, data_files=data_files),
+        seed=42,
+        batch_size=8,
+    )
+    cache = load_checked_fisher_cache(session, config) if config.fisher_cache is not None else None
+    params = get_parameters_in_scope(session.unwrapped_model)
+    return compute_fisher_diagonals(
+        session.model, session.rows(), config, session.accelerator, params, cache, StageTimer()
     )
 
 
@@ -69,17 +76,12 @@ def test_cache_file_describes_its_sums(cache_file, text_model_dir):
 @pytest.mark.parametrize("forget", ["class:pos", "random:7"])
 def test_retain_fisher_from_cache_equals_a_retain_pass(cache_file, text_model_dir, text_csv_files, tmp_path, forget):
     """(S_all - S_forget) / (N - N_forget) against a pass over the retain rows."""
-    direct = _unlearner(text_model_dir, text_csv_files, forget, tmp_path)
-    direct.load()
-    params = get_parameters_in_scope(direct.accelerator.unwrap_model(direct.model))
-    expected, record = direct.compute_fisher(params)
-    assert record["retain_source"] == "pass"
+    expected, record = _fisher(text_model_dir, text_csv_files, forget)
+    assert record.retain_source == "pass"
 
-    cached = _unlearner(text_model_dir, text_csv_files, forget, tmp_path, fisher_cache=str(cache_file))
-    cached.load()
-    fisher, record = cached.compute_fisher(get_parameters_in_scope(cached.accelerator.unwrap_model(cached.model)))
-    assert record["retain_source"] == "cache"
-    assert record["retain_samples"] == 60 - record["forget_samples"]
+    fisher, record = _fisher(text_model_dir, text_csv_files, forget, fisher_cache=str(cache_file))
+    assert record.retain_source == "cache"
+    assert record.retain_samples == 60 - record.forget_samples
     assert_fisher_close(fisher["forget"], expected["forget"], rtol=1e-6)
     # subtraction of float32 sums loses a little relative precision where the retain part is small
     assert_fisher_close(fisher["retain"], expected["retain"], rtol=1e-4)

@@ -130,8 +130,8 @@ def cleaned_run(hub_server, text_model_dir, image_model_dir, tmp_path_factory):
 def test_unlearn_by_repo_ids_pushes_one_private_commit(hub_server, cleaned_run, tmp_path):
     output_dir, unlearned = cleaned_run["output_dir"], cleaned_run["unlearn"]
     config, results = read_reports(output_dir)
-    assert config["forget"]["num_rows"] == len(FORGET_ROWS)
-    assert config["arguments"]["revision"] == config["arguments"]["dataset_revision"] == "v1"
+    assert config.forget.num_rows == len(FORGET_ROWS)
+    assert config.arguments["revision"] == config.arguments["dataset_revision"] == "v1"
 
     # model, tokenizer and the private dataset were read from branch v1 (main has neither weights nor data)
     # (the clients resolve the branch to its commit first, then download by commit)
@@ -172,7 +172,7 @@ def test_unlearn_by_repo_ids_pushes_one_private_commit(hub_server, cleaned_run, 
     assert {"hf_deepclean", "machine-unlearning"} <= set(card["tags"])
     assert card["model-index"][0]["name"] == CLEANED_REPO
     metrics = {m["type"]: m["value"] for entry in card["model-index"][0]["results"] for m in entry["metrics"]}
-    assert metrics["forget_accuracy"] == round(results["metrics"]["after"]["forget_accuracy"], 6)
+    assert metrics["forget_accuracy"] == round(results.metrics_after["forget_accuracy"], 6)
 
     # neither the canary from the forgotten rows nor the token is anywhere: files written, files pushed, logs
     outputs = unlearned.stdout + unlearned.stderr + verified.stdout + verified.stderr

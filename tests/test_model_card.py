@@ -52,12 +52,12 @@ def test_card_lists_every_hyperparameter_and_no_local_path():
     config, results = read_reports(EXAMPLE)
     text = render_model_card(config, results).text
     for field in fields(DeepCleanConfig):
-        assert f"| `{field.name}` | `{config['arguments'][field.name]}` |" in text
-    assert f"| `seed` | `{config['arguments']['seed']}` |" in text
-    assert f"| `num_processes` | `{config['num_processes']}` |" in text
+        assert f"| `{field.name}` | `{config.arguments[field.name]}` |" in text
+    assert f"| `seed` | `{config.arguments['seed']}` |" in text
+    assert f"| `num_processes` | `{config.num_processes}` |" in text
     assert "arXiv 2311.10448" in text and "Shi, Jiaeli" in text
     # a local folder is named by its last part only
-    config["arguments"]["model_name_or_path"] = "/home/someone/private/models/digits-vit"
+    config.arguments["model_name_or_path"] = "/home/someone/private/models/digits-vit"
     text = render_model_card(config, results).text
     assert "/home/someone" not in text and "digits-vit (local folder)" in text
 
@@ -65,7 +65,7 @@ def test_card_lists_every_hyperparameter_and_no_local_path():
 def test_card_without_histograms_embeds_only_what_exists(tmp_path):
     """Reports written before the histograms existed still render, without the plots they have no data for."""
     config, results = read_reports(EXAMPLE)
-    del results["ratio_histogram"], results["loss_histograms"]
+    results.ratio_histogram, results.loss_histograms = {}, {}
     assert available_plots(results) == {"reset_per_module": PLOT_FILES["reset_per_module"]}
     save_model_card(tmp_path, config, results)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", PLOT_FILES["reset_per_module"]]
@@ -76,12 +76,12 @@ def test_card_without_histograms_embeds_only_what_exists(tmp_path):
 def test_commit_message_summarises_the_run_without_rows():
     config, results = read_reports(EXAMPLE)
     summary, description = commit_message(config, results)
-    before, after = results["metrics"]["before"], results["metrics"]["after"]
+    before, after = results.metrics_before, results.metrics_after
     assert summary == (
-        f"DeepClean: forget {config['forget']['num_rows']} rows of {config['arguments']['dataset_name']}, "
+        f"DeepClean: forget {config.forget.num_rows} rows of {config.arguments['dataset_name']}, "
         f"forget_accuracy {before['forget_accuracy']:.3f} -> {after['forget_accuracy']:.3f}"
     )
-    assert config["forget"]["sha256"] in description
+    assert config.forget.sha256 in description
     assert f"mia_auc {before['mia_auc']:.4f} -> {after['mia_auc']:.4f}" in description
 
 
@@ -89,10 +89,10 @@ def test_card_and_commit_name_the_base_of_a_base_reset():
     """`--reset base`: the card and the commit name the base model (a local folder by its last part only) and list
     the parameters that fell back to fresh values."""
     config, results = read_reports(EXAMPLE)
-    config["arguments"].update(
+    config.arguments.update(
         reset="base", base_model_name_or_path="/home/someone/private/models/minilm", base_model_revision="main"
     )
-    results["reset"].update(mode="base", init_fallback=["classifier.weight", "classifier.bias"])
+    results.reset.mode, results.reset.init_fallback = "base", ["classifier.weight", "classifier.bias"]
     text = render_model_card(config, results).text
     assert "/home/someone" not in text
     assert "reset to the values of the base model minilm (local folder) (revision main)" in text
@@ -161,7 +161,7 @@ RENDER_FROM_INSTALLED = """
 import sys
 from pathlib import Path
 import hf_deepclean
-from hf_deepclean.hub.output import read_reports
+from hf_deepclean.hub.push import read_reports
 from hf_deepclean.hub.model_card import render_model_card, template_path
 
 site, example = Path(sys.argv[1]), Path(sys.argv[2])

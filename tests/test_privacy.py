@@ -5,7 +5,7 @@ What is planted: a unique string in the texts of the forget rows, unique row ids
 spec, whose name carries a third canary), random-noise images as the forgotten images of an image dataset (their
 pixel bytes and PNG encodings are searched for), and the rows' positions and labels (searched for as the lists a
 report would hold). Counts and hashes of the forget set are allowed; `datasets`' own Arrow cache of the input files holds
-the data by design (README, "Limits") and is kept in a folder of its own that is not searched.
+the data by design (README.md, "Limits") and is kept in a folder of its own that is not searched.
 """
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ def test_forget_rows_appear_in_no_output_file_or_log(tmp_path, text_model_dir, i
         p.name for p in (work / "cleaned").iterdir()
     }
     assert (
-        "INFO hf_deepclean.pipeline.unlearn: [RANK 0] Forget set: 12 rows" in result.stderr
+        "INFO hf_deepclean.pipeline.session: [RANK 0] Forget set: 12 rows" in result.stderr
     )  # the logs were captured
 
     labels = [rows[index]["label"] for index in FORGET_ROWS]

@@ -46,7 +46,7 @@ def test_unlearn_real_minilm_encoder(tmp_path, text_csv_files):
     model = AutoModelForSequenceClassification.from_pretrained(output_dir)
     assert model.config.num_labels == 2
     results = json.loads((output_dir / "deepclean_results.json").read_text())
-    total = results["reset"]["per_parameter"]["__total__"]
+    total = results["reset"]["total"]
     assert total["numel"] > 22_000_000
     assert total["reset"] == round(0.05 * total["numel"])
     # encoder weights outside the selection are exactly the pretrained ones
@@ -60,7 +60,7 @@ def test_unlearn_real_minilm_encoder(tmp_path, text_csv_files):
 
 @pytest.mark.slow
 def test_reviews_scenario_forgets_whole_movies():
-    from hf_deepclean.bench.benchmark import build_reviews_scenario
+    from hf_deepclean.bench.scenarios import build_reviews_scenario
 
     scenario = build_reviews_scenario("reviews_movies", seed=0, max_rows=600)
     movies = scenario.train["movie"]

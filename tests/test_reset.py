@@ -1,4 +1,4 @@
-"""Fisher ratio, selection, reset and masked repair (DESIGN §2, steps 2-4)."""
+"""Fisher ratio, selection, reset and masked repair."""
 
 from __future__ import annotations
 
@@ -318,12 +318,15 @@ def test_reset_statistics():
         "b": torch.zeros(2, 3, dtype=torch.bool),
         "c": torch.ones(2, 5, dtype=torch.bool),
     }
-    assert reset_statistics(masks) == {
+    statistics = reset_statistics(masks)
+    assert {name: count.to_dict() for name, count in statistics.per_parameter.items()} == {
         "a": {"reset": 2, "numel": 4, "share": 0.5},
         "b": {"reset": 0, "numel": 6, "share": 0.0},
         "c": {"reset": 10, "numel": 10, "share": 1.0},
-        "__total__": {"reset": 12, "numel": 20, "share": 0.6},
     }
+    assert statistics.total.to_dict() == {"reset": 12, "numel": 20, "share": 0.6}
+    masks = {"layer.weight": masks["a"], "layer.bias": masks["b"], "head.weight": masks["c"]}
+    assert reset_statistics(masks).per_module() == {"layer": 2 / 10, "head": 1.0}
 
 
 def test_adapter_initial_values_follow_lora_init_and_leave_the_model_unchanged():

@@ -16,12 +16,12 @@ returns a new model; the trained model itself is never modified. `METHODS` maps 
   `alpha * min(1 / (F_r + eps), max_inverse)` is added to every element, `F_r` being the retain Fisher diagonal.
   That is noise of standard deviation `sqrt(alpha) * F_r^(-1/2)` (exponent -1/2 on the Fisher, i.e. covariance
   `alpha * F_r^-1`), with the clamp of the authors' code.
-- `deepclean`: this library's method (DESIGN §2): Fisher ratio, selection, reset, masked repair, with the
-  settings of a `DeepCleanConfig`; `reset="base"` resets to `UnlearningInputs.initial_state`, the weights the
-  training started from.
+- `deepclean`: this library's method, the very function `hf-deepclean unlearn` runs (`run_deepclean`): Fisher ratio,
+  selection, reset, learning-rate probe, masked repair, with the settings of a `DeepCleanConfig`; `reset="base"`
+  resets to `UnlearningInputs.initial_state`, the weights the training started from.
 
 All Fisher diagonals here are the per-sample empirical Fisher of `hf_deepclean.fisher.engine` (SSD and Fisher forgetting
-originally use squared batch gradients; the per-sample quantity is the one DESIGN §2 defines).
+originally use squared batch gradients; the per-sample quantity is the one the method defines).
 """
 
 from __future__ import annotations
@@ -31,8 +31,7 @@ import itertools
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass, field
 
 import torch
 from accelerate import Accelerator
@@ -43,16 +42,13 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from ..config import DeepCleanConfig
-from ..data.collators import make_dataloader, subsample
-from ..distributed import transient_preparations
+from ..data.collators import make_dataloader
+from ..distributed import process_shard, transient_preparations
 from ..errors import DeepCleanError
 from ..fisher.engine import FisherDiagonal, accumulate_fisher_sums
 from ..modeling import get_parameters_in_scope
-from ..unlearning.probe import PROBE_EVAL_ROWS, choose_repair_learning_rate
-from ..unlearning.repair import build_repair_monitor, repair_selected_weights
-from ..unlearning.reset import reset_selected_weights
-from ..unlearning.selection import compute_fisher_ratio, select_weights_to_reset
-from ..unlearning.training import optimizer_steps_per_epoch, release_training, train_model
+from ..pipeline.deepclean import UnlearningRows, run_deepclean
+from ..unlearning.training import TrainingSchedule, release_training, train_model
 
 
 @dataclass
@@ -98,44 +94,6 @@ class BaselineConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not (0 < value < math.inf):
                 raise DeepCleanError(f"--{name}: got {value!r}; expected a finite number > 0.")
-
-
-@dataclass
-class TrainingSchedule:
-    """How a model was trained from its initial weights (what `retrain` repeats on the retain rows)."""
-
-    epochs: float
-    learning_rate: float
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.0
-    lr_scheduler_type: str = "linear"
-    batch_size: int = 32
-    max_grad_norm: float = 1.0
-
-    @classmethod
-    def repair_budget(
-        cls, config: DeepCleanConfig, batch_size: int, learning_rate: float | None = None
-    ) -> TrainingSchedule:
-        """DeepClean's repair schedule, which `finetune` and `neggrad_plus` get too; `learning_rate` is the rate to
-        use when `config.learning_rate` is unset (the probe's choice)."""
-        rate = config.learning_rate if config.learning_rate is not None else learning_rate
-        if rate is None:
-            if config.repair_epochs:
-                raise ValueError("repair_budget: config.learning_rate is unset; pass the probed learning_rate.")
-            rate = 0.0  # nothing is trained
-        return cls(
-            epochs=config.repair_epochs,
-            learning_rate=rate,
-            weight_decay=config.weight_decay,
-            warmup_ratio=config.warmup_ratio,
-            lr_scheduler_type=config.lr_scheduler_type,
-            batch_size=batch_size,
-            max_grad_norm=config.max_grad_norm,
-        )
-
-    def optimizer_arguments(self) -> dict[str, Any]:
-        """The keyword arguments of `train_model` / `repair_selected_weights` (all but the batch size)."""
-        return {key: value for key, value in asdict(self).items() if key != "batch_size"}
 
 
 @dataclass
@@ -192,16 +150,17 @@ class UnlearningInputs:
             return result
         model = self.accelerator.unwrap_model(self.model)
         start = time.perf_counter()
-        with transient_preparations(self.accelerator):
-            result = accumulate_fisher_sums(
-                model,
-                self.accelerator.prepare_data_loader(self.loader(getattr(self, split))),  # each process its shard
-                params=get_parameters_in_scope(model),
-                fisher_type=fisher_type,
-                accelerator=self.accelerator,
-                seed=self.seed,
-                desc=f"Fisher {split}",
-            )
+        shard, first_index = process_shard(getattr(self, split), self.accelerator)  # each process its rows
+        result = accumulate_fisher_sums(
+            model,
+            self.loader(shard),
+            params=get_parameters_in_scope(model),
+            fisher_type=fisher_type,
+            accelerator=self.accelerator,
+            seed=self.seed,
+            desc=f"Fisher {split}",
+            first_index=first_index,
+        )
         self._fisher_cache[key] = (result, time.perf_counter() - start)
         return result
 
@@ -306,7 +265,7 @@ def ssd(inputs: UnlearningInputs, config: DeepCleanConfig, baselines: BaselineCo
     """Selective Synaptic Dampening: shrink the elements far more important to the forget rows than to all rows."""
     forget_sums, forget_count = inputs.fisher_sums("forget")
     retain_sums, retain_count = inputs.fisher_sums("retain")
-    # additivity (DESIGN §2): the full-data Fisher is the pooled sum over forget and retain rows
+    # additivity: the full-data Fisher is the pooled sum over forget and retain rows
     full = {name: (forget_sums[name] + retain_sums[name]) / (forget_count + retain_count) for name in forget_sums}
     forget = {name: total / forget_count for name, total in forget_sums.items()}
     factors = ssd_factors(forget, full, alpha=baselines.ssd_alpha, lam=baselines.ssd_lambda)
@@ -337,62 +296,14 @@ def fisher_forgetting(inputs: UnlearningInputs, config: DeepCleanConfig, baselin
 
 
 def deepclean(inputs: UnlearningInputs, config: DeepCleanConfig, baselines: BaselineConfig) -> nn.Module:
-    """DeepClean (DESIGN §2): Fisher forget and retain, ratio, selection, reset, masked repair on retain rows."""
-    model = inputs.copy_model()
-    masks = select_weights_to_reset(
-        compute_fisher_ratio(
-            inputs.fisher("forget", config.fisher_type), inputs.fisher("retain", config.fisher_type), config.eps
-        ),
-        gamma=config.gamma,
-        reset_fraction=config.reset_fraction,
-        max_reset_fraction=config.max_reset_fraction,
-        selection_scope=config.selection_scope,
+    """DeepClean with the settings of `config`: the pipeline's `run_deepclean` on a copy of the trained model.
+    `reset="base"` resets to `UnlearningInputs.initial_state`, the weights the training started from (a pretrained
+    encoder with a fresh head, or the random initialisation of a model trained from scratch)."""
+    prepared = inputs.accelerator.prepare_model(inputs.copy_model(), evaluation_mode=True)
+    rows = UnlearningRows(
+        inputs.forget, inputs.retain, inputs.held_out, inputs.collator, batch_size=inputs.batch_size, seed=inputs.seed
     )
-    base_values = None
-    if config.reset == "base":
-        # the weights training started from: pretrained encoder and random head, or the random init of a model
-        # trained from scratch (where `base` is then the same as `init` with the original's own draw)
-        if inputs.initial_state is None:
-            raise DeepCleanError(
-                "--reset: got 'base', but the scenario gives no initial weights (initial_state) to reset to; expected "
-                "--reset init or zero."
-            )
-        base_values = inputs.initial_state
-    reset_selected_weights(model, masks, reset=config.reset, seed=inputs.seed, base_values=base_values)
-    prepared = inputs.accelerator.prepare_model(model, evaluation_mode=True)  # `train_model` wraps it for DDP
-    retain_loader = inputs.loader(inputs.retain, shuffle=True)
-    should_stop = None
-    if config.early_stopping:
-        if inputs.held_out is None:
-            raise DeepCleanError("--early_stopping: needs a held-out split; got none.")
-        should_stop = build_repair_monitor(
-            prepared,
-            original_model=inputs.model,
-            rows={"forget": inputs.forget, "retain": inputs.retain, "test": inputs.held_out},
-            loader=inputs.loader,
-            accelerator=inputs.accelerator,
-            tolerance=config.early_stopping_tolerance,
-            criterion=config.early_stopping_criterion,
-            steps_per_epoch=optimizer_steps_per_epoch(retain_loader, inputs.accelerator),
-            seed=inputs.seed,
-        )
-    # the probe's time is part of the method's, as in the unlearner
-    learning_rate, _ = choose_repair_learning_rate(
-        config,
-        prepared,
-        inputs.loader(inputs.retain, shuffle=True),
-        inputs.loader(subsample(inputs.retain, PROBE_EVAL_ROWS, inputs.seed)),
-        inputs.accelerator,
-        masks,
-    )
-    repair_selected_weights(
-        prepared,
-        masks,
-        retain_loader,
-        inputs.accelerator,
-        should_stop=should_stop,
-        **TrainingSchedule.repair_budget(config, inputs.batch_size, learning_rate).optimizer_arguments(),
-    )
+    run_deepclean(prepared, rows, config, inputs.accelerator, base_values=inputs.initial_state)
     return inputs.accelerator.unwrap_model(prepared).eval()
 
 

@@ -29,7 +29,8 @@ from ..config import DataArguments, DeepCleanConfig, ModelArguments, OutputArgum
 from ..data.collators import CausalLMCollator, make_dataloader
 from ..fisher.engine import accumulate_fisher_sums, accumulator_bytes
 from ..modeling import get_parameters_in_scope
-from ..pipeline.unlearn import DeepCleanUnlearner
+from ..pipeline.session import DeepCleanSession
+from ..pipeline.unlearn import unlearn
 from ..unlearning.training import train_model
 from .demo import DemoResult
 
@@ -213,7 +214,7 @@ def prepare_scenario(work_dir: Path, size: DemoSize, accelerator: Accelerator, s
     return paths
 
 
-def measure_fisher_scopes(unlearner: DeepCleanUnlearner, rows: int = 64) -> dict[str, dict[str, float]]:
+def measure_fisher_scopes(session: DeepCleanSession, rows: int = 64) -> dict[str, dict[str, float]]:
     """Fisher accumulator memory and time of `scope=adapter` and `scope=all` on the same rows.
 
     `all` is measured on a copy of the model with the adapter merged in and every weight trainable: what
@@ -223,9 +224,9 @@ def measure_fisher_scopes(unlearner: DeepCleanUnlearner, rows: int = 64) -> dict
     Returns:
         `{scope: {"params_in_scope", "accumulator_bytes", "seconds", "rows"}}`; seconds of one Fisher pass.
     """
-    model = unlearner.accelerator.unwrap_model(unlearner.model)
+    model = session.unwrapped_model
     merged = copy.deepcopy(model).merge_and_unload().requires_grad_(True)
-    loader = unlearner.dataloader("retain", max_rows=rows)
+    loader = session.dataloader("retain", max_rows=rows)
     measured = {}
     for scope, candidate in (("adapter", model), ("all", merged)):
         params = get_parameters_in_scope(candidate, scope)
@@ -275,19 +276,18 @@ def run_causal_lm_demo(
     for own in ("base", "adapter", "data"):  # only what an earlier run wrote there, never the folder itself
         shutil.rmtree(work / own, ignore_errors=True)
     paths = prepare_scenario(work, SIZES[size], accelerator, seed)
-    unlearner = DeepCleanUnlearner(
+    run = unlearn(
         method or DeepCleanConfig(**DEMO_METHOD),
         ModelArguments(str(paths["base"]), adapter_name_or_path=str(paths["adapter"])),
         DataArguments(str(paths["data"]), forget="where:has_secret==True", canaries=str(paths["canaries"])),
         OutputArguments(str(output_dir), overwrite_output_dir=overwrite_output_dir, seed=seed),
         accelerator=accelerator,
     )
-    results = unlearner.run()
-    metrics = {"original": results["metrics"]["before"], "deepclean": results["metrics"]["after"]}
-    scopes = measure_fisher_scopes(unlearner) if measure_scopes else {}
+    metrics = {"original": dict(run.results.metrics_before), "deepclean": dict(run.results.metrics_after)}
+    scopes = measure_fisher_scopes(run.session) if measure_scopes else {}
     if scopes:
         (work / "fisher_scopes.json").write_text(json.dumps(scopes, indent=2) + "\n")
-    return DemoResult(metrics, results["timings"]["unlearning"], None, Path(output_dir), scopes)
+    return DemoResult(metrics, run.results.timings["unlearning"], None, Path(output_dir), scopes)
 
 
 TABLE_COLUMNS = (

@@ -1,4 +1,4 @@
-"""TODO docstring."""
+"""`--canaries`: planted secrets whose exposure measures how much a causal LM memorised."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""TODO docstring."""
+"""Collators (classification and causal LM), the columns they read, and the seeded loaders built on them."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""TODO docstring."""
+"""`--forget` specifications: parsing, redaction for reports, and resolving one to row indices of a split."""
 
 from __future__ import annotations
 

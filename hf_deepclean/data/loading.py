@@ -1,4 +1,4 @@
-"""Load dataset splits, resolve the forget specification, and build the forget / retain / test loaders.
+"""Load dataset splits, resolve columns, labels and the forget specification into forget / retain / held-out rows.
 
 The forget set is resolved against the *raw* training split (before any preprocessing), so row indices are the
 dataset's own. Only counts and a SHA-256 of the sorted row indices ever leave this module for reports.

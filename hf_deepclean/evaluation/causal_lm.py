@@ -1,4 +1,4 @@
-"""Causal language models: the text collator, per-sequence outputs, and the metrics of DESIGN §6 for LMs.
+"""Causal language models: per-sequence outputs and the metrics for language models.
 
 A sample is one sequence (one row of the text column), truncated to `max_length` tokens and padded on the right;
 labels are the input ids with -100 on padding, so the model's own shifted loss, the Fisher engine

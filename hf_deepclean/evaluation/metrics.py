@@ -1,6 +1,6 @@
 """How well was the data forgotten? Accuracy and loss per split, membership inference, gap to a reference.
 
-Metric names are `{split}_{metric}` (DESIGN §6):
+Metric names are `{split}_{metric}`:
 - `forget_accuracy`, `retain_accuracy`, `test_accuracy` and the matching `*_loss` (mean per-sample loss);
 - `mia_auc`: AUC of a loss-threshold attack telling forget samples (members) from held-out test samples
   (non-members): a lower loss means "member". Around 0.5 when forget samples look like unseen data;
@@ -26,10 +26,10 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..distributed import transient_preparations
+from ..records import GAP_METRICS
 
 
 SPLITS = ("forget", "retain", "test")
-GAP_METRICS = ("forget_accuracy", "retain_accuracy", "test_accuracy", "mia_efficacy")
 
 
 @torch.no_grad()

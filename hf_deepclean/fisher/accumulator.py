@@ -1,4 +1,4 @@
-"""TODO docstring."""
+"""Running sums of squared per-sample gradients, one buffer per parameter in scope, and their memory."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Fisher sums saved to disk, so that a later deletion request costs one pass over the forget set (DESIGN §2).
+"""Fisher sums saved to disk, so that a later deletion request costs one pass over the forget set.
 
 Fisher sums are sums over samples, so with `S_all` computed once over the full training split at the original
 weights, the retain Fisher of any forget set is `(S_all - S_forget) / (N - N_forget)`. The cache is a safetensors
@@ -50,6 +50,22 @@ class FisherCacheInfo:
     count: int
     fisher_type: str
     scope: str
+
+
+@dataclass
+class CachedFisherSums:
+    """Cached sums over a whole training split, checked against the run that uses them.
+
+    Attributes:
+        sums: float32 sums of squared per-sample gradients, keyed by parameter name.
+        info: what they were computed from (`info.count` samples).
+        covers_forget_rows: whether the forget rows are among the cached ones (they are not when the forget set is
+            a separate split): the retain sums are then `sums` less the forget sums.
+    """
+
+    sums: FisherDiagonal
+    info: FisherCacheInfo
+    covers_forget_rows: bool = True
 
 
 def weights_fingerprint(model: nn.Module) -> str:

@@ -1,8 +1,8 @@
-"""Diagonal of the Fisher information, per sample, as DESIGN §2 defines it, computed near the cost of one backward.
+"""Diagonal of the Fisher information, per sample, as docs/method.md defines it, computed near the cost of one backward.
 
 `F_D[i] = (1/|D|) * sum_n (d/dθ_i log p(y_n | x_n; θ))²`, accumulated in float32.
 
-How (DESIGN §3): one forward and one backward pass per batch of `sum_n log p(y_n|x_n)`. Samples do not interact
+How: one forward and one backward pass per batch of `sum_n log p(y_n|x_n)`. Samples do not interact
 in an eval-mode model, so the gradient that reaches a layer's output for sample n is exactly the per-sample one.
 Forward hooks keep each layer's input; tensor hooks on each layer's output receive the output gradient during
 the backward pass, and a per-layer rule turns (input, output gradient) into squared per-sample weight gradients
@@ -307,35 +307,6 @@ def _saved(value, copy: bool):
     return value
 
 
-def _real_samples(dataloader, batch_size: int, accelerator: Accelerator | None) -> int:
-    """How many samples of this batch are real: Accelerate pads the last batch of each rank with repeats.
-
-    The last global batch is the ranks' last batches in rank order, and its first `remainder` samples are real
-    (the rule `Accelerator.gather_for_metrics` relies on).
-    """
-    if accelerator is None or accelerator.num_processes == 1 or not accelerator.even_batches:
-        return batch_size
-    if not getattr(dataloader, "end_of_dataloader", False):
-        return batch_size
-    remainder = getattr(dataloader, "remainder", -1)
-    if remainder <= 0:
-        return batch_size
-    return max(0, min(batch_size, remainder - accelerator.process_index * batch_size))
-
-
-def _global_first_index(dataloader, accelerator: Accelerator | None, batch_index: int, local_count: int) -> int:
-    """Index, in the whole (unsharded) loader, of the first sample of this process's `batch_index`-th batch, so
-    that samples drawn for `fisher_type="true"` are seeded as on one process.
-
-    Accelerate's batch sharding gives global batch `i` of `total_batch_size` samples to the processes in rank
-    order, `total_batch_size / num_processes` samples each (with or without `split_batches`).
-    """
-    total = getattr(dataloader, "total_batch_size", None)
-    if accelerator is None or accelerator.num_processes == 1 or total is None:
-        return local_count
-    return batch_index * total + accelerator.process_index * (total // accelerator.num_processes)
-
-
 def accumulate_fisher_sums(
     model: nn.Module,
     dataloader: Iterable[Mapping[str, torch.Tensor]],
@@ -346,11 +317,12 @@ def accumulate_fisher_sums(
     seed: int = 0,
     desc: str = "Fisher",
     chunk_memory_mb: float = DEFAULT_CHUNK_MEMORY_MB,
+    first_index: int = 0,
 ) -> tuple[FisherDiagonal, int]:
     """Sum over samples of the squared per-sample gradient of `log p(y|x)`, and the number of samples.
 
-    Under several processes each rank sums over its own shard, then one SUM reduce gives every rank the global
-    sums and count; the repeats Accelerate adds to even out the last batches are not counted.
+    Under several processes each rank sums over its own rows (`hf_deepclean.distributed.process_shard`: every row
+    once, no repeats), then one SUM reduce gives every rank the global sums and count.
 
     Args:
         model: the model, or what `accelerator.prepare` returned for it; it is run in eval mode.
@@ -364,6 +336,8 @@ def accumulate_fisher_sums(
         desc: progress-bar label.
         chunk_memory_mb: bound on the memory that per-sample gradients of one layer (or of a tied parameter, for
             a whole batch) may take at once.
+        first_index: index of the loader's first row in the whole data (this process's shard offset), so that
+            labels sampled for the `true` Fisher are seeded per row as on one process.
 
     Returns:
         `(sums, count)`: float32 sums keyed by parameter name, and the global number of samples.
@@ -385,15 +359,10 @@ def accumulate_fisher_sums(
     count = 0
     try:
         with engine.attached():
-            for batch_index, batch in enumerate(tqdm(dataloader, desc=desc, disable=not show_bar, leave=False)):
-                size = next(iter(batch.values())).shape[0]
-                keep = _real_samples(dataloader, size, accelerator)
-                if keep == 0:
-                    continue
-                batch = {k: v[:keep].to(device) for k, v in batch.items()}
-                first_index = _global_first_index(dataloader, accelerator, batch_index, count)
-                engine.run_batch(batch, fisher_type, seed, first_index)
-                count += keep
+            for batch in tqdm(dataloader, desc=desc, disable=not show_bar, leave=False):
+                batch = {k: v.to(device) for k, v in batch.items()}
+                engine.run_batch(batch, fisher_type, seed, first_index + count)
+                count += next(iter(batch.values())).shape[0]
     finally:
         unwrapped.train(was_training)
     sums = engine.sink.sums
@@ -436,7 +405,7 @@ def compute_fisher_diagonal(
     desc: str = "Fisher",
     chunk_memory_mb: float = DEFAULT_CHUNK_MEMORY_MB,
 ) -> FisherDiagonal:
-    """Mean over samples of the squared per-sample gradient of `log p(y|x)` (DESIGN §2).
+    """Mean over samples of the squared per-sample gradient of `log p(y|x)`.
 
     The result does not depend on the batch size (up to float32 round-off).
 

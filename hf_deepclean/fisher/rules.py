@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""Per-sample gradient rules, one per layer type: how a layer's squared per-sample gradients follow from its
+inputs and output gradients. The registry matches exact types only; any other layer takes the exact path."""
 
 from __future__ import annotations
 

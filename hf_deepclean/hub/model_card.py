@@ -1,13 +1,13 @@
 """Model card of a cleaned checkpoint: card data (front matter), the rendered Markdown and its plots.
 
-The card and its plots are a pure function of the two json reports the run writes (`deepclean_config.json`,
-`deepclean_results.json`), so they can be re-rendered from an output folder at any time (`save_model_card`).
+The card and its plots are a pure function of the run's two records (`RunRecord`, `UnlearningResults`), which the
+folder also holds as `deepclean_config.json` and `deepclean_results.json`, so a card can be re-rendered from an
+output folder at any time (`save_model_card`).
 """
 
 from __future__ import annotations
 
 import os
-from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import fields
 from importlib import resources
@@ -19,27 +19,12 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from ..config import FILE_BUILDERS, DeepCleanConfig
+from ..records import CARD_METRICS, RepairRecord, ResetRecord, RunRecord, UnlearningResults
 from .plots import available_plots, save_plots
 
 
 TEMPLATE_NAME = "deepclean_template.md"
 CARD_TAGS = ["hf_deepclean", "machine-unlearning"]
-TABLE_METRICS = (
-    "forget_accuracy",
-    "retain_accuracy",
-    "test_accuracy",
-    "forget_loss",
-    "retain_loss",
-    "test_loss",
-    "forget_perplexity",
-    "retain_perplexity",
-    "test_perplexity",
-    "mia_auc",
-    "mia_efficacy",
-    "mia_min_k_auc",
-    "canary_exposure",
-    "canary_exposure_unseen",
-)
 
 
 def template_path() -> Path:
@@ -77,22 +62,12 @@ def metric_split(metric: str, dataset: Mapping[str, Any]) -> str:
     return dataset.get("eval_split") or dataset["train_split"]
 
 
-def module_reset_shares(per_parameter: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
-    """Aggregate per-parameter reset counts into shares per module (the parameter name without its last part)."""
-    counts: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    for name, stats in per_parameter.items():
-        module = name.rsplit(".", 1)[0] if "." in name else name
-        counts[module][0] += int(stats["reset"])
-        counts[module][1] += int(stats["numel"])
-    return {module: reset / numel if numel else 0.0 for module, (reset, numel) in counts.items()}
-
-
 def format_results_table(metrics: Mapping[str, Mapping[str, float]]) -> str:
     """Markdown table with one column per model (`before`, `after`, optionally `reference`)."""
     columns = [name for name in ("before", "after", "reference") if metrics.get(name)]
     header = "| Metric | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns) + "\n"
     rows = []
-    for key in TABLE_METRICS:
+    for key in CARD_METRICS:
         if any(key in metrics[c] for c in columns):
             cells = [f"{metrics[c][key]:.4f}" if key in metrics[c] else "" for c in columns]
             rows.append(f"| {key} | " + " | ".join(cells) + " |")
@@ -106,10 +81,10 @@ def format_results_table(metrics: Mapping[str, Mapping[str, float]]) -> str:
 PROCEDURE_ARGUMENTS = ("max_retain_samples", "max_eval_samples", "max_length", "seed")
 
 
-def hyperparameters(config: Mapping[str, Any]) -> list[tuple[str, Any]]:
+def hyperparameters(config: RunRecord) -> list[tuple[str, Any]]:
     """Every method hyperparameter as recorded (all `DeepCleanConfig` fields), then the other settings that shape
     the procedure and the number of processes."""
-    args = config["arguments"]
+    args = config.arguments
     names = [f.name for f in fields(DeepCleanConfig)] + list(PROCEDURE_ARGUMENTS)
     # a path-valued setting (a cache file, say) is named by its last part only, like the model and data folders
     rows = [
@@ -117,17 +92,16 @@ def hyperparameters(config: Mapping[str, Any]) -> list[tuple[str, Any]]:
         for name in names
         if name in args
     ]
-    return [*rows, ("num_processes", config["num_processes"])]
+    return [*rows, ("num_processes", config.num_processes)]
 
 
-def summary_lines(config: Mapping[str, Any], results: Mapping[str, Any]) -> list[str]:
+def summary_lines(config: RunRecord, results: UnlearningResults) -> list[str]:
     """The card's summary bullets: what was forgotten, how much of the model changed, and the headline metrics."""
-    total = results["reset"]["per_parameter"]["__total__"]
-    before, after = results["metrics"]["before"], results["metrics"]["after"]
+    total, forget = results.reset.statistics.total, config.forget
+    before, after = results.metrics_before, results.metrics_after
     lines = [
-        f"Forgotten: {config['forget']['num_rows']} rows of split `{config['forget']['split']}` "
-        f"({config['forget']['kind']} specification).",
-        f"Changed: {total['share']:.2%} of the weights ({total['reset']} of {total['numel']}) were reset and "
+        f"Forgotten: {forget.num_rows} rows of split `{forget.split}` ({forget.kind} specification).",
+        f"Changed: {total.share:.2%} of the weights ({total.reset} of {total.numel}) were reset and "
         "repaired; every other weight is bit-for-bit the original.",
     ]
     for key, text in (
@@ -149,7 +123,7 @@ def summary_lines(config: Mapping[str, Any], results: Mapping[str, Any]) -> list
     return lines
 
 
-def reset_description(args: Mapping[str, Any], reset: Mapping[str, Any]) -> str:
+def reset_description(args: Mapping[str, Any], reset: ResetRecord) -> str:
     """What the selected weights were reset to (`--reset`), as the card's procedure says it."""
     if args["reset"] == "zero":
         return "zero"
@@ -160,7 +134,7 @@ def reset_description(args: Mapping[str, Any], reset: Mapping[str, Any]) -> str:
         f"the values of the base model {display_name(args['base_model_name_or_path'])} (revision {revision}), the "
         "checkpoint the fine-tuning started from (`--reset base`)"
     )
-    fallback = reset.get("init_fallback") or []
+    fallback = reset.init_fallback
     if fallback:
         text += (
             f"; {len(fallback)} selected parameter tensor(s) that the base model lacks (such as a new head) got "
@@ -174,10 +148,10 @@ def reset_description(args: Mapping[str, Any], reset: Mapping[str, Any]) -> str:
 HUB_PIPELINE_TAGS = {"causal-lm": "text-generation"}
 
 
-def build_card_data(config: Mapping[str, Any], results: Mapping[str, Any]) -> ModelCardData:
+def build_card_data(config: RunRecord, results: UnlearningResults) -> ModelCardData:
     """Front matter: base model, datasets, tags and `model-index` results of the cleaned model."""
-    args, dataset = config["arguments"], config["dataset"]
-    task = HUB_PIPELINE_TAGS.get(config["model"]["task"], config["model"]["task"])
+    args, dataset = config.arguments, config.dataset
+    task = HUB_PIPELINE_TAGS.get(config.model.task, config.model.task)
     dataset_id = hub_id_or_none(args["dataset_name"])
     eval_results = [
         EvalResult(
@@ -191,8 +165,8 @@ def build_card_data(config: Mapping[str, Any], results: Mapping[str, Any]) -> Mo
             metric_name=name,
             metric_value=round(float(value), 6),
         )
-        for name, value in results["metrics"]["after"].items()
-        if name in TABLE_METRICS
+        for name, value in results.metrics_after.items()
+        if name in CARD_METRICS
     ]
     # The Hub only accepts repo ids in `base_model`/`datasets`; local folders are named in the card's body instead.
     return ModelCardData(
@@ -207,16 +181,15 @@ def build_card_data(config: Mapping[str, Any], results: Mapping[str, Any]) -> Mo
     )
 
 
-def render_model_card(config: Mapping[str, Any], results: Mapping[str, Any]) -> ModelCard:
-    """Render the card from the run's config and results records (see `DeepCleanUnlearner.run`).
+def render_model_card(config: RunRecord, results: UnlearningResults) -> ModelCard:
+    """Render the card from the run's records.
 
     The card embeds the plots `save_model_card` writes next to it (those the results have data for).
     """
-    args, dataset, forget = config["arguments"], config["dataset"], config["forget"]
-    reset = results["reset"]
-    total = reset["per_parameter"]["__total__"]
-    per_parameter = {k: v for k, v in reset["per_parameter"].items() if k != "__total__"}
-    shares = module_reset_shares(per_parameter)
+    args, dataset, forget = config.arguments, config.dataset, config.forget
+    reset = results.reset
+    total = reset.statistics.total
+    shares = reset.statistics.per_module()
     top_modules = sorted(shares.items(), key=lambda item: -item[1])[:10]
     card_data = build_card_data(config, results)
     return ModelCard.from_template(
@@ -226,8 +199,8 @@ def render_model_card(config: Mapping[str, Any], results: Mapping[str, Any]) -> 
         summary=summary_lines(config, results),
         base_model=display_name(args["model_name_or_path"]),
         base_revision=args["revision"],
-        task=config["model"]["task"],
-        architecture=config["model"].get("architecture"),
+        task=config.model.task,
+        architecture=config.model.architecture,
         dataset_name=display_name(args["dataset_name"]),
         dataset_config_name=args.get("dataset_config_name"),
         dataset_revision=args.get("dataset_revision"),
@@ -235,56 +208,54 @@ def render_model_card(config: Mapping[str, Any], results: Mapping[str, Any]) -> 
         train_rows=dataset["num_rows"]["train"],
         eval_split=dataset.get("eval_split"),
         test_rows=dataset["num_rows"]["test"],
-        forget_rows=forget["num_rows"],
-        forget_split=forget["split"],
-        forget_kind=forget["kind"],
-        forget_sha256=forget["sha256"],
-        retain_fisher_rows=results["fisher"]["retain_samples"],
+        forget_rows=forget.num_rows,
+        forget_split=forget.split,
+        forget_kind=forget.kind,
+        forget_sha256=forget.sha256,
+        retain_fisher_rows=results.fisher.retain_samples,
         fisher_type=args["fisher_type"],
         scope=args["scope"],
         eps=args["eps"],
-        selection_rule=reset["selection_rule"],
+        selection_rule=reset.selection_rule,
         max_reset_fraction=args["max_reset_fraction"],
-        reset_share=f"{total['share']:.2%}",
-        reset_count=total["reset"],
-        reset_numel=total["numel"],
+        reset_share=f"{total.share:.2%}",
+        reset_count=total.reset,
+        reset_numel=total.numel,
         reset_description=reset_description(args, reset),
         repair_epochs=args["repair_epochs"],
-        learning_rate=repair_learning_rate_text(results["repair"], args["learning_rate"]),
+        learning_rate=repair_learning_rate_text(results.repair),
         weight_decay=args["weight_decay"],
         lr_scheduler_type=args["lr_scheduler_type"],
         warmup_ratio=args["warmup_ratio"],
         max_grad_norm=args["max_grad_norm"],
-        repair_steps=results["repair"]["steps"],
+        repair_steps=results.repair.steps,
         batch_size=args["per_device_batch_size"],
-        num_processes=config["num_processes"],
+        num_processes=config.num_processes,
         seed=args["seed"],
         hyperparameters=hyperparameters(config),
         top_modules=[(module, f"{share:.2%}") for module, share in top_modules],
         num_modules=len(shares),
-        results_table=format_results_table(results["metrics"]),
+        results_table=format_results_table({"before": results.metrics_before, "after": results.metrics_after}),
         plots=available_plots(results),
-        timings=", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in results["timings"].items()),
-        versions=sorted(config["library_versions"].items()),
+        timings=", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in results.timings.items()),
+        versions=sorted(config.library_versions.items()),
     )
 
 
-def repair_learning_rate_text(repair: Mapping[str, Any], configured: float | None) -> str:
-    """The repair's learning rate as the card states it; reports written before the probe existed record only the
-    configured rate."""
-    rate = repair.get("learning_rate", configured)
-    if "learning_rate_probe" in repair:
-        return f"{rate:g} (chosen by the learning-rate probe)"
-    return "none (no repair)" if rate is None else f"{rate:g}"
+def repair_learning_rate_text(repair: RepairRecord) -> str:
+    """The repair's learning rate as the card states it."""
+    if repair.learning_rate_probe is not None:
+        return f"{repair.learning_rate:g} (chosen by the learning-rate probe)"
+    return "none (no repair)" if repair.learning_rate is None else f"{repair.learning_rate:g}"
 
 
-def save_model_card(folder: str | os.PathLike, config: Mapping[str, Any], results: Mapping[str, Any]) -> ModelCard:
+def save_model_card(folder: str | os.PathLike, config: RunRecord, results: UnlearningResults) -> ModelCard:
     """Write the card as `README.md` and its plots as PNG files into `folder`.
 
     Args:
         folder: the output folder (or its staging copy).
-        config: the `deepclean_config.json` record.
-        results: the `deepclean_results.json` record.
+        config: the run's `deepclean_config.json` record.
+        results: its `deepclean_results.json` record.
 
     Returns:
         The rendered card.

@@ -1,9 +1,5 @@
-"""Write the output folder atomically, and publish it to the Hub in one commit.
-
-Pushing uses the token from the usual `huggingface_hub` sources (`HF_TOKEN`, `hf auth login`); it is never
-passed around, logged or written by this package. A push that fails leaves the local folder as it was, so
-`hf-deepclean push OUTPUT_DIR --hub_model_id ORG/NAME` can retry it.
-"""
+"""The output folder: refuse to overwrite by accident, and write it atomically (a temporary sibling renamed into
+place, with an existing folder put back if anything fails or the run is interrupted)."""
 
 from __future__ import annotations
 

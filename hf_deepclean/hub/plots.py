@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..records import UnlearningResults
+
 
 if TYPE_CHECKING:
     import torch
@@ -136,14 +138,14 @@ def loss_histograms(
 # --------------------------------------------------------------------------------------------------------------
 
 
-def available_plots(results: Mapping[str, Any]) -> dict[str, str]:
-    """The plots a results record has data for: `{plot name: file name}` (older records may lack some)."""
+def available_plots(results: UnlearningResults) -> dict[str, str]:
+    """The plots a results record has data for: `{plot name: file name}`."""
     available = {}
-    if results.get("ratio_histogram", {}).get("counts"):
+    if results.ratio_histogram.get("counts"):
         available["fisher_ratios"] = PLOT_FILES["fisher_ratios"]
-    if results.get("reset", {}).get("per_module"):
+    if results.reset.statistics.per_parameter:
         available["reset_per_module"] = PLOT_FILES["reset_per_module"]
-    if results.get("loss_histograms", {}).get("counts"):
+    if results.loss_histograms.get("counts"):
         available["losses"] = PLOT_FILES["losses"]
     return available
 
@@ -222,7 +224,7 @@ def plot_losses(histograms: Mapping[str, Any], path: Path) -> None:
     _save(figure, path)
 
 
-def save_plots(results: Mapping[str, Any], folder: str | Path) -> dict[str, str]:
+def save_plots(results: UnlearningResults, folder: str | Path) -> dict[str, str]:
     """Write every plot the results record has data for into `folder`.
 
     Returns:
@@ -231,9 +233,9 @@ def save_plots(results: Mapping[str, Any], folder: str | Path) -> dict[str, str]
     folder = Path(folder)
     written = available_plots(results)
     if "fisher_ratios" in written:
-        plot_fisher_ratios(results["ratio_histogram"], folder / written["fisher_ratios"])
+        plot_fisher_ratios(results.ratio_histogram, folder / written["fisher_ratios"])
     if "reset_per_module" in written:
-        plot_reset_per_module(results["reset"]["per_module"], folder / written["reset_per_module"])
+        plot_reset_per_module(results.reset.statistics.per_module(), folder / written["reset_per_module"])
     if "losses" in written:
-        plot_losses(results["loss_histograms"], folder / written["losses"])
+        plot_losses(results.loss_histograms, folder / written["losses"])
     return written

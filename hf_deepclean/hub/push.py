@@ -1,4 +1,10 @@
-"""TODO docstring."""
+"""`hf-deepclean push` and `--push_to_hub`: publish a finished output folder to the Hub as one commit whose
+message comes from the folder's own reports.
+
+Pushing uses the token from the usual `huggingface_hub` sources (`HF_TOKEN`, `hf auth login`); it is never
+passed around, logged or written by this package. A push that fails leaves the local folder as it was, so
+`hf-deepclean push OUTPUT_DIR --hub_model_id ORG/NAME` can retry it.
+"""
 
 from __future__ import annotations
 
@@ -13,14 +19,12 @@ from typing import Any
 from huggingface_hub import CommitInfo, HfApi, get_token
 
 from ..errors import DeepCleanError, DeepCleanRunError
+from ..records import SUMMARY_METRICS, RunRecord, UnlearningResults
 from .model_card import display_name
 from .output import CONFIG_NAME, RESULTS_NAME
 
 
 logger = logging.getLogger(__name__)
-
-
-SUMMARY_METRICS = ("forget_accuracy", "retain_accuracy", "test_accuracy", "mia_auc", "mia_efficacy")
 
 
 def check_hub_token() -> None:
@@ -32,7 +36,7 @@ def check_hub_token() -> None:
         )
 
 
-def read_reports(output_dir: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
+def read_reports(output_dir: str | os.PathLike) -> tuple[RunRecord, UnlearningResults]:
     """The `deepclean_config.json` and `deepclean_results.json` records of an output folder.
 
     Raises:
@@ -40,35 +44,36 @@ def read_reports(output_dir: str | os.PathLike) -> tuple[dict[str, Any], dict[st
     """
     folder = Path(output_dir)
     try:
-        return tuple(json.loads((folder / name).read_text()) for name in (CONFIG_NAME, RESULTS_NAME))
-    except (OSError, ValueError):
+        config, results = (json.loads((folder / name).read_text()) for name in (CONFIG_NAME, RESULTS_NAME))
+        return RunRecord.from_dict(config), UnlearningResults.from_dict(results)
+    except (OSError, ValueError, KeyError, TypeError):
         raise DeepCleanError(
             f"output_dir: {str(folder)!r} is not an hf_deepclean output folder (it needs {CONFIG_NAME} and "
             f"{RESULTS_NAME}); expected the --output_dir of an `hf-deepclean unlearn` run."
         ) from None
 
 
-def commit_message(config: Mapping[str, Any], results: Mapping[str, Any]) -> tuple[str, str]:
+def commit_message(config: RunRecord, results: UnlearningResults) -> tuple[str, str]:
     """Summary line and description of the commit that publishes a run: what was forgotten, how, how well.
 
     Only counts, the forget hash, settings and metrics appear: never rows, ids or local paths.
     """
-    args, forget = config["arguments"], config["forget"]
-    total = results["reset"]["per_parameter"]["__total__"]
-    before, after = results["metrics"]["before"], results["metrics"]["after"]
-    summary = f"DeepClean: forget {forget['num_rows']} rows of {display_name(args['dataset_name'])}"
+    args, forget = config.arguments, config.forget
+    total = results.reset.statistics.total
+    before, after = results.metrics_before, results.metrics_after
+    summary = f"DeepClean: forget {forget.num_rows} rows of {display_name(args['dataset_name'])}"
     if "forget_accuracy" in after:
         summary += f", forget_accuracy {before['forget_accuracy']:.3f} -> {after['forget_accuracy']:.3f}"
     lines = [
         f"Base model: {display_name(args['model_name_or_path'])} (revision {args['revision']}).",
-        f"Forget set: {forget['num_rows']} rows of split {forget['split']} ({forget['kind']} specification), "
-        f"sha256 {forget['sha256']}.",
-        f"Reset {total['reset']} of {total['numel']} weights ({total['share']:.2%}; {results['reset']['selection_rule']}"
+        f"Forget set: {forget.num_rows} rows of split {forget.split} ({forget.kind} specification), "
+        f"sha256 {forget.sha256}.",
+        f"Reset {total.reset} of {total.numel} weights ({total.share:.2%}; {results.reset.selection_rule}"
         f", reset={args['reset']}{_base_model(args)}), repaired for {args['repair_epochs']} epochs.",
         "Metrics (before -> after): "
         + ", ".join(f"{key} {before[key]:.4f} -> {after[key]:.4f}" for key in SUMMARY_METRICS if key in after)
         + ".",
-        f"Written by hf_deepclean {config['library_versions'].get('hf_deepclean', 'unknown')}.",
+        f"Written by hf_deepclean {config.library_versions.get('hf_deepclean', 'unknown')}.",
     ]
     return summary, "\n".join(lines)
 

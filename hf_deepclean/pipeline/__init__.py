@@ -1,6 +1,5 @@
-"""The run: load a session once, then unlearn, compute Fisher sums, or evaluate."""
+"""The pipeline: load a session, run DeepClean on it, evaluate, save and publish.
 
-from .unlearn import DeepCleanUnlearner
-
-
-__all__ = ["DeepCleanUnlearner"]
+Modules: `session` (loading), `deepclean` (the method on loaded rows), `unlearn` (what `hf-deepclean unlearn` runs),
+`fisher_sums` (`hf-deepclean fisher`), `assessment` (`hf-deepclean evaluate`).
+"""

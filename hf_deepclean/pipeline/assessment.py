@@ -11,10 +11,10 @@ from typing import Any
 
 from accelerate import Accelerator
 
-from ..config import DataArguments, DeepCleanConfig, ModelArguments, OutputArguments
+from ..config import DataArguments, ModelArguments
 from ..errors import DeepCleanError
 from ..evaluation.metrics import compare_to_reference
-from ..modeling import load_model
+from .session import DeepCleanSession
 
 
 @dataclass
@@ -54,7 +54,7 @@ def evaluate_forgetting(
     eval_args: EvaluationArguments,
     accelerator: Accelerator | None = None,
 ) -> dict[str, Any]:
-    """Metrics of DESIGN §6 for a model (and a reference model) on the forget, retain and held-out rows.
+    """Metrics of a model (and of a reference model) on the forget, retain and held-out rows.
 
     Args:
         model_args: the model to evaluate.
@@ -67,31 +67,23 @@ def evaluate_forgetting(
         `{"model": metrics}`, plus `"reference"` and `"comparison"` (`{metric}_diff` = model - reference, and
         `avg_gap`) with a reference model.
     """
-    from .unlearn import DeepCleanUnlearner
-
-    # the unlearner's loading stage resolves data, labels and the forget set exactly as `unlearn` does; nothing is
-    # written, so its output folder is never used
-    unlearner = DeepCleanUnlearner(
-        DeepCleanConfig(per_device_batch_size=eval_args.per_device_batch_size),
+    session = DeepCleanSession.load(
         model_args,
         data_args,
-        OutputArguments(output_dir=eval_args.output_file or "unused", seed=eval_args.seed),
+        seed=eval_args.seed,
+        batch_size=eval_args.per_device_batch_size,
         accelerator=accelerator,
     )
-    unlearner.load()
-    results: dict[str, Any] = {"model": unlearner.evaluate(prefix="model ")}
+    results: dict[str, Any] = {"model": session.evaluate(prefix="model ")}
     if eval_args.reference_model is not None:
         reference_args = ModelArguments(
             eval_args.reference_model,
             revision=eval_args.reference_revision,
-            task=unlearner.task,
+            task=session.task,
             trust_remote_code=model_args.trust_remote_code,
         )
-        reference = unlearner.accelerator.prepare_model(
-            load_model(reference_args, unlearner.task), evaluation_mode=True
-        )
-        results["reference"] = unlearner.evaluate(reference, prefix="reference ")
+        results["reference"] = session.evaluate(session.load_model(reference_args), prefix="reference ")
         results["comparison"] = compare_to_reference(results["model"], results["reference"])
-    if "test" not in unlearner.evaluation_dataloaders():
+    if session.data.test is None:
         results["note"] = "no held-out split: mia_auc and mia_efficacy need one (--eval_split)."
     return results

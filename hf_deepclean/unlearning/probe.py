@@ -1,4 +1,4 @@
-"""TODO docstring."""
+"""The repair's learning rate: a short probe of a few candidate rates on the reset model, or the configured rate."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""TODO docstring."""
+"""The masked repair: train only the reset elements on retain rows, watched by a monitor of forget and retain
+loss that can stop it early."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Fisher ratio, selection of the weights to reset, the reset itself, and the masked repair (DESIGN §2, steps 2-4)."""
+"""The reset: what the selected elements become (fresh initial values, zeros, or a base model's values)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""TODO docstring."""
+"""Which weights to reset: the Fisher ratio `F_forget / (F_retain + eps)` and the rules that turn it into masks."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 from ..config import SELECTION_SCOPES
 from ..errors import DeepCleanError
 from ..fisher.engine import FisherDiagonal
+from ..records import ResetCount, ResetStatistics
 from .reset import ResetMasks
 
 
@@ -105,12 +106,10 @@ def _top_k_mask(flat: torch.Tensor, k: int) -> torch.Tensor:
     return mask & (flat > 0)
 
 
-def reset_statistics(masks: Mapping[str, torch.Tensor]) -> dict[str, dict[str, float]]:
-    """Share of elements reset, per parameter and overall (`"__total__"`)."""
-    stats, selected, total = {}, 0, 0
-    for name, mask in masks.items():
-        count, numel = int(mask.sum()), mask.numel()
-        stats[name] = {"reset": count, "numel": numel, "share": count / numel if numel else 0.0}
-        selected, total = selected + count, total + numel
-    stats["__total__"] = {"reset": selected, "numel": total, "share": selected / total if total else 0.0}
-    return stats
+def reset_statistics(masks: Mapping[str, torch.Tensor]) -> ResetStatistics:
+    """How many elements were reset, per parameter and over the whole scope."""
+    per_parameter = {name: ResetCount(int(mask.sum()), mask.numel()) for name, mask in masks.items()}
+    total = ResetCount(
+        sum(count.reset for count in per_parameter.values()), sum(count.numel for count in per_parameter.values())
+    )
+    return ResetStatistics(total=total, per_parameter=per_parameter)

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate import Accelerator
@@ -34,7 +35,7 @@ from ..distributed import transient_preparations
 
 
 if TYPE_CHECKING:
-    pass
+    from ..config import DeepCleanConfig
 
 
 logger = get_logger(__name__)
@@ -184,3 +185,41 @@ def _set_train_mode(model: nn.Module, *, frozen_statistics: bool) -> None:
         for module in model.modules():
             if getattr(module, "track_running_stats", False):
                 module.eval()
+
+
+@dataclass
+class TrainingSchedule:
+    """How a model was trained from its initial weights (what `retrain` repeats on the retain rows)."""
+
+    epochs: float
+    learning_rate: float
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.0
+    lr_scheduler_type: str = "linear"
+    batch_size: int = 32
+    max_grad_norm: float = 1.0
+
+    @classmethod
+    def repair_budget(
+        cls, config: DeepCleanConfig, batch_size: int, learning_rate: float | None = None
+    ) -> TrainingSchedule:
+        """DeepClean's repair schedule, which `finetune` and `neggrad_plus` get too; `learning_rate` is the rate to
+        use when `config.learning_rate` is unset (the probe's choice)."""
+        rate = config.learning_rate if config.learning_rate is not None else learning_rate
+        if rate is None:
+            if config.repair_epochs:
+                raise ValueError("repair_budget: config.learning_rate is unset; pass the probed learning_rate.")
+            rate = 0.0  # nothing is trained
+        return cls(
+            epochs=config.repair_epochs,
+            learning_rate=rate,
+            weight_decay=config.weight_decay,
+            warmup_ratio=config.warmup_ratio,
+            lr_scheduler_type=config.lr_scheduler_type,
+            batch_size=batch_size,
+            max_grad_norm=config.max_grad_norm,
+        )
+
+    def optimizer_arguments(self) -> dict[str, Any]:
+        """The keyword arguments of `train_model` / `repair_selected_weights` (all but the batch size)."""
+        return {key: value for key, value in asdict(self).items() if key != "batch_size"}

@@ -1,4 +1,4 @@
-"""`avg_gap`: distance of a cleaned model to a reference (retrained) model, in percentage points (DESIGN §6)."""
+"""`avg_gap`: distance of a cleaned model to a reference (retrained) model, in percentage points."""
 
 import datasets
 import evaluate

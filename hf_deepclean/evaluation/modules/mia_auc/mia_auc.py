@@ -1,4 +1,4 @@
-"""`mia_auc`: AUC of a loss-threshold membership-inference attack (DESIGN §6)."""
+"""`mia_auc`: AUC of a loss-threshold membership-inference attack."""
 
 import datasets
 import evaluate

@@ -1,4 +1,4 @@
-"""`mia_efficacy`: share of forget samples a retain-vs-held-out attack calls non-members (DESIGN §6)."""
+"""`mia_efficacy`: share of forget samples a retain-vs-held-out attack calls non-members."""
 
 import datasets
 import evaluate

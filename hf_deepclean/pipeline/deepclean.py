@@ -1,0 +1,286 @@
+"""`run_deepclean`: the method itself on a loaded model, the one function `hf-deepclean unlearn` and the benchmark share.
+
+Fisher diagonals on the forget and retain rows -> ratio -> selection -> reset -> learning-rate probe -> masked repair.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import broadcast
+from datasets import Dataset
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..config import DeepCleanConfig
+from ..data.collators import make_dataloader, subsample
+from ..distributed import process_shard
+from ..errors import DeepCleanError
+from ..fisher.cache import CachedFisherSums, retain_sums_from_cache
+from ..fisher.engine import FisherDiagonal, accumulate_fisher_sums, accumulator_bytes, fisher_from_sums
+from ..hub.plots import fisher_ratio_histogram
+from ..modeling import get_parameters_in_scope
+from ..records import FisherRecord, RepairRecord, ResetRecord, StageTimer
+from ..unlearning.probe import PROBE_EVAL_ROWS, choose_repair_learning_rate
+from ..unlearning.repair import build_repair_monitor, repair_selected_weights
+from ..unlearning.reset import ResetMasks, reset_selected_weights
+from ..unlearning.selection import compute_fisher_ratio, reset_statistics, select_weights_to_reset
+from ..unlearning.training import TrainingSchedule, optimizer_steps_per_epoch
+
+
+logger = get_logger(__name__)
+
+# `--reset base`: the base values of the selected parameters, given as they are or read once the selection is known
+BaseValues = Mapping[str, torch.Tensor] | Callable[[list[str]], Mapping[str, torch.Tensor]]
+
+
+@dataclass
+class UnlearningRows:
+    """The rows a DeepClean run reads, and how it batches them.
+
+    Args:
+        forget: the rows to forget.
+        retain: the remaining training rows.
+        held_out: held-out rows (used by `--early_stopping` only).
+        collator: turns rows into model inputs with `labels`.
+        batch_size: per-process batch size of the Fisher passes, the probe and the repair.
+        seed: seed of shuffling, subsampling, fresh values and label sampling.
+        max_retain_samples: the retain Fisher pass reads a seeded sample of at most this many rows.
+    """
+
+    forget: Dataset
+    retain: Dataset
+    held_out: Dataset | None
+    collator: Callable
+    batch_size: int = 32
+    seed: int = 0
+    max_retain_samples: int | None = None
+
+    def loader(self, rows: Dataset, *, shuffle: bool = False, max_rows: int | None = None) -> DataLoader:
+        """A plain DataLoader of (a seeded sample of at most `max_rows` of) `rows`."""
+        return make_dataloader(
+            subsample(rows, max_rows, self.seed), self.collator, self.batch_size, shuffle=shuffle, seed=self.seed
+        )
+
+
+@dataclass
+class DeepCleanOutcome:
+    """What `run_deepclean` did: the selection, and the records of its Fisher passes, reset and repair."""
+
+    masks: ResetMasks
+    reset: ResetRecord
+    fisher: FisherRecord
+    repair: RepairRecord
+    ratio_histogram: dict
+
+
+def run_deepclean(
+    model: nn.Module,
+    rows: UnlearningRows,
+    config: DeepCleanConfig,
+    accelerator: Accelerator,
+    *,
+    fisher_cache: CachedFisherSums | None = None,
+    base_values: BaseValues | None = None,
+    timer: StageTimer | None = None,
+) -> DeepCleanOutcome:
+    """Make `model` forget `rows.forget` with DeepClean, in place.
+
+    Args:
+        model: the model, on `accelerator.device`, as it is or prepared with `evaluation_mode=True`.
+        rows: forget, retain and held-out rows with their collator, batch size and seed.
+        config: the method's settings.
+        accelerator: the run's Accelerator; under several processes every step is the same on every process.
+        fisher_cache: sums over the whole training split (`hf-deepclean fisher`); the retain Fisher then comes
+            from them at the cost of the forget pass only.
+        base_values: `--reset base`: the base model's values, or a function of the selected parameter names
+            that loads them.
+        timer: adds the time of each stage (`fisher_forget`, `fisher_retain`, `select_and_reset`, `load_base`,
+            `probe_learning_rate`, `repair`).
+
+    Returns:
+        The selection and the records of the run.
+    """
+    timer = timer if timer is not None else StageTimer()
+    params = get_parameters_in_scope(accelerator.unwrap_model(model), config.scope)
+    fisher, fisher_record = compute_fisher_diagonals(model, rows, config, accelerator, params, fisher_cache, timer)
+    repair_loader = rows.loader(rows.retain, shuffle=True)
+    # built before the reset: the recovery target is the original model's retain accuracy
+    monitor = build_monitor(model, rows, config, accelerator, repair_loader) if config.early_stopping else None
+    with timer("select_and_reset"):
+        ratios = compute_fisher_ratio(fisher["forget"], fisher["retain"], config.eps)
+        masks = select_on_every_process(ratios, config, accelerator)
+    values = None
+    if config.reset == "base":
+        with timer("load_base"):
+            values = resolve_base_values(base_values, masks)
+    with timer("select_and_reset"):
+        # the same seed on every process: the same fresh values everywhere
+        init_fallback = reset_selected_weights(
+            accelerator.unwrap_model(model), masks, reset=config.reset, seed=rows.seed, base_values=values
+        )
+    del values
+    statistics = reset_statistics(masks)
+    ratio_histogram = fisher_ratio_histogram(ratios, masks)  # a compact summary for the card; ratios are freed
+    del ratios
+    logger.info(
+        f"Reset {statistics.total.reset} of {statistics.total.numel} weights ({statistics.total.share:.2%}).",
+        main_process_only=True,
+    )
+    with timer("probe_learning_rate"):
+        learning_rate, probe = choose_repair_learning_rate(
+            config,
+            model,
+            rows.loader(rows.retain, shuffle=True),
+            rows.loader(rows.retain, max_rows=PROBE_EVAL_ROWS),
+            accelerator,
+            masks,
+        )
+    with timer("repair"):
+        schedule = TrainingSchedule.repair_budget(config, rows.batch_size, learning_rate)
+        repair = repair_selected_weights(
+            model, masks, repair_loader, accelerator, **schedule.optimizer_arguments(), should_stop=monitor
+        )
+    return DeepCleanOutcome(
+        masks=masks,
+        reset=ResetRecord(
+            mode=config.reset,
+            selection_rule=config.selection_rule,
+            selection_sha256=selection_fingerprint(masks),
+            statistics=statistics,
+            init_fallback=init_fallback,
+        ),
+        fisher=fisher_record,
+        repair=RepairRecord(
+            **repair,
+            learning_rate=learning_rate,
+            learning_rate_probe=None if probe is None else {f"{rate:g}": loss for rate, loss in probe.items()},
+        ),
+        ratio_histogram=ratio_histogram,
+    )
+
+
+def compute_fisher_diagonals(
+    model: nn.Module,
+    rows: UnlearningRows,
+    config: DeepCleanConfig,
+    accelerator: Accelerator,
+    params: Mapping[str, nn.Parameter],
+    fisher_cache: CachedFisherSums | None,
+    timer: StageTimer,
+) -> tuple[dict[str, FisherDiagonal], FisherRecord]:
+    """Fisher diagonals of the forget and retain rows (timed as `fisher_forget`, `fisher_retain`).
+
+    With `fisher_cache`, the retain Fisher is `(S_all - S_forget) / (N - N_forget)` from the cached sums over the
+    whole training split (or the cached sums themselves when the forget rows are a separate split).
+    """
+    options = {
+        "params": params,
+        "fisher_type": config.fisher_type,
+        "accelerator": accelerator,
+        "seed": rows.seed,
+        "chunk_memory_mb": config.fisher_chunk_memory_mb,
+    }
+    with timer("fisher_forget"):
+        # each process sums over its shard, the engine reduces once
+        forget_sums, forget_count = fisher_sums_over(model, rows, rows.forget, desc="Fisher forget", **options)
+    with timer("fisher_retain"):
+        if fisher_cache is None:
+            retain = subsample(rows.retain, rows.max_retain_samples, rows.seed)
+            retain_sums, retain_count = fisher_sums_over(model, rows, retain, desc="Fisher retain", **options)
+        elif fisher_cache.covers_forget_rows:
+            retain_sums, retain_count = retain_sums_from_cache(
+                fisher_cache.sums, fisher_cache.info.count, forget_sums, forget_count
+            )
+        else:  # the forget rows are a separate split, not part of the cached one
+            retain_sums, retain_count = fisher_cache.sums, fisher_cache.info.count
+    fisher = {
+        "forget": fisher_from_sums(forget_sums, forget_count, "Fisher forget"),
+        "retain": fisher_from_sums(retain_sums, retain_count, "Fisher retain"),
+    }
+    record = FisherRecord(
+        forget_samples=forget_count,
+        retain_samples=retain_count,
+        retain_source="pass" if fisher_cache is None else "cache",
+        accumulator_bytes=accumulator_bytes(params),
+    )
+    return fisher, record
+
+
+def fisher_sums_over(
+    model: nn.Module, rows: UnlearningRows, dataset: Dataset, *, accelerator: Accelerator, **options
+) -> tuple[FisherDiagonal, int]:
+    """Fisher sums over `dataset` and its row count; under several processes each one reads its own shard."""
+    shard, first_index = process_shard(dataset, accelerator)
+    return accumulate_fisher_sums(
+        model, rows.loader(shard), accelerator=accelerator, first_index=first_index, **options
+    )
+
+
+def build_monitor(
+    model: nn.Module, rows: UnlearningRows, config: DeepCleanConfig, accelerator: Accelerator, repair_loader
+):
+    """The early-stopping monitor of the repair (`--early_stopping`), built on the model before its reset."""
+    if rows.held_out is None:
+        raise DeepCleanError("--early_stopping: needs a held-out split (--eval_split); the dataset has none.")
+    return build_repair_monitor(
+        model,
+        original_model=model,
+        rows={"forget": rows.forget, "retain": rows.retain, "test": rows.held_out},
+        loader=lambda subset: make_dataloader(subset, rows.collator, rows.batch_size),
+        accelerator=accelerator,
+        tolerance=config.early_stopping_tolerance,
+        criterion=config.early_stopping_criterion,
+        steps_per_epoch=optimizer_steps_per_epoch(repair_loader, accelerator),
+        seed=rows.seed,
+    )
+
+
+def select_on_every_process(ratios: FisherDiagonal, config: DeepCleanConfig, accelerator: Accelerator) -> ResetMasks:
+    """The elements to reset (`select_weights_to_reset` with `config`), the same on every process.
+
+    The ratios come from reduced sums, which every process receives identically; the masks are still broadcast
+    from the main process, so that the selection, the reset and the repair act on the very same elements
+    everywhere even if a device computed a ratio differently in its last bit.
+    """
+    masks = select_weights_to_reset(
+        ratios,
+        gamma=config.gamma,
+        reset_fraction=config.reset_fraction,
+        max_reset_fraction=config.max_reset_fraction,
+        selection_scope=config.selection_scope,
+    )
+    if accelerator.num_processes > 1:
+        # as bytes: not every backend reduces or broadcasts bool tensors
+        shared = broadcast({name: mask.to(torch.uint8) for name, mask in masks.items()}, from_process=0)
+        masks = {name: shared[name].bool() for name in masks}
+    return masks
+
+
+def resolve_base_values(base_values: BaseValues | None, masks: ResetMasks) -> Mapping[str, torch.Tensor]:
+    """`--reset base`: the base values of the selected parameters."""
+    if base_values is None:
+        raise DeepCleanError(
+            "--reset: got 'base', but no base values to reset to; expected --base_model_name_or_path (or initial "
+            "weights of the benchmark scenario), or --reset init or zero."
+        )
+    if callable(base_values):
+        return base_values([name for name, mask in masks.items() if bool(mask.any())])
+    return base_values
+
+
+def selection_fingerprint(masks: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 of a selection: parameter names in order, each followed by its mask's shape and elements as bytes.
+
+    Two runs selected the very same elements exactly when their fingerprints agree.
+    """
+    digest = hashlib.sha256()
+    for name, mask in masks.items():
+        digest.update(f"{name}:{tuple(mask.shape)}\n".encode())
+        digest.update(mask.detach().to("cpu", torch.uint8).contiguous().numpy().tobytes())
+    return digest.hexdigest()

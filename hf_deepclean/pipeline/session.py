@@ -1,0 +1,256 @@
+"""A loaded session: the model, its processor, the data split into forget / retain / held-out rows, and the
+Accelerator, loaded once and shared by `unlearn`, `fisher` and `evaluate`."""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from datasets import Dataset, Image
+from torch import nn
+from transformers import PretrainedConfig
+
+from ..config import DataArguments, ModelArguments
+from ..data.canaries import Canaries, load_canaries
+from ..data.collators import make_dataloader
+from ..data.forget import parse_forget_spec
+from ..data.loading import UnlearningData, load_dataset_splits, prepare_unlearning_data
+from ..distributed import check_data_parallel, default_accelerator
+from ..errors import DeepCleanError
+from ..evaluation.causal_lm import evaluate_causal_lm
+from ..evaluation.metrics import evaluate_unlearning
+from ..modeling import (
+    infer_task,
+    load_adapter,
+    load_base_model_config,
+    load_base_values,
+    load_model,
+    load_model_config,
+    load_processor,
+)
+from .deepclean import UnlearningRows
+
+
+logger = get_logger(__name__)
+
+LIBRARIES = ("hf_deepclean", "torch", "transformers", "datasets", "accelerate", "huggingface_hub", "safetensors")
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+@dataclass
+class DeepCleanSession:
+    """A model and its data, loaded as every command loads them.
+
+    Attributes:
+        model_args: which model was loaded.
+        data_args: its data and the forget specification.
+        accelerator: the run's Accelerator (data parallel only).
+        model: the model, prepared by the accelerator for evaluation (every process holds all of it).
+        processor: its tokenizer or image processor.
+        task: `text-classification`, `image-classification` or `causal-lm`.
+        data: forget, retain and held-out rows, the forget selection, the collator and the data's identity.
+        train_split: the whole training split.
+        canaries: `--canaries` of a causal LM, or None.
+        seed: seed of `random:` forget specifications, subsampling and shuffling.
+        batch_size: per-process batch size of every pass.
+    """
+
+    model_args: ModelArguments
+    data_args: DataArguments
+    accelerator: Accelerator
+    model: nn.Module
+    processor: Any
+    task: str
+    data: UnlearningData
+    train_split: Dataset
+    canaries: Canaries | None
+    seed: int
+    batch_size: int
+
+    @classmethod
+    def load(
+        cls,
+        model_args: ModelArguments,
+        data_args: DataArguments,
+        *,
+        seed: int,
+        batch_size: int,
+        accelerator: Accelerator | None = None,
+    ) -> DeepCleanSession:
+        """Load the model, its processor and the data; resolve the forget set.
+
+        Args:
+            model_args: the model (and adapter) to load.
+            data_args: its data and the forget specification (None: every training row is retained).
+            seed: seed of `random:` forget specifications and of subsampling.
+            batch_size: per-process batch size.
+            accelerator: an existing Accelerator (`default_accelerator()` otherwise); set-ups that shard the
+                weights (FSDP, DeepSpeed) are refused.
+        """
+        if data_args.forget is not None:
+            parse_forget_spec(data_args.forget)  # fail on a malformed spec before loading anything heavy
+        accelerator = checked_accelerator(accelerator)
+        # under several processes the first one downloads and fills the caches, then the others read them
+        with accelerator.main_process_first(), raised_after_barrier(accelerator) as failure:
+            model_config = load_model_config(model_args)
+            splits = load_dataset_splits(data_args)
+            train = splits[data_args.train_split]
+            has_image = data_args.image_column is not None or any(
+                isinstance(feature, Image) for feature in train.features.values()
+            )
+            task = infer_task(model_config, model_args.task, has_image_column=has_image)
+            canaries = None
+            if data_args.canaries is not None:
+                if task != "causal-lm":
+                    raise DeepCleanError(f"--canaries: measures causal LMs; this model's task is {task!r}.")
+                canaries = load_canaries(data_args.canaries)
+            processor = load_processor(model_args, task)
+            # data problems (columns, labels, the forget set) surface before the weights are loaded
+            data = prepare_unlearning_data(data_args, splits, task, model_config, processor, seed=seed)
+            model = load_adapter(load_model(model_args, task, model_config), model_args)
+        if failure:
+            raise failure[0]
+        logger.info(
+            f"Forget set: {data.selection.num_rows} rows of split {data.selection.split!r}; retain set: "
+            f"{len(data.retain)} rows; held-out: {data.eval_split!r}.",
+            main_process_only=True,
+        )
+        return cls(
+            model_args=model_args,
+            data_args=data_args,
+            accelerator=accelerator,
+            # every process holds the whole model (evaluation and Fisher passes); a training wraps it for DDP
+            model=accelerator.prepare_model(model, evaluation_mode=True),
+            processor=processor,
+            task=task,
+            data=data,
+            train_split=train,
+            canaries=canaries,
+            seed=seed,
+            batch_size=batch_size,
+        )
+
+    @property
+    def unwrapped_model(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+    def rows(self) -> UnlearningRows:
+        """The forget, retain and held-out rows as `run_deepclean` reads them."""
+        return UnlearningRows(
+            forget=self.data.forget,
+            retain=self.data.retain,
+            held_out=self.data.test,
+            collator=self.data.collator,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            max_retain_samples=self.data_args.max_retain_samples,
+        )
+
+    def dataloader(self, split: str, *, shuffle: bool = False, max_rows: int | None = None):
+        """A plain DataLoader of the `forget`, `retain` or `test` rows (a seeded sample of at most `max_rows`)."""
+        datasets = {"forget": self.data.forget, "retain": self.data.retain, "test": self.data.test}
+        return self.rows().loader(datasets[split], shuffle=shuffle, max_rows=max_rows)
+
+    def evaluation_dataloaders(self) -> dict[str, Any]:
+        """The loaders every evaluation reads: forget rows, (a sample of) retain and held-out rows, canaries."""
+        max_rows = self.data_args.max_eval_samples
+        loaders = {"forget": self.dataloader("forget"), "retain": self.dataloader("retain", max_rows=max_rows)}
+        if self.data.test is not None:
+            loaders["test"] = self.dataloader("test", max_rows=max_rows)
+        if self.canaries is not None:
+            canaries = self.canaries.dataset(self.data.columns.text)
+            loaders["canaries"] = make_dataloader(canaries, self.data.collator, self.batch_size)
+        return loaders
+
+    def evaluate(self, model: nn.Module | None = None, prefix: str = "", return_outputs: bool = False):
+        """Metrics of `model` (default: the session's) on the forget, retain and held-out rows; with
+        `return_outputs`, also the per-sample outputs (see `evaluate_unlearning`, `evaluate_causal_lm`)."""
+        evaluate, extra = evaluate_unlearning, {}
+        if self.task == "causal-lm":
+            evaluate = evaluate_causal_lm
+            extra = {"canaries": self.canaries, "min_k_fraction": self.data_args.min_k_fraction}
+        return evaluate(
+            model if model is not None else self.model,
+            self.evaluation_dataloaders(),
+            self.accelerator,
+            prefix,
+            return_outputs=return_outputs,
+            **extra,
+        )
+
+    def load_model(self, model_args: ModelArguments) -> nn.Module:
+        """Another model of the session's task (a reference, say), prepared for evaluation."""
+        with self.accelerator.main_process_first(), raised_after_barrier(self.accelerator) as failure:
+            model = load_model(model_args, self.task)
+        if failure:
+            raise failure[0]
+        return self.accelerator.prepare_model(model, evaluation_mode=True)
+
+    def load_base_values(self, names: list[str], base_config: PretrainedConfig) -> dict[str, torch.Tensor]:
+        """The values of `--base_model_name_or_path` for the parameters `names` (on CPU), for `--reset base`."""
+        with self.accelerator.main_process_first(), raised_after_barrier(self.accelerator) as failure:
+            values = load_base_values(self.model_args, self.task, names, base_config)
+        if failure:
+            raise failure[0]
+        return values
+
+
+def checked_accelerator(accelerator: Accelerator | None) -> Accelerator:
+    """`accelerator` checked for a data-parallel set-up, or `default_accelerator()`."""
+    if accelerator is None:
+        return default_accelerator()
+    check_data_parallel(accelerator)
+    return accelerator
+
+
+def check_base_model(reset: str, model_args: ModelArguments, accelerator: Accelerator) -> PretrainedConfig | None:
+    """`--reset base`: refuse a missing or unusable `--base_model_name_or_path` before any work, and return its
+    config (its weights are read only once the selection is known); None for other reset modes."""
+    if reset != "base":
+        return None
+    if model_args.base_model_name_or_path is None:
+        raise DeepCleanError(
+            "--reset: got 'base', which needs --base_model_name_or_path (the model the fine-tuning started from); "
+            "pass it, or use --reset init."
+        )
+    if model_args.adapter_name_or_path is not None:
+        # peft freezes the base weights, so only adapter weights are ever in scope, and none of them is in a base
+        raise DeepCleanError(
+            "--reset: got 'base' with --adapter_name_or_path; only the adapter's weights are trainable and an "
+            "adapter's base values are its initialisation, expected --reset init."
+        )
+    with accelerator.main_process_first(), raised_after_barrier(accelerator) as failure:
+        base_config = load_base_model_config(model_args)
+    if failure:
+        raise failure[0]
+    return base_config
+
+
+@contextmanager
+def raised_after_barrier(accelerator: Accelerator) -> Iterator[list[DeepCleanError]]:
+    """Hold back a `DeepCleanError` of the main process inside `main_process_first()`, so that the barrier there
+    completes: the other processes then meet the same error in their turn instead of a broken connection, and every
+    process exits with the one-line error. The caller raises what the yielded list holds after the block."""
+    failure: list[DeepCleanError] = []
+    try:
+        yield failure
+    except DeepCleanError as error:
+        if not accelerator.is_main_process:
+            raise
+        failure.append(error)
