@@ -87,6 +87,11 @@ def dataclass_parser(command: str = "unlearn", dataclass_types=None) -> HfArgume
     if dataclass_types is None:
         dataclass_types = FISHER_ARGUMENT_CLASSES if command == "fisher" else ARGUMENT_CLASSES
     parser = _ArgumentParser(dataclass_types, prog=f"{PROG} {command}", description=COMMANDS[command])
+    for action in parser._actions:
+        # `bool | None` fields (None: decided by the run) take a bare flag as `true`, like plain `bool` fields;
+        # HfArgumentParser gives them a required value
+        if action.type is string_to_bool and action.nargs is None:
+            action.nargs, action.const = "?", True
     parser.add_argument(
         "--config",
         default=None,

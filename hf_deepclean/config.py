@@ -21,8 +21,10 @@ from .errors import DeepCleanError
 
 TASKS = ("text-classification", "image-classification", "causal-lm")
 SELECTION_SCOPES = ("global", "per_parameter")
-EARLY_STOPPING_CRITERIA = ("retain_and_mia", "retain")
-RESET_MODES = ("init", "zero", "base")
+EARLY_STOPPING_CRITERIA = ("retain", "retain_and_mia")
+# what selected elements become; `auto` is decided by the run (`base` when the base model is known, else `init`)
+RESET_VALUES = ("init", "zero", "base")
+RESET_MODES = ("auto", *RESET_VALUES)
 # `datasets` builders that read local files given with --data_files (a --dataset_name, but never a Hub id)
 FILE_BUILDERS = ("csv", "json", "parquet", "text")
 # transformers schedules that need no arguments beyond warm-up and step counts
@@ -252,11 +254,12 @@ class DeepCleanConfig:
     )
     eps: float = field(default=1e-12, metadata={"help": "Added to F_retain in the ratio's denominator."})
     reset: str = field(
-        default="init",
+        default="auto",
         metadata={
-            "help": "`init`: give selected elements freshly initialised values; `zero`: set them to zero (paper); "
-            "`base`: give them the values of --base_model_name_or_path, the model the fine-tuning started from "
-            "(parameters it lacks, such as a new head, get freshly initialised values).",
+            "help": "`auto`: `base` when the model's base is known (--base_model_name_or_path, or `base_model` in "
+            "its model card), else `init`; `init`: give selected elements freshly initialised values; `zero`: set "
+            "them to zero (paper); `base`: give them the values of --base_model_name_or_path, the model the "
+            "fine-tuning started from (parameters it lacks, such as a new head, get freshly initialised values).",
             "choices": RESET_MODES,
         },
     )
@@ -289,25 +292,33 @@ class DeepCleanConfig:
             "choices": SELECTION_SCOPES,
         },
     )
-    early_stopping: bool = field(
-        default=False,
+    early_stopping: bool | None = field(
+        default=None,
         metadata={
-            "help": "Stop the repair once retain accuracy has recovered and a loss attack no longer tells forget rows "
-            "from held-out rows (checked 4 times per epoch on samples of 256 rows; needs a held-out split)."
+            "help": "Stop the repair early once --early_stopping_criterion holds (checked 4 times per epoch on "
+            "samples of 256 rows). Default: on for classifiers, off for causal LMs (not supported there)."
         },
     )
     early_stopping_criterion: str = field(
-        default="retain_and_mia",
+        default="retain",
         metadata={
-            "help": "What ends the repair early: `retain_and_mia` (retain accuracy recovered and a loss attack no longer "
-            "tells forget rows from held-out rows) or `retain` (retain accuracy recovered: repair no further than the "
-            "original model, for fine-tuned models that the repair would train past their own fine-tuning).",
+            "help": "What ends the repair early: `retain` (retain accuracy recovered: repair no further than the "
+            "original model) or `retain_and_mia` (also: a loss attack no longer tells forget rows from held-out rows; "
+            "needs a held-out split, of which 256 rows are set aside for the check and left out of the reported "
+            "figures).",
             "choices": EARLY_STOPPING_CRITERIA,
         },
     )
     early_stopping_tolerance: float = field(
         default=0.01,
         metadata={"help": "Retain accuracy counts as recovered within this distance of the original model's."},
+    )
+    max_accuracy_drop: float = field(
+        default=0.02,
+        metadata={
+            "help": "Warn, and say so in the model card, when the cleaned model's retain or held-out accuracy is more "
+            "than this below the original's (absolute; classifiers)."
+        },
     )
 
     def __post_init__(self):
@@ -343,6 +354,9 @@ class DeepCleanConfig:
         _check_choice("selection_scope", self.selection_scope, SELECTION_SCOPES)
         _check_choice("early_stopping_criterion", self.early_stopping_criterion, EARLY_STOPPING_CRITERIA)
         _check_positive("early_stopping_tolerance", self.early_stopping_tolerance, allow_zero=True)
+        if self.early_stopping is not None and not isinstance(self.early_stopping, bool):
+            raise DeepCleanError(f"--early_stopping: got {self.early_stopping!r}; expected true or false.")
+        _check_fraction("max_accuracy_drop", self.max_accuracy_drop)
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> DeepCleanConfig:
@@ -371,7 +385,7 @@ class DeepCleanConfig:
 # does not train the retain rows past the fine-tuning (docs/decisions.md, 2026-11-27).
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
-    "paper": {"reset": "zero", "gamma": 10.0, "reset_fraction": None},
+    "paper": {"reset": "zero", "gamma": 10.0, "reset_fraction": None, "early_stopping": False},
     "finetuned": {"reset": "base", "early_stopping": True, "early_stopping_criterion": "retain"},
 }
 

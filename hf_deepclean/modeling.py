@@ -7,6 +7,8 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+from huggingface_hub import ModelCard, hf_hub_download
+from huggingface_hub.errors import HfHubHTTPError
 from safetensors import SafetensorError
 from torch import nn
 from transformers import (
@@ -44,6 +46,26 @@ def _looks_like_a_path(name: str) -> bool:
 def load_model_config(model_args: ModelArguments) -> PretrainedConfig:
     """Read the model's `config.json` from the Hub or a local folder."""
     return _load_config(model_args.model_name_or_path, model_args.revision, model_args, "model_name_or_path")
+
+
+def declared_base_model(model_args: ModelArguments) -> str | None:
+    """The base model the checkpoint's model card declares (`base_model` in the card's metadata, the Hub's
+    convention for fine-tunes), or None: no card, no such field, several bases (a merge), or a card that cannot be
+    read (a Hub model offline with no cached card)."""
+    name = model_args.model_name_or_path
+    try:
+        if os.path.isdir(os.path.expanduser(name)):
+            card_path = os.path.join(os.path.expanduser(name), "README.md")
+            if not os.path.isfile(card_path):
+                return None
+        else:
+            card_path = hf_hub_download(name, "README.md", revision=model_args.revision)
+        base = ModelCard.load(card_path).data.base_model
+    except (OSError, ValueError, HfHubHTTPError):
+        return None
+    if isinstance(base, list):
+        base = base[0] if len(base) == 1 else None
+    return base if isinstance(base, str) and base.strip() else None
 
 
 def load_base_model_config(model_args: ModelArguments) -> PretrainedConfig:

@@ -158,13 +158,17 @@ class RepairRecord:
     final_loss: float | None
     stopped_early: bool
     learning_rate: float | None
-    # `{rate: retain loss}` of each rate the probe tried; None when the rate was given
+    # `{rate: retain loss}` of each rate the probe's last sweep tried, its steps per trial, and the retain loss before
+    # the trials; None when the rate was given
     learning_rate_probe: dict[str, float] | None = None
+    learning_rate_probe_steps: int | None = None
+    learning_rate_probe_start_loss: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         record = asdict(self)
-        if self.learning_rate_probe is None:
-            del record["learning_rate_probe"]
+        for key in ("learning_rate_probe", "learning_rate_probe_steps", "learning_rate_probe_start_loss"):
+            if record[key] is None:
+                del record[key]
         return record
 
 
@@ -181,6 +185,8 @@ class UnlearningResults:
     ratio_histogram: dict[str, Any]
     loss_histograms: dict[str, Any]
     evaluated_rows: dict[str, int]
+    # the cleaned model lost more accuracy than `--max_accuracy_drop` allows: what fell, for the log and the card
+    warnings: list[str] = field(default_factory=list)
     hub_commit_url: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -193,6 +199,7 @@ class UnlearningResults:
             "ratio_histogram": self.ratio_histogram,
             "loss_histograms": self.loss_histograms,
             "evaluated_rows": self.evaluated_rows,
+            "warnings": list(self.warnings),
         }
         if self.hub_commit_url is not None:
             record["hub_commit_url"] = self.hub_commit_url
@@ -210,6 +217,7 @@ class UnlearningResults:
             ratio_histogram=dict(record.get("ratio_histogram") or {}),
             loss_histograms=dict(record.get("loss_histograms") or {}),
             evaluated_rows=dict(record.get("evaluated_rows") or {}),
+            warnings=list(record.get("warnings") or []),
             hub_commit_url=record.get("hub_commit_url"),
         )
 

@@ -322,6 +322,7 @@ FLAG_ERRORS = [
     ("reset_fraction", "0", "got 0.0; expected a number in (0, 1]."),
     ("reset_fraction", "1.5", "got 1.5; expected a number in (0, 1]."),
     ("max_reset_fraction", "-0.1", "got -0.1; expected a number in (0, 1]."),
+    ("max_accuracy_drop", "0", "got 0.0; expected a number in (0, 1]."),
     (
         "scope",
         "adapter",

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
@@ -185,3 +187,21 @@ def test_benchmark_script_on_two_processes_writes_one_report(tmp_path):
     # the main process alone writes and prints the report: one report folder, one copy of the tables
     assert sorted(path.name for path in tmp_path.iterdir()) == ["bench"]
     assert launch.stdout.count("### digits_class") == 1
+
+
+def test_gap_closed_interval_resamples_seeds_in_pairs():
+    from hf_deepclean.bench.report import gap_closed_interval
+
+    gaps, original = [3.6, 2.5, 4.7, 3.0, 4.1], [4.9, 4.1, 5.7, 4.0, 5.5]
+    interval = gap_closed_interval(gaps, original)
+    assert interval["value"] == pytest.approx(1 - np.mean(gaps) / np.mean(original))
+    assert interval["low"] < interval["value"] < interval["high"]
+    # brute force: resample seeds (pairs) with replacement, percentile interval of the statistic
+    rng = np.random.default_rng(1)
+    picks = rng.integers(0, 5, size=(20000, 5))
+    statistic = 1 - np.asarray(gaps)[picks].mean(axis=1) / np.asarray(original)[picks].mean(axis=1)
+    assert interval["low"] == pytest.approx(np.percentile(statistic, 2.5), abs=0.01)
+    assert interval["high"] == pytest.approx(np.percentile(statistic, 97.5), abs=0.01)
+    assert gap_closed_interval(gaps, original) == interval  # seeded: the same interval every time
+    few = gap_closed_interval(gaps[:2], original[:2])
+    assert math.isnan(few["low"]) and math.isnan(few["high"])

@@ -39,6 +39,7 @@ def _unlearn_arguments(model_dir, csv_dir, output_dir, batch_size: int) -> list[
         "--data_files", f"train={csv_dir / 'train.csv'}", f"test={csv_dir / 'test.csv'}",
         "--forget", "random:0.2",  # 12 forget rows, 48 retain rows, 20 held-out rows
         "--repair_epochs", "2",
+        "--early_stopping", "false",  # the whole repair: 12 steps on either layout
         "--per_device_batch_size", str(batch_size),
         "--output_dir", str(output_dir),
     ]  # fmt: skip

@@ -93,6 +93,7 @@ def test_card_and_commit_name_the_base_of_a_base_reset():
         reset="base", base_model_name_or_path="/home/someone/private/models/minilm", base_model_revision="main"
     )
     results.reset.mode, results.reset.init_fallback = "base", ["classifier.weight", "classifier.bias"]
+    results.reset.base_model, results.reset.base_model_revision = "/home/someone/private/models/minilm", "main"
     text = render_model_card(config, results).text
     assert "/home/someone" not in text
     assert "reset to the values of the base model minilm (local folder) (revision main)" in text

@@ -73,9 +73,11 @@ def test_probe_matches_separate_trials_and_restores_the_model(masked):
     candidates = (1e-1, 1e-2, 1e-3, 1e-4)
     torch.manual_seed(99)
     rng = torch.get_rng_state()
-    rate, losses = probe_learning_rate(
+    probe = probe_learning_rate(
         model, train, evaluation, Accelerator(cpu=True), candidates=candidates, steps=6, masks=masks
     )
+    rate, losses = probe.rate, probe.losses
+    assert probe.separated and probe.steps == 6
     # weights, BatchNorm statistics and the global random state are as they were
     assert all(torch.equal(value, before[name]) for name, value in model.state_dict().items())
     assert torch.equal(torch.get_rng_state(), rng)
@@ -98,9 +100,10 @@ def test_probe_ties_go_to_the_smaller_rate():
 
     def probe(tolerance):
         torch.manual_seed(0)
-        return probe_learning_rate(
+        probe = probe_learning_rate(
             Regressor(), train, evaluation, Accelerator(cpu=True), candidates=candidates, steps=6, tolerance=tolerance
         )
+        return probe.rate, probe.losses
 
     # everything is a tie: every rate is tried and the smallest wins
     rate, losses = probe(1e9)
@@ -115,11 +118,59 @@ def test_probe_prefers_a_small_rate_when_large_ones_diverge():
     torch.manual_seed(0)
     model = Regressor()
     train, evaluation = loaders()
-    rate, losses = probe_learning_rate(
+    probe = probe_learning_rate(
         model, train, evaluation, Accelerator(cpu=True), candidates=(1e6, 1e3, 1e-1), steps=8, max_grad_norm=0
     )
+    rate, losses = probe.rate, probe.losses
     assert rate == 1e-1
     assert losses[1e-1] < losses[1e3]
+
+
+class SlowStart(nn.Module):
+    """Logistic regression from zero weights on a feature of small scale: every rate leaves the chance loss (ln 2)
+    only slowly, as a heavily reset model does, so short trials of all the candidates tie at chance."""
+
+    def __init__(self, scale: float):
+        super().__init__()
+        self.linear = nn.Linear(1, 1, bias=False)
+        nn.init.zeros_(self.linear.weight)
+        self.scale = scale
+
+    def forward(self, x, labels):
+        logits = self.linear(x * self.scale).squeeze(-1)
+        return type("Output", (), {"loss": nn.functional.binary_cross_entropy_with_logits(logits, labels)})()
+
+
+def sign_rows(n: int, seed: int) -> list[dict]:
+    x = torch.randn(n, 1, generator=torch.Generator().manual_seed(seed))
+    return [{"x": x[i], "labels": (x[i, 0] > 0).float()} for i in range(n)]
+
+
+def slow_start_probe(scale: float, max_steps: int | None):
+    train = DataLoader(sign_rows(64, 1), batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(0))
+    evaluation = DataLoader(sign_rows(64, 2), batch_size=16)
+    candidates = (3e-3, 1e-3, 3e-4, 1e-4, 3e-5)
+    return probe_learning_rate(
+        SlowStart(scale), train, evaluation, Accelerator(cpu=True), candidates=candidates, max_steps=max_steps
+    )
+
+
+def test_probe_whose_trials_tie_at_chance_does_not_pick_the_smallest_rate():
+    """Every trial of 10 steps ends within 2% of ln 2: the tie rule alone would choose 3e-5, which cannot repair.
+    Without room for longer trials the probe takes the largest rate that did no harm."""
+    probe = slow_start_probe(0.3, max_steps=None)
+    assert probe.start_loss == pytest.approx(math.log(2), rel=1e-6)
+    assert max(probe.losses.values()) <= min(probe.losses.values()) * 1.02  # a tie, all at chance
+    assert all(loss > probe.start_loss * 0.95 for loss in probe.losses.values())
+    assert not probe.separated and probe.steps == 10 and probe.rate == 3e-3
+
+
+def test_probe_repeats_a_sweep_that_cannot_tell_rates_apart_with_more_steps():
+    probe = slow_start_probe(0.3, max_steps=200)
+    # 10 and 40 steps left every rate at chance; 160 steps separate them, and the largest rate wins outright
+    assert probe.separated and probe.steps == 160 and probe.rate == 3e-3
+    assert probe.losses[3e-3] <= probe.start_loss * 0.95
+    assert list(probe.losses) == [3e-3, 1e-3] and probe.losses[1e-3] > probe.losses[3e-3] * 1.02
 
 
 def test_mean_loss_is_row_weighted_and_inf_when_not_finite():

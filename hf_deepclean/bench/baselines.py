@@ -19,6 +19,13 @@ returns a new model; the trained model itself is never modified. `METHODS` maps 
 - `deepclean`: this library's method, the very function `hf-deepclean unlearn` runs (`run_deepclean`): Fisher ratio,
   selection, reset, learning-rate probe, masked repair, with the settings of a `DeepCleanConfig`; `reset="base"`
   resets to `UnlearningInputs.initial_state`, the weights the training started from.
+- `salun`: SalUn (Fan et al. 2024), for classifiers: only the elements with the largest |gradient of the forget
+  loss| on the trained model (the top `salun_mask_share`, half by default) train, on the forget rows with a random
+  wrong label each and the retain rows, with the same budget (`repair_epochs` passes over forget and retain rows).
+- `scrub`: SCRUB (Kurmanji et al. 2023), for classifiers: a student copy moves away from the frozen trained model on
+  the forget rows (max-steps on `KL(teacher || student)`, first `scrub_max_epochs` epochs) and stays close to it on
+  the retain rows (min-steps on `gamma CE + alpha KL`), with the same budget (`repair_epochs` passes over retain
+  rows). Their building blocks are in `hf_deepclean.bench.salun_scrub`.
 
 All Fisher diagonals here are the per-sample empirical Fisher of `hf_deepclean.fisher.engine` (SSD and Fisher forgetting
 originally use squared batch gradients; the per-sample quantity is the one the method defines).
@@ -49,6 +56,14 @@ from ..fisher.engine import FisherDiagonal, accumulate_fisher_sums
 from ..modeling import get_parameters_in_scope
 from ..pipeline.deepclean import UnlearningRows, run_deepclean
 from ..unlearning.training import TrainingSchedule, release_training, train_model
+from .salun_scrub import (
+    RandomLabelCollator,
+    RandomLabelRows,
+    forget_loss_gradient,
+    num_classes,
+    saliency_mask,
+    train_scrub,
+)
 
 
 @dataclass
@@ -72,28 +87,66 @@ class BaselineConfig:
     fisher_forgetting_max_inverse: float = field(
         default=1e3, metadata={"help": "Fisher forgetting: clamp of 1 / F_retain before scaling by alpha."}
     )
+    salun_mask_share: float = field(
+        default=0.5,
+        metadata={
+            "help": "SalUn: share of all weight elements that train, those with the largest |gradient of the forget "
+            "loss| on the trained model (paper: 0.5, the median)."
+        },
+    )
+    scrub_alpha: float = field(
+        default=0.001,
+        metadata={
+            "help": "SCRUB: weight of KL(teacher || student) in the min-steps on retain rows (authors' code: 0.001)."
+        },
+    )
+    scrub_gamma: float = field(
+        default=0.99,
+        metadata={"help": "SCRUB: weight of the cross-entropy in the min-steps on retain rows (authors' code: 0.99)."},
+    )
+    scrub_temperature: float = field(
+        default=4.0,
+        metadata={"help": "SCRUB: softmax temperature T of the KL terms, scaled by T^2 (authors' code: 4)."},
+    )
+    scrub_max_epochs: int = field(
+        default=2,
+        metadata={
+            "help": "SCRUB: the first N epochs begin with a pass of max-steps on the forget rows (authors' code "
+            "msteps: 2); 0 for min-steps only."
+        },
+    )
     baseline_learning_rate: float = field(
         default=1e-3,
         metadata={
-            "help": "finetune and neggrad_plus: their learning rate when --learning_rate is unset. DeepClean's probe "
-            "does not apply to them: it measures how fast reset weights repair, and a fine-tune of a converged model "
-            "has none, so its retain loss favours barely moving (the probe chooses 3e-5 to 1e-4 there)."
+            "help": "finetune, neggrad_plus, salun and scrub: their learning rate when --learning_rate is unset. "
+            "DeepClean's probe does not apply to them: it measures how fast reset weights repair, and a fine-tune of "
+            "a converged model has none, so its retain loss favours barely moving (the probe chooses 3e-5 to 1e-4 "
+            "there)."
         },
     )
 
     def __post_init__(self):
-        if not isinstance(self.neggrad_alpha, (int, float)) or not (0.0 <= self.neggrad_alpha <= 1.0):
-            raise DeepCleanError(f"--neggrad_alpha: got {self.neggrad_alpha!r}; expected a number in [0, 1].")
-        for name in (
-            "ssd_alpha",
-            "ssd_lambda",
-            "fisher_forgetting_alpha",
-            "fisher_forgetting_max_inverse",
-            "baseline_learning_rate",
-        ):
+        positive = (lambda value: 0 < value < math.inf, "a finite number > 0")
+        non_negative = (lambda value: 0 <= value < math.inf, "a finite number >= 0")
+        checks = {
+            "neggrad_alpha": (lambda value: 0 <= value <= 1, "a number in [0, 1]"),
+            "ssd_alpha": positive,
+            "ssd_lambda": positive,
+            "fisher_forgetting_alpha": positive,
+            "fisher_forgetting_max_inverse": positive,
+            "salun_mask_share": (lambda value: 0 < value <= 1, "a number in (0, 1]"),
+            "scrub_alpha": non_negative,
+            "scrub_gamma": non_negative,
+            "scrub_temperature": positive,
+            "scrub_max_epochs": (lambda value: isinstance(value, int) and value >= 0, "an integer >= 0"),
+            "baseline_learning_rate": positive,
+        }
+        for name, (accepts, expected) in checks.items():
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not (0 < value < math.inf):
-                raise DeepCleanError(f"--{name}: got {value!r}; expected a finite number > 0.")
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not accepts(value):
+                raise DeepCleanError(f"--{name}: got {value!r}; expected {expected}.")
+        if self.scrub_alpha == self.scrub_gamma == 0:
+            raise DeepCleanError("--scrub_gamma: got 0 with --scrub_alpha 0; expected at least one of them > 0.")
 
 
 @dataclass
@@ -108,9 +161,13 @@ class UnlearningInputs:
         accelerator: the run's Accelerator.
         batch_size: batch size of Fisher passes, repair and fine-tuning.
         seed: seed of shuffling, initialisation and noise.
-        held_out: held-out rows, used by DeepClean's early stopping only.
+        held_out: held-out rows that methods may check themselves on (DeepClean's `retain_and_mia` early
+            stopping), kept apart from the rows the benchmark reports.
         initial_state: the model's weights before training (needed by `retrain`, and by `deepclean` with
             `reset="base"`).
+        pretrained: whether `initial_state` is a pretrained model (fine-tuned by the scenario) rather than a random
+            initialisation: `reset="auto"` resets toward it only then, as `hf-deepclean unlearn` does toward a
+            declared base model.
         training: the schedule that trained the model (needed by `retrain`).
 
     Fisher sums of the trained model are computed once and shared by the methods that need them; a method that
@@ -128,6 +185,7 @@ class UnlearningInputs:
     held_out: Dataset | None = None
     initial_state: Mapping[str, torch.Tensor] | None = None
     training: TrainingSchedule | None = None
+    pretrained: bool = False
     charged_seconds: float = 0.0
     _fisher_cache: dict = field(default_factory=dict, repr=False)
 
@@ -298,13 +356,60 @@ def fisher_forgetting(inputs: UnlearningInputs, config: DeepCleanConfig, baselin
 def deepclean(inputs: UnlearningInputs, config: DeepCleanConfig, baselines: BaselineConfig) -> nn.Module:
     """DeepClean with the settings of `config`: the pipeline's `run_deepclean` on a copy of the trained model.
     `reset="base"` resets to `UnlearningInputs.initial_state`, the weights the training started from (a pretrained
-    encoder with a fresh head, or the random initialisation of a model trained from scratch)."""
+    encoder with a fresh head, or the random initialisation of a model trained from scratch); `reset="auto"` does so
+    on pretrained scenarios only, and gives fresh values otherwise."""
     prepared = inputs.accelerator.prepare_model(inputs.copy_model(), evaluation_mode=True)
     rows = UnlearningRows(
         inputs.forget, inputs.retain, inputs.held_out, inputs.collator, batch_size=inputs.batch_size, seed=inputs.seed
     )
-    run_deepclean(prepared, rows, config, inputs.accelerator, base_values=inputs.initial_state)
+    known_base = config.reset == "base" or (config.reset == "auto" and inputs.pretrained)
+    base_values = inputs.initial_state if known_base else None
+    run_deepclean(prepared, rows, config, inputs.accelerator, base_values=base_values)
     return inputs.accelerator.unwrap_model(prepared).eval()
+
+
+def salun(inputs: UnlearningInputs, config: DeepCleanConfig, baselines: BaselineConfig) -> nn.Module:
+    """SalUn (Fan et al., ICLR 2024) with random labels: mask the elements whose |gradient of the forget loss| is in
+    the top `salun_mask_share`, then train only those on the forget rows (each with a random wrong label, fixed and
+    seeded) and the retain rows together, for `repair_epochs` passes with `finetune`'s optimizer settings."""
+    accelerator = inputs.accelerator
+    model = inputs.copy_model()
+    classes = num_classes("salun", model)
+    shard, _ = process_shard(inputs.forget, accelerator)
+    gradients = forget_loss_gradient(model, inputs.loader(shard), accelerator, get_parameters_in_scope(model))
+    masks = saliency_mask(gradients, baselines.salun_mask_share)
+    rows = RandomLabelRows(inputs.forget, inputs.retain, classes, inputs.seed)
+    collator = RandomLabelCollator(inputs.collator, classes)
+    loader = make_dataloader(rows, collator, inputs.batch_size, shuffle=True, seed=inputs.seed)
+    schedule = TrainingSchedule.repair_budget(config, inputs.batch_size, baselines.baseline_learning_rate)
+    prepared = accelerator.prepare_model(model, evaluation_mode=True)  # `train_model` wraps it for DDP
+    train_model(prepared, loader, accelerator, masks=masks, desc="SalUn", **schedule.optimizer_arguments())
+    return accelerator.unwrap_model(prepared).eval()
+
+
+def scrub(inputs: UnlearningInputs, config: DeepCleanConfig, baselines: BaselineConfig) -> nn.Module:
+    """SCRUB (Kurmanji et al., NeurIPS 2023): distil a student copy from the frozen trained model (the teacher),
+    ascending their KL on the forget rows in the first `scrub_max_epochs` epochs and descending `gamma CE + alpha KL`
+    on the retain rows, for `repair_epochs` passes over the retain rows with `finetune`'s optimizer settings."""
+    accelerator = inputs.accelerator
+    teacher = accelerator.unwrap_model(inputs.model)  # only evaluated: the trained model is the frozen teacher
+    num_classes("scrub", teacher)
+    schedule = TrainingSchedule.repair_budget(config, inputs.batch_size, baselines.baseline_learning_rate)
+    with transient_preparations(accelerator):  # the student, optimizer and loaders prepared here
+        student = accelerator.prepare_model(inputs.copy_model())
+        train_scrub(
+            student,
+            teacher,
+            inputs.loader(inputs.forget, shuffle=True),
+            inputs.loader(inputs.retain, shuffle=True),
+            accelerator,
+            schedule,
+            max_epochs=baselines.scrub_max_epochs,
+            alpha=baselines.scrub_alpha,
+            gamma=baselines.scrub_gamma,
+            temperature=baselines.scrub_temperature,
+        )
+        return accelerator.unwrap_model(student).eval()
 
 
 METHODS: dict[str, Callable[[UnlearningInputs, DeepCleanConfig, BaselineConfig], nn.Module]] = {
@@ -314,5 +419,7 @@ METHODS: dict[str, Callable[[UnlearningInputs, DeepCleanConfig, BaselineConfig],
     "neggrad_plus": neggrad_plus,
     "ssd": ssd,
     "fisher_forgetting": fisher_forgetting,
+    "salun": salun,
+    "scrub": scrub,
     "deepclean": deepclean,
 }

@@ -52,6 +52,8 @@ DEFAULT_METHODS = (
     "neggrad_plus",
     "ssd",
     "fisher_forgetting",
+    "salun",
+    "scrub",
     "deepclean",
     "deepclean_paper",
 )
@@ -217,9 +219,10 @@ def train_original(scenario: Scenario, accelerator: Accelerator, seed: int, batc
         accelerator,
         batch_size=batch_size,
         seed=seed,
-        held_out=scenario.test,
+        held_out=scenario.split_held_out(seed)[0],  # only what methods may check themselves on
         initial_state=initial_state,
         training=scenario.training,
+        pretrained=scenario.pretrained,
     )
 
 
@@ -238,7 +241,9 @@ def run_scenario(
     eval_loaders = {
         "forget": make_dataloader(forget, scenario.collator, 64),
         "retain": make_dataloader(subsample(retain, args.max_eval_samples, seed), scenario.collator, 64),
-        "test": make_dataloader(subsample(scenario.test, args.max_eval_samples, seed), scenario.collator, 64),
+        "test": make_dataloader(
+            subsample(scenario.split_held_out(seed)[1], args.max_eval_samples, seed), scenario.collator, 64
+        ),
     }
     runs = []
     for name, (function, config) in methods.items():

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import scipy.stats
 
 from ..hub.output import atomic_output_dir
 from ..records import SUMMARY_METRICS, to_json
@@ -33,7 +34,44 @@ def summarize(runs: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, dict[str
                 "mean": {key: float(np.nanmean(v)) if np.isfinite(v).any() else math.nan for key, v in values.items()},
                 "std": {key: float(np.nanstd(v)) if np.isfinite(v).any() else math.nan for key, v in values.items()},
             }
+        if "original" in methods:
+            baseline = {run["seed"]: run["avg_gap"] for run in methods["original"]}
+            for method, method_runs in methods.items():
+                pairs = [(run["avg_gap"], baseline[run["seed"]]) for run in method_runs if run["seed"] in baseline]
+                summary[scenario][method]["gap_closed"] = gap_closed_interval(*zip(*pairs)) if pairs else None
     return summary
+
+
+def gap_closed_interval(
+    gaps: Sequence[float], original_gaps: Sequence[float], confidence: float = 0.95, resamples: int = 9999
+) -> dict[str, float]:
+    """`1 - mean(avg_gap) / mean(avg_gap of the original)` over seeds, with a percentile bootstrap interval that
+    resamples seeds (pairs of a method's and the original's gap on the same seed).
+
+    Returns:
+        `{"value", "low", "high"}`; the bounds are NaN with fewer than 3 seeds or no spread to resample.
+    """
+    gaps, original_gaps = np.asarray(gaps, dtype=float), np.asarray(original_gaps, dtype=float)
+
+    def closed(method: np.ndarray, original: np.ndarray, axis: int = -1) -> np.ndarray:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return 1.0 - method.mean(axis=axis) / original.mean(axis=axis)
+
+    value = float(closed(gaps, original_gaps))
+    low = high = math.nan
+    if len(gaps) >= 3 and (np.ptp(gaps) > 0 or np.ptp(original_gaps) > 0) and original_gaps.mean() > 0:
+        interval = scipy.stats.bootstrap(
+            (gaps, original_gaps),
+            closed,
+            paired=True,
+            vectorized=True,
+            confidence_level=confidence,
+            n_resamples=resamples,
+            method="percentile",
+            rng=np.random.default_rng(0),
+        ).confidence_interval
+        low, high = float(interval.low), float(interval.high)
+    return {"value": value, "low": low, "high": high}
 
 
 def _cell(mean: float, std: float | None = None, digits: int = 3) -> str:
@@ -42,6 +80,15 @@ def _cell(mean: float, std: float | None = None, digits: int = 3) -> str:
     if std is None or not math.isfinite(std) or std == 0:
         return f"{mean:.{digits}f}"
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def _interval_cell(interval: Mapping[str, float] | None) -> str:
+    if not interval:
+        return "-"
+    text = _cell(interval["value"], None, 2)
+    if math.isfinite(interval["low"]) and math.isfinite(interval["high"]):
+        text += f" [{interval['low']:.2f}, {interval['high']:.2f}]"
+    return text
 
 
 def format_benchmark_tables(results: Mapping[str, Any]) -> str:
@@ -57,7 +104,7 @@ def format_benchmark_tables(results: Mapping[str, Any]) -> str:
             f"({environment_record['device']}, {environment_record['num_processes']} process(es))."
         )
         lines.append("")
-        header = ["method", *SUMMARY_METRICS, "avg_gap", "gap_closed", "time (s)", "time / retrain"]
+        header = ["method", *SUMMARY_METRICS, "avg_gap", "gap_closed [95% CI]", "time (s)", "time / retrain"]
         lines.append("| " + " | ".join(header) + " |")
         lines.append("|---" * len(header) + "|")
         for method, entry in methods.items():
@@ -65,7 +112,7 @@ def format_benchmark_tables(results: Mapping[str, Any]) -> str:
             cells = [_cell(mean.get(key, math.nan), std.get(key)) for key in SUMMARY_METRICS]
             cells += [
                 _cell(mean["avg_gap"], std["avg_gap"], 1),
-                _cell(mean["gap_closed"], None, 2),
+                _interval_cell(entry.get("gap_closed")),
                 _cell(mean["seconds"], None, 1),
                 _cell(mean["time_share_of_retrain"], None, 2),
             ]
@@ -73,7 +120,8 @@ def format_benchmark_tables(results: Mapping[str, Any]) -> str:
         lines.append("")
     lines.append(
         "avg_gap: mean absolute difference to `retrain` of forget/retain/test accuracy and mia_efficacy, in "
-        "percentage points; gap_closed = 1 - avg_gap / avg_gap(original); times include each method's Fisher passes."
+        "percentage points; gap_closed = 1 - mean avg_gap / mean avg_gap(original) over seeds, with a percentile "
+        "bootstrap interval over seeds (none under 3 seeds); times include each method's Fisher passes."
     )
     return "\n".join(lines).rstrip() + "\n"
 

@@ -290,6 +290,31 @@ class UnlearningData:
     info: dict[str, Any]
 
 
+# Models whose learned positions start after the padding index (fairseq style): `max_position_embeddings` counts
+# `pad_token_id + 1` positions that no token can take.
+_POSITIONS_AFTER_PADDING = frozenset(
+    {"roberta", "xlm-roberta", "xlm-roberta-xl", "camembert", "roberta-prelayernorm", "data2vec-text", "mpnet"}
+    | {"longformer", "ibert", "luke", "esm", "markuplm", "xmod"}
+)
+
+
+def model_position_limit(config: PretrainedConfig | None) -> int | None:
+    """The most tokens one sequence can have for the model of `config`, from its position table; `None` where the
+    config declares none (relative positions, T5 say)."""
+    if config is None:
+        return None
+    config = getattr(config, "text_config", None) or config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "n_ctx"):
+        limit = getattr(config, name, None)
+        if isinstance(limit, int) and limit > 0:
+            break
+    else:
+        return None
+    if getattr(config, "model_type", None) in _POSITIONS_AFTER_PADDING:
+        limit -= (getattr(config, "pad_token_id", None) or 0) + 1
+    return max(limit, 1)
+
+
 def prepare_unlearning_data(
     data_args: DataArguments, splits: DatasetDict, task: str, model_config: PretrainedConfig, processor, seed: int
 ) -> UnlearningData:
@@ -343,8 +368,10 @@ def prepare_unlearning_data(
     max_length = data_args.max_length
     if columns.text is not None and max_length is None:
         max_length = min(getattr(processor, "model_max_length", 512) or 512, 512)
-        if task == "causal-lm":  # positions beyond the model's would fail (GPT-2's tokenizer says 1024 either way)
-            max_length = min(max_length, getattr(model_config, "max_position_embeddings", None) or max_length)
+        # positions beyond the model's would fail, whatever the tokenizer declares (many declare no limit at all)
+        limit = model_position_limit(model_config)
+        if limit is not None:
+            max_length = min(max_length, limit)
     info = {
         "dataset_name": data_args.dataset_name,
         "dataset_config_name": data_args.dataset_config_name,

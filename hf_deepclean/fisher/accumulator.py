@@ -29,6 +29,9 @@ class FisherAccumulator:
         self.tied_keys: dict[str, torch.Tensor] = {}  # sorted `sample * V + row` of each sample's tokens
         self.tied_dense: dict[str, torch.Tensor] = {}
         self.tied_sparse: dict[str, torch.Tensor] = {}
+        # parameters whose per-sample gradients come from the engine's exact path in the current pass: whatever
+        # a rule computes for them is dropped, the exact path adds their squares (`add_exact`)
+        self.exact: set[str] = set()
         self.batch_size = 0
         # valid length of each sample of the current pass (trailing padding cut), and the padded length
         self.lengths: torch.Tensor | None = None
@@ -36,10 +39,14 @@ class FisherAccumulator:
 
     def add_squares(self, name: str, squares: torch.Tensor) -> None:
         """Add `sum_n (per-sample gradient)²`, computed by a rule that never materialised the gradients."""
+        if name in self.exact:
+            return
         self.sums[name].add_(squares)
 
     def add_per_sample(self, name: str, grads: torch.Tensor, samples: int | torch.Tensor = 0) -> None:
         """Add per-sample gradients `[c, *shape]` of samples `samples .. samples + c` (or of the listed samples)."""
+        if name in self.exact:
+            return
         if name in self.sparse_tied:
             self._keep_token_rows(name, grads, samples)
         if name not in self.shared or name in self.sparse_tied:
@@ -72,6 +79,8 @@ class FisherAccumulator:
 
         Rows are summed per (sample, row) before squaring.
         """
+        if name in self.exact:
+            return
         num_rows = self.sums[name].shape[0]
         keys = sample * num_rows + index
         if name in self.sparse_tied:
@@ -90,6 +99,10 @@ class FisherAccumulator:
         unique, inverse = torch.unique(keys, return_inverse=True)
         per_sample_rows = rows.new_zeros((len(unique), *rows.shape[1:])).index_add_(0, inverse, rows)
         self.sums[name].index_add_(0, unique % num_rows, per_sample_rows.square())
+
+    def add_exact(self, name: str, grad: torch.Tensor) -> None:
+        """Add the square of one sample's whole gradient of `name`, from the engine's exact per-sample path."""
+        self.sums[name].add_(grad.float().square())
 
     def flush(self) -> None:
         """Square and add the stashed per-sample gradients (after each backward pass)."""

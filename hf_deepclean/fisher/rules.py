@@ -45,10 +45,22 @@ class Rule:
         self.sink = sink
         self.budget_bytes = budget_bytes
 
+    # fewest dimensions of the first input for which the rule knows the layout (`[N, ...]`, a sample axis first)
+    min_input_dim = 2
+
     @classmethod
     def applies(cls, module: nn.Module, local_names: set[str]) -> bool:
         """Whether this rule is exact for `module` as configured (its own parameters in scope: `local_names`)."""
         return True
+
+    def accepts(self, use: ModuleCall, outputs: list[torch.Tensor], n: int) -> bool:
+        """Whether this call is laid out by sample: its input and every output it differentiates have `n` rows on
+        their leading axis, one per sample of the batch. Anything else (tokens flattened to `[N*T, d]`, tokens
+        dispatched to experts, a sequence-first layout) goes to the engine's exact per-sample path."""
+        x = _first_input(use)
+        if not isinstance(x, torch.Tensor) or x.dim() < self.min_input_dim or x.shape[0] != n:
+            return False
+        return all(t.dim() > 0 and t.shape[0] == n for t in outputs)
 
     def backward(self, use: ModuleCall, grad_outputs: list[torch.Tensor | None]) -> None:
         raise NotImplementedError
@@ -78,7 +90,7 @@ def _per_sample_linear(
         return torch.bmm(a_part.transpose(1, 2), g_part) if transpose else torch.bmm(g_part.transpose(1, 2), a_part)
 
     per_sample_bytes = 4 * d_in * d_out
-    if sink.lengths is None or length != sink.padded_length or bool((sink.lengths == length).all()):
+    if sink.lengths is None or length != sink.padded_length or not _zero_beyond(g, sink.lengths):
         for chunk in chunks(n, per_sample_bytes, budget):
             sink.add_per_sample(name, product(a[chunk], g[chunk]), chunk.start)
         return
@@ -88,6 +100,13 @@ def _per_sample_linear(
         samples = order[start : start + size]
         cut = int(sink.lengths[samples[0]])
         sink.add_per_sample(name, product(a[samples, :cut], g[samples, :cut]), samples)
+
+
+def _zero_beyond(g: torch.Tensor, lengths: torch.Tensor) -> bool:
+    """Whether `g` `[N, T, ...]` is exactly zero at every position past each sample's length (and some sample is
+    shorter than `T`): only then can trailing padding be cut from per-sample products without changing them."""
+    padding = torch.arange(g.shape[1], device=g.device)[None, :] >= lengths.to(g.device)[:, None]
+    return bool(padding.any()) and not bool(g[padding].any())
 
 
 class LinearRule(Rule):
@@ -110,6 +129,8 @@ class Conv1DRule(LinearRule):
 
 
 class EmbeddingRule(Rule):
+    min_input_dim = 2  # token ids `[N, T]`: a 1-d `[T]` could be read as samples only by coincidence of sizes
+
     @classmethod
     def applies(cls, module, local_names):
         return module.max_norm is None  # `max_norm` renormalises rows in the forward pass
@@ -123,9 +144,8 @@ class EmbeddingRule(Rule):
         keep = torch.ones_like(ids, dtype=torch.bool)
         if self.module.padding_idx is not None:  # nn.Embedding gives the padding row no gradient
             keep = ids != self.module.padding_idx
-        lengths = self.sink.lengths
-        if lengths is not None and ids.shape[1] == self.sink.padded_length:  # trailing padding is not the sample's
-            keep &= torch.arange(ids.shape[1], device=ids.device)[None, :] < lengths[:, None].to(ids.device)
+        # padded positions are kept: where their output gradient is zero they add nothing, and where it is not
+        # (a model that pools over padding), they are part of the sample's gradient
         return ids, keep, sample
 
     def row_keys(self, use: ModuleCall) -> torch.Tensor:
@@ -185,6 +205,8 @@ class BatchNormRule(Rule):
 
 
 class Conv2dRule(Rule):
+    min_input_dim = 4  # `[N, C, H, W]`; an unbatched `[C, H, W]` input goes to the exact path
+
     @classmethod
     def applies(cls, module, local_names):
         return module.padding_mode == "zeros" and not isinstance(module.padding, str)
@@ -215,6 +237,16 @@ class FunctionalRule(Rule):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.use_vmap = True
+
+    def accepts(self, use, outputs, n):
+        """Every tensor input is per sample (`n` rows), shared by the batch (one row) or a scalar, and every output
+        it differentiates has `n` rows: then a sample's slice of the inputs gives that sample's outputs."""
+        inputs = [t for t in pytree.tree_leaves((use.inputs, use.kwargs)) if isinstance(t, torch.Tensor)]
+        if not all(t.dim() == 0 or t.shape[0] in (1, n) for t in inputs):
+            return False
+        if not any(t.dim() > 0 and t.shape[0] == n for t in inputs):
+            return False
+        return bool(outputs) and all(t.dim() > 0 and t.shape[0] == n for t in outputs)
 
     def backward(self, use, grad_outputs):
         present = [(i, g.float()) for i, g in enumerate(grad_outputs) if g is not None]
@@ -266,6 +298,30 @@ class FunctionalRule(Rule):
         return {k: torch.stack(v) for k, v in per_sample.items()}
 
 
+class SequenceFirstRule(FunctionalRule):
+    """`nn.MultiheadAttention`: per sample through `torch.func` when `batch_first`; sequence-first (the default
+    `[T, N, d]`), it goes to the engine's exact per-sample path."""
+
+    def accepts(self, use, outputs, n):
+        return bool(getattr(self.module, "batch_first", False)) and super().accepts(use, outputs, n)
+
+
+class ExactPathRule(Rule):
+    """No per-layer rule: the module's parameters always take the engine's exact path (one pass of the whole model
+    per sample). Register it for a module type whose layout the engine should not trust:
+    `register_rule(MyLayer, ExactPathRule)`."""
+
+    def accepts(self, use, outputs, n):
+        return False
+
+
+def refusal(module: nn.Module) -> str | None:
+    """Why the per-sample Fisher of `module`'s parameters is undefined, or `None`: samples must not interact."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not module.track_running_stats:
+        return "normalises each batch with its own statistics (track_running_stats=False), so samples interact"
+    return None
+
+
 def own_parameters(module: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
     """The parameters a module's forward uses directly: its own, and those of its parameter containers."""
     yield from module.named_parameters(recurse=False)
@@ -295,6 +351,7 @@ RULES: dict[type[nn.Module], type[Rule]] = {
     nn.BatchNorm3d: BatchNormRule,
     nn.SyncBatchNorm: BatchNormRule,
     nn.Conv2d: Conv2dRule,
+    nn.MultiheadAttention: SequenceFirstRule,
 }
 if Conv1D is not None:
     RULES[Conv1D] = Conv1DRule
@@ -313,6 +370,7 @@ def rule_for(module: nn.Module, local_names: set[str]) -> type[Rule]:
 
 
 def expand_broadcast(value, n: int):
+    """`value` `[1, ...]` expanded to `[n, ...]`; anything else unchanged."""
     if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == 1:
         return value.expand(n, *value.shape[1:])
     return value

@@ -124,15 +124,17 @@ def summary_lines(config: RunRecord, results: UnlearningResults) -> list[str]:
 
 
 def reset_description(args: Mapping[str, Any], reset: ResetRecord) -> str:
-    """What the selected weights were reset to (`--reset`), as the card's procedure says it."""
-    if args["reset"] == "zero":
+    """What the selected weights were reset to (`--reset`, as the run resolved `auto`), as the card's procedure
+    says it."""
+    if reset.mode == "zero":
         return "zero"
-    if args["reset"] != "base":
+    if reset.mode != "base":
         return "freshly initialised values"
-    revision = args.get("base_model_revision", "main")
+    base = reset.base_model or args["base_model_name_or_path"]
+    revision = reset.base_model_revision or args.get("base_model_revision", "main")
     text = (
-        f"the values of the base model {display_name(args['base_model_name_or_path'])} (revision {revision}), the "
-        "checkpoint the fine-tuning started from (`--reset base`)"
+        f"the values of the base model {display_name(base)} (revision {revision}), the checkpoint the fine-tuning "
+        "started from (`--reset base`)"
     )
     fallback = reset.init_fallback
     if fallback:
@@ -239,6 +241,7 @@ def render_model_card(config: RunRecord, results: UnlearningResults) -> ModelCar
         plots=available_plots(results),
         timings=", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in results.timings.items()),
         versions=sorted(config.library_versions.items()),
+        warnings=results.warnings,
     )
 
 

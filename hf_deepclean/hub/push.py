@@ -12,14 +12,12 @@ import json
 import logging
 import os
 import shlex
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 from huggingface_hub import CommitInfo, HfApi, get_token
 
 from ..errors import DeepCleanError, DeepCleanRunError
-from ..records import SUMMARY_METRICS, RunRecord, UnlearningResults
+from ..records import SUMMARY_METRICS, ResetRecord, RunRecord, UnlearningResults
 from .model_card import display_name
 from .output import CONFIG_NAME, RESULTS_NAME
 
@@ -69,7 +67,7 @@ def commit_message(config: RunRecord, results: UnlearningResults) -> tuple[str, 
         f"Forget set: {forget.num_rows} rows of split {forget.split} ({forget.kind} specification), "
         f"sha256 {forget.sha256}.",
         f"Reset {total.reset} of {total.numel} weights ({total.share:.2%}; {results.reset.selection_rule}"
-        f", reset={args['reset']}{_base_model(args)}), repaired for {args['repair_epochs']} epochs.",
+        f", reset={results.reset.mode}{_base_model(results.reset)}), repaired for {args['repair_epochs']} epochs.",
         "Metrics (before -> after): "
         + ", ".join(f"{key} {before[key]:.4f} -> {after[key]:.4f}" for key in SUMMARY_METRICS if key in after)
         + ".",
@@ -78,11 +76,11 @@ def commit_message(config: RunRecord, results: UnlearningResults) -> tuple[str, 
     return summary, "\n".join(lines)
 
 
-def _base_model(args: Mapping[str, Any]) -> str:
+def _base_model(reset: ResetRecord) -> str:
     """`--reset base` names the model it reset to (as the card does: a Hub id, or a local folder's name)."""
-    if args.get("reset") != "base":
+    if reset.mode != "base" or not reset.base_model:
         return ""
-    return f" to {display_name(args['base_model_name_or_path'])}"
+    return f" to {display_name(reset.base_model)}"
 
 
 def _one_line(error: BaseException) -> str:

@@ -5,6 +5,7 @@ Fisher diagonals on the forget and retain rows -> ratio -> selection -> reset ->
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..config import DeepCleanConfig
-from ..data.collators import make_dataloader, subsample
+from ..data.collators import CausalLMCollator, make_dataloader, subsample
 from ..distributed import process_shard
 from ..errors import DeepCleanError
 from ..fisher.cache import CachedFisherSums, retain_sums_from_cache
@@ -46,7 +47,8 @@ class UnlearningRows:
     Args:
         forget: the rows to forget.
         retain: the remaining training rows.
-        held_out: held-out rows (used by `--early_stopping` only).
+        held_out: held-out rows for the early-stopping check of `--early_stopping_criterion retain_and_mia` only;
+            keep them apart from the held-out rows a run reports.
         collator: turns rows into model inputs with `labels`.
         batch_size: per-process batch size of the Fisher passes, the probe and the repair.
         seed: seed of shuffling, subsampling, fresh values and label sampling.
@@ -107,6 +109,7 @@ def run_deepclean(
         The selection and the records of the run.
     """
     timer = timer if timer is not None else StageTimer()
+    config = concrete_config(config, base_known=base_values is not None, causal_lm=is_causal_lm(rows))
     params = get_parameters_in_scope(accelerator.unwrap_model(model), config.scope)
     fisher, fisher_record = compute_fisher_diagonals(model, rows, config, accelerator, params, fisher_cache, timer)
     repair_loader = rows.loader(rows.retain, shuffle=True)
@@ -159,7 +162,9 @@ def run_deepclean(
         repair=RepairRecord(
             **repair,
             learning_rate=learning_rate,
-            learning_rate_probe=None if probe is None else {f"{rate:g}": loss for rate, loss in probe.items()},
+            learning_rate_probe=None if probe is None else {f"{rate:g}": loss for rate, loss in probe.losses.items()},
+            learning_rate_probe_steps=None if probe is None else probe.steps,
+            learning_rate_probe_start_loss=None if probe is None else probe.start_loss,
         ),
         ratio_histogram=ratio_histogram,
     )
@@ -222,16 +227,37 @@ def fisher_sums_over(
     )
 
 
+def is_causal_lm(rows: UnlearningRows) -> bool:
+    return isinstance(rows.collator, CausalLMCollator)
+
+
+def concrete_config(config: DeepCleanConfig, *, base_known: bool, causal_lm: bool) -> DeepCleanConfig:
+    """`config` with its automatic defaults decided: `reset="auto"` is `base` when the base values are known, else
+    `init`; `early_stopping=None` is on for classifiers and off for causal LMs."""
+    changes = {}
+    if config.reset == "auto":
+        changes["reset"] = "base" if base_known else "init"
+    if config.early_stopping is None:
+        changes["early_stopping"] = not causal_lm
+    return dataclasses.replace(config, **changes) if changes else config
+
+
 def build_monitor(
     model: nn.Module, rows: UnlearningRows, config: DeepCleanConfig, accelerator: Accelerator, repair_loader
 ):
     """The early-stopping monitor of the repair (`--early_stopping`), built on the model before its reset."""
-    if rows.held_out is None:
-        raise DeepCleanError("--early_stopping: needs a held-out split (--eval_split); the dataset has none.")
+    monitored = {"retain": rows.retain}
+    if config.early_stopping_criterion == "retain_and_mia":
+        if rows.held_out is None:
+            raise DeepCleanError(
+                "--early_stopping_criterion: got 'retain_and_mia', which needs held-out rows (--eval_split); the "
+                "dataset has none, expected --early_stopping_criterion retain."
+            )
+        monitored |= {"forget": rows.forget, "test": rows.held_out}
     return build_repair_monitor(
         model,
         original_model=model,
-        rows={"forget": rows.forget, "retain": rows.retain, "test": rows.held_out},
+        rows=monitored,
         loader=lambda subset: make_dataloader(subset, rows.collator, rows.batch_size),
         accelerator=accelerator,
         tolerance=config.early_stopping_tolerance,

@@ -3,6 +3,7 @@ Accelerator, loaded once and shared by `unlearn`, `fisher` and `evaluate`."""
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
@@ -19,7 +21,7 @@ from transformers import PretrainedConfig
 
 from ..config import DataArguments, ModelArguments
 from ..data.canaries import Canaries, load_canaries
-from ..data.collators import make_dataloader
+from ..data.collators import make_dataloader, subsample
 from ..data.forget import parse_forget_spec
 from ..data.loading import UnlearningData, load_dataset_splits, prepare_unlearning_data
 from ..distributed import check_data_parallel, default_accelerator
@@ -27,6 +29,7 @@ from ..errors import DeepCleanError
 from ..evaluation.causal_lm import evaluate_causal_lm
 from ..evaluation.metrics import evaluate_unlearning
 from ..modeling import (
+    declared_base_model,
     infer_task,
     load_adapter,
     load_base_model_config,
@@ -69,6 +72,8 @@ class DeepCleanSession:
         canaries: `--canaries` of a causal LM, or None.
         seed: seed of `random:` forget specifications, subsampling and shuffling.
         batch_size: per-process batch size of every pass.
+        monitor_rows: held-out rows set aside for the repair's early-stopping check (`reserve_monitor_rows`), never
+            part of the reported held-out figures.
     """
 
     model_args: ModelArguments
@@ -82,6 +87,7 @@ class DeepCleanSession:
     canaries: Canaries | None
     seed: int
     batch_size: int
+    monitor_rows: Dataset | None = None
 
     @classmethod
     def load(
@@ -146,6 +152,33 @@ class DeepCleanSession:
             batch_size=batch_size,
         )
 
+    def reserve_monitor_rows(self, count: int) -> None:
+        """Move a seeded sample of `count` held-out rows (at most half of them) to `monitor_rows`: an early-stopping
+        check that judges the attack on held-out rows must not pick its stopping point on the rows that are then
+        reported."""
+        test = self.data.test
+        if test is None or self.monitor_rows is not None:
+            return
+        order = np.random.default_rng(self.seed).permutation(len(test))
+        count = min(count, len(test) // 2)
+        self.monitor_rows = test.select(sorted(order[:count].tolist()))
+        self.data.test = test.select(sorted(order[count:].tolist()))
+        logger.info(
+            f"{count} held-out rows are kept for the early-stopping check and left out of the reported figures.",
+            main_process_only=True,
+        )
+
+    def kept_class_rows(self) -> np.ndarray | None:
+        """Which evaluated held-out rows (in evaluation order) have a label that some retain row still has; None
+        without labels or held-out rows. A class whose every training row is forgotten is meant to be lost, so its
+        held-out rows do not count as damage."""
+        label, test = self.data.columns.label, self.data.test
+        if label is None or test is None:
+            return None
+        kept = set(self.data.retain.unique(label))
+        evaluated = subsample(test, self.data_args.max_eval_samples, self.seed)
+        return np.array([value in kept for value in evaluated[label]], dtype=bool)
+
     @property
     def unwrapped_model(self) -> nn.Module:
         return self.accelerator.unwrap_model(self.model)
@@ -155,7 +188,7 @@ class DeepCleanSession:
         return UnlearningRows(
             forget=self.data.forget,
             retain=self.data.retain,
-            held_out=self.data.test,
+            held_out=self.monitor_rows,
             collator=self.data.collator,
             batch_size=self.batch_size,
             seed=self.seed,
@@ -219,11 +252,38 @@ def checked_accelerator(accelerator: Accelerator | None) -> Accelerator:
     return accelerator
 
 
-def check_base_model(reset: str, model_args: ModelArguments, accelerator: Accelerator) -> PretrainedConfig | None:
-    """`--reset base`: refuse a missing or unusable `--base_model_name_or_path` before any work, and return its
-    config (its weights are read only once the selection is known); None for other reset modes."""
+def resolve_reset(
+    reset: str, model_args: ModelArguments, accelerator: Accelerator
+) -> tuple[str, ModelArguments, PretrainedConfig | None]:
+    """The reset mode a run uses, the model arguments to load with, and for `base` the base model's config.
+
+    `auto` becomes `base` when the base is known, from --base_model_name_or_path or from `base_model` in the model's
+    card (then set as the base model), and `init` otherwise, or when an adapter is cleaned. A base that only the card
+    names and that cannot be loaded falls back to `init` with a warning; one given explicitly must load. A missing
+    or unusable base is refused before any work (its weights are read once the selection is known).
+    """
+    if reset == "auto":
+        if model_args.adapter_name_or_path is not None:
+            return "init", model_args, None
+        if model_args.base_model_name_or_path is None:
+            declared = declared_base_model(model_args)
+            if declared is None:
+                return "init", model_args, None
+            candidate = dataclasses.replace(model_args, base_model_name_or_path=declared, base_model_revision="main")
+            try:
+                base_config = _base_model_config(candidate, accelerator)
+            except DeepCleanError as error:
+                logger.warning(
+                    f"--reset auto: the model card names the base model {declared!r}, which could not be loaded "
+                    f"({error}); the selected weights get fresh values (--reset init) instead.",
+                    main_process_only=True,
+                )
+                return "init", model_args, None
+            logger.info(f"--reset auto: resetting toward the base model {declared!r} named by the model card.")
+            return "base", candidate, base_config
+        reset = "base"
     if reset != "base":
-        return None
+        return reset, model_args, None
     if model_args.base_model_name_or_path is None:
         raise DeepCleanError(
             "--reset: got 'base', which needs --base_model_name_or_path (the model the fine-tuning started from); "
@@ -235,6 +295,10 @@ def check_base_model(reset: str, model_args: ModelArguments, accelerator: Accele
             "--reset: got 'base' with --adapter_name_or_path; only the adapter's weights are trainable and an "
             "adapter's base values are its initialisation, expected --reset init."
         )
+    return "base", model_args, _base_model_config(model_args, accelerator)
+
+
+def _base_model_config(model_args: ModelArguments, accelerator: Accelerator) -> PretrainedConfig:
     with accelerator.main_process_first(), raised_after_barrier(accelerator) as failure:
         base_config = load_base_model_config(model_args)
     if failure:

@@ -6,13 +6,16 @@ load -> evaluate before -> DeepClean (Fisher forget and retain, select + reset, 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
+from transformers import PretrainedConfig
 
 from ..config import DataArguments, DeepCleanConfig, ModelArguments, OutputArguments, arguments_to_dict
 from ..data.forget import parse_forget_spec, redact_forget_spec
@@ -23,16 +26,14 @@ from ..hub.plots import loss_histograms
 from ..hub.push import check_hub_token, push_output_dir
 from ..modeling import get_parameters_in_scope, merge_adapter
 from ..records import ForgetRecord, ModelRecord, RunRecord, StageTimer, UnlearningResults, to_json
+from ..unlearning.repair import MONITOR_ROWS
 from ..unlearning.reset import ResetMasks
-from .deepclean import run_deepclean
+from .deepclean import concrete_config, run_deepclean
 from .fisher_sums import load_checked_fisher_cache
-from .session import DeepCleanSession, check_base_model, checked_accelerator, library_versions
+from .session import DeepCleanSession, checked_accelerator, library_versions, resolve_reset
 
 
 logger = get_logger(__name__)
-
-# a loss of retain accuracy (absolute) beyond which a run warns that the model was damaged
-DAMAGE_WARNING = 0.05
 
 
 @dataclass
@@ -74,35 +75,24 @@ def unlearn(
     set_seed(output_args.seed)
     timer = StageTimer()
     with timer("load"):
-        base_config = check_base_model(config.reset, model_args, accelerator)
-        session = DeepCleanSession.load(
-            model_args,
-            data_args,
-            seed=output_args.seed,
-            batch_size=config.per_device_batch_size,
-            accelerator=accelerator,
-        )
+        session, run_config, base_config = load_session(config, model_args, data_args, output_args.seed, accelerator)
         fisher_cache = load_checked_fisher_cache(session, config) if config.fisher_cache is not None else None
-    get_parameters_in_scope(session.unwrapped_model, config.scope)  # an empty scope is refused before any work
-    if config.early_stopping and session.task == "causal-lm":
-        raise DeepCleanError("--early_stopping: watches classification accuracy; causal LMs are not supported.")
     with timer("evaluate_before"):
         before, outputs_before = session.evaluate(prefix="before ", return_outputs=True)
     outcome = run_deepclean(
         session.model,
         session.rows(),
-        config,
+        run_config,
         accelerator,
         fisher_cache=fisher_cache,
-        base_values=partial(session.load_base_values, base_config=base_config),
+        base_values=partial(session.load_base_values, base_config=base_config) if base_config else None,
         timer=timer,
     )
     with timer("evaluate_after"):
         after, outputs_after = session.evaluate(prefix="after ", return_outputs=True)
-    warn_if_damaged(config, before, after)
-    if config.reset == "base":
-        outcome.reset.base_model = model_args.base_model_name_or_path
-        outcome.reset.base_model_revision = model_args.base_model_revision
+    if run_config.reset == "base":
+        outcome.reset.base_model = session.model_args.base_model_name_or_path
+        outcome.reset.base_model_revision = session.model_args.base_model_revision
     results = UnlearningResults(
         metrics_before=before,
         metrics_after=after,
@@ -114,11 +104,12 @@ def unlearn(
         loss_histograms=loss_histograms({"before": outputs_before, "after": outputs_after}),
         # each row once, whatever the number of processes (`gather_for_metrics` drops Accelerate's repeats)
         evaluated_rows={split: len(values["loss"]) for split, values in outputs_after.items()},
+        warnings=damage_warnings(run_config, before, after, kept_test_rows(session, outputs_before, outputs_after)),
     )
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with timer("save"):
-            save_output(session, run_record(session, config, output_args), results, output_args)
+            save_output(session, run_record(session, model_args, config, output_args), results, output_args)
         results.timings["save"] = timer.seconds["save"]
         if output_args.push_to_hub:
             results.hub_commit_url = push_output_dir(
@@ -130,27 +121,84 @@ def unlearn(
     return UnlearningRun(results, session, outcome.masks)
 
 
-def warn_if_damaged(config: DeepCleanConfig, before: dict[str, float], after: dict[str, float]) -> None:
-    """Warn when the cleaned model lost more than `DAMAGE_WARNING` of its retain accuracy, and say what helps."""
-    if "retain_accuracy" not in after or before["retain_accuracy"] - after["retain_accuracy"] <= DAMAGE_WARNING:
-        return
-    hint = (
-        "for a fine-tuned pretrained model, use --preset finetuned --base_model_name_or_path BASE (--reset base: "
-        "the selected weights go back to the pretrained ones)"
-        if config.reset != "base"
-        else "try a smaller --reset_fraction or more --repair_epochs"
+def load_session(
+    config: DeepCleanConfig, model_args: ModelArguments, data_args: DataArguments, seed: int, accelerator: Accelerator
+) -> tuple[DeepCleanSession, DeepCleanConfig, PretrainedConfig | None]:
+    """Load the session, and decide the settings left to the run: the reset mode (`auto`), whether the repair stops
+    early, and which held-out rows its check may use. Returns the session, the run's config and the base's config."""
+    reset, model_args, base_config = resolve_reset(config.reset, model_args, accelerator)
+    session = DeepCleanSession.load(
+        model_args, data_args, seed=seed, batch_size=config.per_device_batch_size, accelerator=accelerator
     )
-    logger.warning(
-        f"Retain accuracy fell from {before['retain_accuracy']:.3f} to {after['retain_accuracy']:.3f}: the repair "
-        f"did not rebuild what the reset removed; {hint}.",
-        main_process_only=True,
+    get_parameters_in_scope(session.unwrapped_model, config.scope)  # an empty scope is refused before any work
+    if config.early_stopping and session.task == "causal-lm":
+        raise DeepCleanError("--early_stopping: watches classification accuracy; causal LMs are not supported.")
+    run_config = concrete_config(
+        dataclasses.replace(config, reset=reset),
+        base_known=base_config is not None,
+        causal_lm=session.task == "causal-lm",
     )
+    if run_config.early_stopping and run_config.early_stopping_criterion == "retain_and_mia":
+        session.reserve_monitor_rows(MONITOR_ROWS)
+    return session, run_config, base_config
 
 
-def run_record(session: DeepCleanSession, config: DeepCleanConfig, output_args: OutputArguments) -> RunRecord:
-    """What `deepclean_config.json` holds: every argument, versions, the data's identity, and the forget set as a
-    count and a hash (never its content)."""
-    model_args, data_args = session.model_args, session.data_args
+def damage_warnings(
+    config: DeepCleanConfig,
+    before: dict[str, float],
+    after: dict[str, float],
+    kept_test_rows: tuple[np.ndarray, np.ndarray] | None = None,
+) -> list[str]:
+    """Warn (and return the warnings, which the results and the card keep) when the cleaned model's retain or
+    held-out accuracy fell more than `config.max_accuracy_drop` below the original's, and say what helps.
+
+    Args:
+        config: the run's settings.
+        before, after: the metrics of the original and of the cleaned model.
+        kept_test_rows: when a whole class was forgotten, `(correct before, correct after)` on the held-out rows of
+            the classes the model keeps: the forgotten class's held-out rows are meant to be lost.
+    """
+    accuracies = {name: (before[name], after[name]) for name in ("retain_accuracy", "test_accuracy") if name in after}
+    if kept_test_rows is not None and "test_accuracy" in accuracies:
+        del accuracies["test_accuracy"]
+        if len(kept_test_rows[0]):
+            accuracies["test_accuracy of the kept classes"] = tuple(float(rows.mean()) for rows in kept_test_rows)
+    warnings = [
+        f"{name} fell from {old:.3f} to {new:.3f}, more than the tolerated {config.max_accuracy_drop:g} "
+        "(--max_accuracy_drop)"
+        for name, (old, new) in accuracies.items()
+        if old - new > config.max_accuracy_drop
+    ]
+    if warnings:
+        hint = (
+            "for a fine-tuned pretrained model, pass --base_model_name_or_path BASE (the selected weights then go back "
+            "to the pretrained ones)"
+            if config.reset != "base"
+            else "try a smaller --reset_fraction or more --repair_epochs"
+        )
+        logger.warning(
+            f"The cleaned model is damaged: {'; '.join(warnings)}. The repair did not rebuild what the reset "
+            f"removed; {hint}. The model card says so.",
+            main_process_only=True,
+        )
+    return warnings
+
+
+def kept_test_rows(session: DeepCleanSession, before: dict, after: dict) -> tuple[np.ndarray, np.ndarray] | None:
+    """`(correct before, correct after)` on the held-out rows of the kept classes, when some class was forgotten
+    whole (see `damage_warnings`); None otherwise."""
+    kept = session.kept_class_rows()
+    if kept is None or kept.all() or "test" not in before:
+        return None
+    return before["test"]["correct"][kept], after["test"]["correct"][kept]
+
+
+def run_record(
+    session: DeepCleanSession, model_args: ModelArguments, config: DeepCleanConfig, output_args: OutputArguments
+) -> RunRecord:
+    """What `deepclean_config.json` holds: every argument as given, versions, the data's identity, and the forget set
+    as a count and a hash (never its content)."""
+    data_args = session.data_args
     arguments = arguments_to_dict(model_args, data_args, config, output_args)
     arguments["forget"] = redact_forget_spec(data_args.forget)
     selection = session.data.selection

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -39,6 +40,34 @@ PROBE_EVAL_ROWS = 256  # retain rows the probe measures each trial's loss on
 PROBE_TOLERANCE = 0.02  # losses within 2% are a tie, which the smaller rate wins
 
 
+# A sweep tells rates apart only once some trial brought the loss this far (relative) below the reset model's. Right
+# after a heavy reset every rate can still sit at the chance loss after a few steps; the tie rule would then pick the
+# smallest rate, which cannot repair the model. Such a sweep is repeated with PROBE_GROWTH times the steps.
+PROBE_MIN_PROGRESS = 0.05
+PROBE_GROWTH = 4
+PROBE_ROUNDS = 3
+
+
+@dataclass
+class LearningRateProbe:
+    """What the learning-rate probe found.
+
+    Attributes:
+        rate: the chosen rate.
+        losses: `{rate: loss}` of the last sweep's trials, in the order tried (largest rate first).
+        steps: optimizer steps per trial in the last sweep.
+        start_loss: the loss before any trial (the reset model's).
+        separated: whether some trial made progress (`PROBE_MIN_PROGRESS`); if none did in any sweep, the rate is
+            the largest one whose trial did not make the loss worse.
+    """
+
+    rate: float
+    losses: dict[float, float]
+    steps: int
+    start_loss: float
+    separated: bool
+
+
 def probe_learning_rate(
     model: nn.Module,
     train_dataloader: DataLoader,
@@ -47,10 +76,12 @@ def probe_learning_rate(
     *,
     candidates: Sequence[float] = LEARNING_RATE_CANDIDATES,
     steps: int = PROBE_STEPS,
+    max_steps: int | None = None,
     masks: Mapping[str, torch.Tensor] | None = None,
     tolerance: float = PROBE_TOLERANCE,
+    min_progress: float = PROBE_MIN_PROGRESS,
     **optimizer_arguments,
-) -> tuple[float, dict[float, float]]:
+) -> LearningRateProbe:
     """Choose a learning rate by a short trial of each candidate from the same weights (a learning-rate probe).
 
     Each trial trains `steps` optimizer steps at a constant rate with `train_model` (same masks, data order and
@@ -61,20 +92,28 @@ def probe_learning_rate(
     U-shaped in log learning rate), so a model that clearly takes the largest rate costs two trials. A trial whose
     loss is not finite (divergence) counts as infinitely bad.
 
+    A sweep in which no trial brought the loss `min_progress` below the loss before the trials cannot tell the
+    rates apart (they all still sit where the reset left the model): it is repeated with `PROBE_GROWTH` times the
+    steps, up to `PROBE_ROUNDS` sweeps and `max_steps` steps per trial. If no sweep separates the rates, the
+    choice is the largest rate whose trial did not make the loss worse: a small rate that cannot move the model in a
+    trial cannot repair it either.
+
     Args:
         model: the model as `train_model` takes it; it comes back with the weights and buffers it had.
-        train_dataloader: a plain DataLoader of the training rows (the first `steps` batches are used).
+        train_dataloader: a plain DataLoader of the training rows (the first batches of each trial are used).
         eval_dataloader: a plain DataLoader of the rows the loss is measured on.
         accelerator: the run's Accelerator.
         candidates: the rates to try, in any order (tried largest first).
-        steps: optimizer steps per trial.
+        steps: optimizer steps per trial in the first sweep.
+        max_steps: the most steps per trial a repeated sweep may take (default: no repeat beyond `PROBE_ROUNDS`).
         masks: as for `train_model`.
         tolerance: relative difference of losses that counts as a tie.
+        min_progress: relative loss decrease that some trial must reach for a sweep to separate the rates.
         optimizer_arguments: other `train_model` arguments (`weight_decay`, `max_grad_norm`); the schedule is
             constant and without warm-up during trials.
 
     Returns:
-        `(chosen rate, {rate: loss})` for the rates tried; the same on every process.
+        The choice and the last sweep's losses; the same on every process.
     """
     if not candidates:
         raise ValueError("probe_learning_rate: needs at least one candidate rate.")
@@ -95,11 +134,10 @@ def probe_learning_rate(
         if generator is not None:
             generator.set_state(order)
 
-    epochs = steps / max(1, optimizer_steps_per_epoch(train_dataloader, accelerator))
+    steps_per_epoch = max(1, optimizer_steps_per_epoch(train_dataloader, accelerator))
     arguments = {**optimizer_arguments, "warmup_ratio": 0.0, "lr_scheduler_type": "constant"}
-    losses: dict[float, float] = {}
-    chosen, lowest = None, math.inf
-    for rate in sorted(set(candidates), reverse=True):
+
+    def trial(rate: float, trial_steps: int) -> float:
         try:
             # every trial sees the same batches (the restored generator) and the same dropout draws
             with preserved_random_state(accelerator):
@@ -107,15 +145,41 @@ def probe_learning_rate(
                     model,
                     train_dataloader,
                     accelerator,
-                    epochs=epochs,
+                    epochs=trial_steps / steps_per_epoch,
                     learning_rate=rate,
                     masks=masks,
                     desc=f"Probe lr {rate:g}",
                     **arguments,
                 )
-                loss = losses[rate] = mean_loss(model, eval_dataloader, accelerator)
+                return mean_loss(model, eval_dataloader, accelerator)
         finally:
             restore()
+
+    with preserved_random_state(accelerator):
+        start_loss = mean_loss(model, eval_dataloader, accelerator)
+    rates = sorted(set(candidates), reverse=True)
+    trial_steps = steps
+    for _ in range(PROBE_ROUNDS):
+        chosen, losses = sweep(rates, lambda rate, n=trial_steps: trial(rate, n), tolerance)
+        if min(losses.values()) <= start_loss * (1 - min_progress):
+            return LearningRateProbe(chosen, losses, trial_steps, start_loss, separated=True)
+        if max_steps is None or trial_steps * PROBE_GROWTH > max_steps:
+            break
+        trial_steps *= PROBE_GROWTH
+    # no sweep separated the rates: the largest rate that did not make things worse (else the best one tried)
+    harmless = [rate for rate, loss in losses.items() if loss <= start_loss * (1 + tolerance)]
+    chosen = harmless[0] if harmless else min(losses, key=losses.get)
+    return LearningRateProbe(chosen, losses, trial_steps, start_loss, separated=False)
+
+
+def sweep(
+    rates: Sequence[float], loss_of: Callable[[float], float], tolerance: float
+) -> tuple[float, dict[float, float]]:
+    """One sweep over `rates` (largest first) with the tie rule of `probe_learning_rate`: `(choice, {rate: loss})`."""
+    losses: dict[float, float] = {}
+    chosen, lowest = None, math.inf
+    for rate in rates:
+        loss = losses[rate] = loss_of(rate)
         if chosen is not None and not loss <= lowest * (1 + tolerance):
             break
         chosen, lowest = rate, min(lowest, loss)
@@ -129,28 +193,43 @@ def choose_repair_learning_rate(
     eval_dataloader: DataLoader,
     accelerator: Accelerator,
     masks: Mapping[str, torch.Tensor],
-) -> tuple[float | None, dict[float, float] | None]:
+) -> tuple[float | None, LearningRateProbe | None]:
     """The rate of DeepClean's repair of the reset elements (`masks`): `config.learning_rate` when set, else the one
-    `probe_learning_rate` chooses with the run's optimizer settings (logged).
+    `probe_learning_rate` chooses with the run's optimizer settings (logged). A repeated sweep may take up to half
+    the repair's steps per trial.
 
     Returns:
-        `(rate, {rate tried: loss})`; `(config.learning_rate, None)` without a probe, and the rate is `None` when
-        nothing is repaired and none was set.
+        `(rate, probe)`; `(config.learning_rate, None)` without a probe, and the rate is `None` when nothing is
+        repaired and none was set.
     """
     if config.learning_rate is not None or not config.repair_epochs:
         return config.learning_rate, None
-    rate, losses = probe_learning_rate(
+    repair_steps = math.ceil(config.repair_epochs * optimizer_steps_per_epoch(train_dataloader, accelerator))
+    probe = probe_learning_rate(
         model,
         train_dataloader,
         eval_dataloader,
         accelerator,
+        max_steps=max(PROBE_STEPS, repair_steps // 2),
         masks=masks,
         weight_decay=config.weight_decay,
         max_grad_norm=config.max_grad_norm,
     )
-    tried = ", ".join(f"{r:g}: {loss:.4g}" for r, loss in losses.items())
-    logger.info(f"Repair learning rate {rate:g} (probe losses {tried}).", main_process_only=True)
-    return rate, losses
+    tried = ", ".join(f"{r:g}: {loss:.4g}" for r, loss in probe.losses.items())
+    message = (
+        f"Repair learning rate {probe.rate:g} (probe losses after {probe.steps} steps {tried}; "
+        f"{probe.start_loss:.4g} before)."
+    )
+    if probe.separated:
+        logger.info(message, main_process_only=True)
+    else:
+        logger.warning(
+            f"{message} No rate brought the retain loss {PROBE_MIN_PROGRESS:.0%} below the reset model's within "
+            f"{probe.steps} steps, so the largest rate that did no harm was chosen; if the cleaned model is damaged, "
+            "set --learning_rate or a smaller --reset_fraction.",
+            main_process_only=True,
+        )
+    return probe.rate, probe
 
 
 @torch.no_grad()

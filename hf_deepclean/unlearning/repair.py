@@ -64,7 +64,7 @@ class RepairMonitor:
 
     Args:
         model: the model being repaired.
-        dataloaders: `{"forget", "retain", "test"}` loaders of the monitoring samples.
+        dataloaders: loaders of the monitoring samples: `retain`, plus `forget` and `test` for `retain_and_mia`.
         accelerator: the run's Accelerator.
         target_retain_accuracy: retain accuracy that counts as recovered.
         check_every: steps between checks.
@@ -81,7 +81,7 @@ class RepairMonitor:
         target_retain_accuracy: float,
         check_every: int,
         auc_margin: float = 0.05,
-        criterion: str = "retain_and_mia",
+        criterion: str = "retain",
     ):
         self.model = model
         self.dataloaders = dataloaders
@@ -100,10 +100,13 @@ class RepairMonitor:
             for split, loader in self.dataloaders.items()
         }
         retain_accuracy = float(outputs["retain"]["correct"].mean())
+        recovered = retain_accuracy >= self.target_retain_accuracy
+        if self.criterion == "retain":
+            self.history.append({"step": step, "retain_accuracy": retain_accuracy})
+            return recovered
         auc = membership_inference_auc(outputs["forget"]["loss"], outputs["test"]["loss"])
         self.history.append({"step": step, "retain_accuracy": retain_accuracy, "mia_auc": auc})
-        recovered = retain_accuracy >= self.target_retain_accuracy
-        return recovered if self.criterion == "retain" else recovered and auc <= 0.5 + self.auc_margin
+        return recovered and auc <= 0.5 + self.auc_margin
 
 
 MONITOR_ROWS = 256
@@ -119,7 +122,7 @@ def build_repair_monitor(
     tolerance: float,
     steps_per_epoch: int,
     seed: int,
-    criterion: str = "retain_and_mia",
+    criterion: str = "retain",
 ) -> RepairMonitor:
     """A `RepairMonitor` on seeded samples of at most 256 forget/retain/held-out rows, checking 4 times an epoch.
 
@@ -128,7 +131,7 @@ def build_repair_monitor(
     Args:
         model: the model being repaired.
         original_model: the model before the reset.
-        rows: `{"forget", "retain", "test"}` datasets.
+        rows: `retain` rows, plus `forget` and `test` rows for `retain_and_mia`.
         loader: makes an (unshuffled) dataloader of a dataset.
         accelerator: the run's Accelerator.
         tolerance: how far below the original's retain accuracy still counts as recovered.

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from ..config import RESET_MODES
+from ..config import RESET_VALUES
 from ..errors import DeepCleanError
 
 
@@ -107,8 +107,8 @@ def reset_selected_weights(
     Returns:
         The names of the selected parameters that fell back to fresh values under `reset="base"` (empty otherwise).
     """
-    if reset not in RESET_MODES:
-        raise DeepCleanError(f"--reset: got {reset!r}; expected one of {', '.join(RESET_MODES)}.")
+    if reset not in RESET_VALUES:
+        raise DeepCleanError(f"--reset: got {reset!r}; expected one of {', '.join(RESET_VALUES)}.")
     if reset == "base" and base_values is None:
         raise DeepCleanError("--reset: got 'base' without base values; expected --base_model_name_or_path.")
     params = dict(model.named_parameters())
