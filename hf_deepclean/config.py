@@ -17,9 +17,12 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from .errors import DeepCleanError
+from .validation import check_choice, check_fraction, check_positive
 
 
-TASKS = ("text-classification", "image-classification", "causal-lm")
+TASKS = ("text-classification", "image-classification", "causal-lm", "seq2seq-lm")
+# the tasks whose model generates text: no class accuracy, language-model metrics
+GENERATIVE_TASKS = ("causal-lm", "seq2seq-lm")
 SELECTION_SCOPES = ("global", "per_parameter")
 EARLY_STOPPING_CRITERIA = ("retain", "retain_and_mia")
 # what selected elements become; `auto` is decided by the run (`base` when the base model is known, else `init`)
@@ -39,28 +42,6 @@ SCHEDULERS = (
 )
 
 
-def _check_fraction(name: str, value: float | None) -> None:
-    if value is None:
-        return
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not (0.0 < value <= 1.0):
-        raise DeepCleanError(f"--{name}: got {value!r}; expected a number in (0, 1].")
-
-
-def _check_positive(name: str, value: float | None, *, allow_zero: bool = False) -> None:
-    if value is None:
-        return
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value >= 0 if allow_zero else value > 0)
-    if not ok:
-        bound = ">= 0" if allow_zero else "> 0"
-        raise DeepCleanError(f"--{name}: got {value!r}; expected a finite number {bound}.")
-
-
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise DeepCleanError(f"--{name}: got {value!r}; expected one of {', '.join(choices)}.")
-
-
 @dataclass
 class ModelArguments:
     """Which model to clean."""
@@ -72,8 +53,9 @@ class ModelArguments:
     task: str = field(
         default="auto",
         metadata={
-            "help": "Model head: `text-classification`, `image-classification`, `causal-lm`, or `auto` (read from the "
-            "model's config `architectures`, then from the dataset's columns).",
+            "help": "Model head: `text-classification`, `image-classification`, `causal-lm`, `seq2seq-lm` (T5, BART "
+            "and other encoder-decoders), or `auto` (read from the model's config `architectures`, then from the "
+            "dataset's columns).",
             "choices": ("auto", *TASKS),
         },
     )
@@ -114,7 +96,7 @@ class ModelArguments:
             raise DeepCleanError(
                 f"--base_model_name_or_path: got {self.base_model_name_or_path!r}; expected a Hub id or a local folder."
             )
-        _check_choice("task", self.task, ("auto", *TASKS))
+        check_choice("task", self.task, ("auto", *TASKS))
 
 
 @dataclass
@@ -155,6 +137,14 @@ class DataArguments:
     )
     text_column: str | None = field(default=None, metadata={"help": "Text column (auto-detected when unset)."})
     text_pair_column: str | None = field(default=None, metadata={"help": "Second text column for sentence pairs."})
+    source_column: str | None = field(
+        default=None,
+        metadata={"help": "Sequence-to-sequence models: the input text column (auto-detected when unset)."},
+    )
+    target_column: str | None = field(
+        default=None,
+        metadata={"help": "Sequence-to-sequence models: the output text column (auto-detected when unset)."},
+    )
     image_column: str | None = field(default=None, metadata={"help": "Image column (auto-detected when unset)."})
     label_column: str | None = field(default=None, metadata={"help": "Label column (auto-detected when unset)."})
     max_length: int | None = field(
@@ -193,7 +183,7 @@ class DataArguments:
             pass  # `hf-deepclean fisher` over the whole training split
         elif not isinstance(self.forget, str) or not self.forget.strip():
             raise DeepCleanError(f"--forget: got {self.forget!r}; expected a forget specification such as random:0.1.")
-        _check_fraction("min_k_fraction", self.min_k_fraction)
+        check_fraction("min_k_fraction", self.min_k_fraction)
         for name in ("max_length", "max_retain_samples", "max_eval_samples"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
@@ -229,6 +219,14 @@ class DeepCleanConfig:
         metadata={
             "help": "Bound (MiB) on the per-sample gradients the Fisher engine holds at once for one layer (and on "
             "the per-sample stash of a tied parameter); lower it to save memory at some speed."
+        },
+    )
+    fisher_check: bool = field(
+        default=True,
+        metadata={
+            "help": "Before the forget set's Fisher pass, compare the engine with per-sample autograd on 4 samples of "
+            "its first batch, for every parameter in scope; a mismatch (above 1e-4 relative, 3e-2 under mixed "
+            "precision) stops the run with an error naming the parameter and its module."
         },
     )
     fisher_cache: str | None = field(
@@ -322,27 +320,27 @@ class DeepCleanConfig:
     )
 
     def __post_init__(self):
-        _check_choice("fisher_type", self.fisher_type, ("empirical", "true"))
-        _check_choice("scope", self.scope, ("all", "adapter"))
+        check_choice("fisher_type", self.fisher_type, ("empirical", "true"))
+        check_choice("scope", self.scope, ("all", "adapter"))
         if not (isinstance(self.fisher_chunk_memory_mb, int | float) and 0 < self.fisher_chunk_memory_mb < math.inf):
             raise DeepCleanError(
                 f"--fisher_chunk_memory_mb: got {self.fisher_chunk_memory_mb!r}; expected a number of MiB > 0."
             )
-        _check_choice("reset", self.reset, RESET_MODES)
+        check_choice("reset", self.reset, RESET_MODES)
         if self.reset == "base" and self.scope == "adapter":
             raise DeepCleanError(
                 "--reset: got 'base' with --scope adapter; an adapter's base values are its initialisation, expected "
                 "--reset init."
             )
-        _check_choice("lr_scheduler_type", self.lr_scheduler_type, SCHEDULERS)
-        _check_positive("gamma", self.gamma)
-        _check_fraction("reset_fraction", self.reset_fraction)
-        _check_fraction("max_reset_fraction", self.max_reset_fraction)
-        _check_positive("eps", self.eps)
-        _check_positive("repair_epochs", self.repair_epochs, allow_zero=True)
-        _check_positive("learning_rate", self.learning_rate)
-        _check_positive("weight_decay", self.weight_decay, allow_zero=True)
-        _check_positive("max_grad_norm", self.max_grad_norm, allow_zero=True)
+        check_choice("lr_scheduler_type", self.lr_scheduler_type, SCHEDULERS)
+        check_positive("gamma", self.gamma)
+        check_fraction("reset_fraction", self.reset_fraction)
+        check_fraction("max_reset_fraction", self.max_reset_fraction)
+        check_positive("eps", self.eps)
+        check_positive("repair_epochs", self.repair_epochs, allow_zero=True)
+        check_positive("learning_rate", self.learning_rate)
+        check_positive("weight_decay", self.weight_decay, allow_zero=True)
+        check_positive("max_grad_norm", self.max_grad_norm, allow_zero=True)
         if not isinstance(self.warmup_ratio, (int, float)) or not (0.0 <= self.warmup_ratio < 1.0):
             raise DeepCleanError(f"--warmup_ratio: got {self.warmup_ratio!r}; expected a number in [0, 1).")
         if self.gamma is None and self.reset_fraction is None:
@@ -351,12 +349,12 @@ class DeepCleanConfig:
             raise DeepCleanError(
                 f"--per_device_batch_size: got {self.per_device_batch_size!r}; expected a positive integer."
             )
-        _check_choice("selection_scope", self.selection_scope, SELECTION_SCOPES)
-        _check_choice("early_stopping_criterion", self.early_stopping_criterion, EARLY_STOPPING_CRITERIA)
-        _check_positive("early_stopping_tolerance", self.early_stopping_tolerance, allow_zero=True)
+        check_choice("selection_scope", self.selection_scope, SELECTION_SCOPES)
+        check_choice("early_stopping_criterion", self.early_stopping_criterion, EARLY_STOPPING_CRITERIA)
+        check_positive("early_stopping_tolerance", self.early_stopping_tolerance, allow_zero=True)
         if self.early_stopping is not None and not isinstance(self.early_stopping, bool):
             raise DeepCleanError(f"--early_stopping: got {self.early_stopping!r}; expected true or false.")
-        _check_fraction("max_accuracy_drop", self.max_accuracy_drop)
+        check_fraction("max_accuracy_drop", self.max_accuracy_drop)
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> DeepCleanConfig:

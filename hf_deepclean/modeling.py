@@ -16,6 +16,7 @@ from transformers import (
     AutoImageProcessor,
     AutoModelForCausalLM,
     AutoModelForImageClassification,
+    AutoModelForSeq2SeqLM,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     PretrainedConfig,
@@ -30,6 +31,7 @@ AUTO_MODEL_CLASSES = {
     "text-classification": AutoModelForSequenceClassification,
     "image-classification": AutoModelForImageClassification,
     "causal-lm": AutoModelForCausalLM,
+    "seq2seq-lm": AutoModelForSeq2SeqLM,
 }
 
 
@@ -101,6 +103,12 @@ def infer_task(config: PretrainedConfig, requested: str = "auto", has_image_colu
             return "text-classification"
         if architecture.endswith(("ForCausalLM", "LMHeadModel")):  # GPT-2's head class is `GPT2LMHeadModel`
             return "causal-lm"
+        # T5, BART, Pegasus, mT5: `...ForConditionalGeneration`; Marian: `MarianMTModel`. Vision-language models share
+        # the first suffix but are not encoder-decoders
+        if getattr(config, "is_encoder_decoder", False) and architecture.endswith(
+            ("ForConditionalGeneration", "MTModel")
+        ):
+            return "seq2seq-lm"
     if has_image_column is not None:
         return "image-classification" if has_image_column else "text-classification"
     raise DeepCleanError(

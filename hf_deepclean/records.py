@@ -148,6 +148,14 @@ class FisherRecord:
     retain_samples: int
     retain_source: str  # "pass" (a pass over the retain rows) or "cache" (`--fisher_cache`)
     accumulator_bytes: dict[str, int]
+    # `--fisher_check`: seconds, max_relative_error, worst_parameter, samples, and its share of the Fisher passes' time
+    check: dict[str, Any] | None = None
+    # parameters whose Fisher came from the exact per-sample path, with the reason, and those no sample used
+    exact_path: dict[str, str] = field(default_factory=dict)
+    unused: list[str] = field(default_factory=list)
+
+
+FISHER_RECORD_FIELDS = frozenset(f.name for f in fields(FisherRecord))
 
 
 @dataclass
@@ -211,7 +219,7 @@ class UnlearningResults:
             metrics_before=dict(record["metrics"]["before"]),
             metrics_after=dict(record["metrics"]["after"]),
             reset=ResetRecord.from_dict(record["reset"]),
-            fisher=FisherRecord(**record["fisher"]),
+            fisher=FisherRecord(**{k: v for k, v in record["fisher"].items() if k in FISHER_RECORD_FIELDS}),
             repair=RepairRecord(**record["repair"]),
             timings=dict(record["timings"]),
             ratio_histogram=dict(record.get("ratio_histogram") or {}),

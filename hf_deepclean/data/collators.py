@@ -90,9 +90,12 @@ def make_collator(
     max_length: int | None,
     model_config: PretrainedConfig,
 ) -> Callable:
-    """The batch-time collator of `task`: classification inputs and class ids, or causal-LM token labels."""
+    """The batch-time collator of `task`: classification inputs and class ids, causal-LM token labels, or a
+    sequence-to-sequence model's source tokens and target labels."""
     if task == "causal-lm":
         return CausalLMCollator(processor, columns.text, max_length)
+    if task == "seq2seq-lm":
+        return Seq2SeqCollator(processor, columns.text, columns.target, max_length)
     image_mode = "L" if getattr(model_config, "num_channels", 3) == 1 else "RGB"
     return ClassificationCollator(processor, columns, label_map, max_length, image_mode=image_mode)
 
@@ -121,20 +124,53 @@ class CausalLMCollator:
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         texts = [row[self.text_column] for row in rows]
         encoded = self.tokenizer(texts, truncation=self.max_length is not None, max_length=self.max_length)
-        sequences = encoded["input_ids"]
-        width = max(1, max(len(ids) for ids in sequences))
-        input_ids = torch.full((len(sequences), width), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(sequences), width), dtype=torch.long)
-        for n, ids in enumerate(sequences):
-            input_ids[n, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-            attention_mask[n, : len(ids)] = 1
+        input_ids, attention_mask = _right_padded(encoded["input_ids"], self.pad_id)
         labels = input_ids.masked_fill(attention_mask == 0, -100)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+class Seq2SeqCollator:
+    """Tokenise source and target texts at batch time for an encoder-decoder: sources as `input_ids` and
+    `attention_mask`, targets as `labels` (-100 on padding), both truncated to `max_length` and padded on the right.
+    The model builds its decoder inputs from the labels (`prepare_decoder_input_ids_from_labels`), so one sample's
+    log-likelihood is the sum over its target tokens."""
+
+    def __init__(self, tokenizer, source_column: str, target_column: str, max_length: int | None = None):
+        if tokenizer.pad_token_id is None:
+            raise DeepCleanError(
+                "--model_name_or_path: the tokenizer has no pad token; expected one for padding sequence-to-sequence "
+                "batches."
+            )
+        self.tokenizer = tokenizer
+        self.source_column = source_column
+        self.target_column = target_column
+        self.max_length = max_length
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        truncate = {"truncation": self.max_length is not None, "max_length": self.max_length}
+        sources = self.tokenizer([row[self.source_column] for row in rows], **truncate)["input_ids"]
+        targets = self.tokenizer(text_target=[row[self.target_column] for row in rows], **truncate)["input_ids"]
+        input_ids, attention_mask = _right_padded(sources, int(self.tokenizer.pad_token_id))
+        target_ids, target_mask = _right_padded(targets, int(self.tokenizer.pad_token_id))
+        labels = target_ids.masked_fill(target_mask == 0, -100)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def _right_padded(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(ids, mask)` of token sequences padded on the right to the longest one (at least one position)."""
+    width = max(1, max(len(ids) for ids in sequences))
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for n, sequence in enumerate(sequences):
+        ids[n, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
+        mask[n, : len(sequence)] = 1
+    return ids, mask
+
+
 @dataclass(frozen=True)
 class Columns:
-    label: str | None  # None for causal LMs, which learn the text itself
-    text: str | None = None
+    label: str | None  # None for language models, which learn text itself
+    text: str | None = None  # the text, or a sequence-to-sequence model's source
     text_pair: str | None = None
     image: str | None = None
+    target: str | None = None  # a sequence-to-sequence model's target text

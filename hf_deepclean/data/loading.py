@@ -25,6 +25,9 @@ from .forget import ForgetSelection, _label_names, resolve_forget_set
 TEXT_COLUMN_NAMES = ("text", "sentence", "content", "review", "document")
 IMAGE_COLUMN_NAMES = ("image", "img")
 LABEL_COLUMN_NAMES = ("label", "labels")
+# sequence-to-sequence pairs, by the names datasets usually give them (summaries, translations turned into columns)
+SOURCE_COLUMN_NAMES = ("source", "input", "document", "article", "question", "src")
+TARGET_COLUMN_NAMES = ("target", "output", "summary", "highlights", "answer", "tgt")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -184,6 +187,18 @@ def resolve_columns(dataset: Dataset, data_args: DataArguments, task: str) -> Co
     """
     if task == "causal-lm":
         return Columns(label=None, text=resolve_text_column(dataset, data_args))
+    if task == "seq2seq-lm":
+        source, target = (
+            _pick_column(
+                f"{what}_column",
+                getattr(data_args, f"{what}_column"),
+                dataset,
+                [c for c in names if c in dataset.features],
+                what,
+            )
+            for what, names in (("source", SOURCE_COLUMN_NAMES), ("target", TARGET_COLUMN_NAMES))
+        )
+        return Columns(label=None, text=source, target=target)
     features = dataset.features
     label_candidates = [c for c, f in features.items() if isinstance(f, ClassLabel)]
     if not label_candidates:
@@ -323,7 +338,7 @@ def prepare_unlearning_data(
     Args:
         data_args: the data arguments (forget spec, splits, columns, lengths).
         splits: every split of the dataset.
-        task: `text-classification`, `image-classification` or `causal-lm`.
+        task: `text-classification`, `image-classification`, `causal-lm` or `seq2seq-lm`.
         model_config: the model's config, for its labels (and image channels).
         processor: the tokenizer or image processor the collator applies at batch time.
         seed: seed of `random:` forget specs.
@@ -334,7 +349,7 @@ def prepare_unlearning_data(
     """
     train = splits[data_args.train_split]
     columns = resolve_columns(train, data_args, task)
-    needed = [c for c in (columns.text, columns.text_pair, columns.image, columns.label) if c]
+    needed = [c for c in (columns.text, columns.text_pair, columns.image, columns.label, columns.target) if c]
     if data_args.forget is None:  # no forget set (`hf-deepclean fisher` over every row): retain = train
         selection = ForgetSelection(spec="none", split=data_args.train_split, indices=[])
     else:

@@ -37,15 +37,19 @@ from .metrics import evaluate_splits, membership_inference_auc
 MIN_K_FRACTION = 0.2
 
 
-def token_log_likelihoods(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probability of every predicted token: logits at t predict the label at t + 1.
+def token_log_likelihoods(
+    logits: torch.Tensor, labels: torch.Tensor, shift: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability of every predicted token: logits at t predict the label at t + 1 (a causal LM), or the label
+    at t with `shift=False` (an encoder-decoder, whose decoder inputs are the labels shifted right).
 
     Returns:
-        `(log_probs, valid)`, both `[N, T - 1]`; `log_probs` is 0 where `valid` is False (label -100).
+        `(log_probs, valid)`, both `[N, T - 1]` (`[N, T]` without shift); `log_probs` is 0 where `valid` is False
+        (label -100).
     """
-    targets = labels[:, 1:]
+    targets = labels[:, 1:] if shift else labels
     valid = targets != -100
-    log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    log_probs = torch.log_softmax((logits[:, :-1] if shift else logits).float(), dim=-1)
     picked = log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return picked.masked_fill(~valid, 0.0), valid
 
@@ -71,7 +75,8 @@ def compute_sequence_outputs(
     desc: str = "Evaluate",
     k: float = MIN_K_FRACTION,
 ) -> dict[str, np.ndarray]:
-    """Per-sequence negative log-likelihood, token count, mean token loss and Min-K% score of a causal LM.
+    """Per-sequence negative log-likelihood, token count, mean token loss and Min-K% score of a causal LM (or of
+    an encoder-decoder's target tokens).
 
     The dataloader is sharded across processes by Accelerate and the outputs gathered with `gather_for_metrics`,
     so every process gets each sequence exactly once.
@@ -81,12 +86,16 @@ def compute_sequence_outputs(
         `loss` and `min_k` are NaN for a sequence without predicted tokens).
     """
     model.eval()
+    config = getattr(accelerator.unwrap_model(model), "config", None)
+    encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
     columns: dict[str, list[torch.Tensor]] = {"nll": [], "tokens": [], "loss": [], "min_k": []}
     with transient_preparations(accelerator):
         loader = accelerator.prepare_data_loader(dataloader, device_placement=True)
         for batch in tqdm(loader, desc=desc, disable=not accelerator.is_local_main_process, leave=False):
             labels = batch.pop("labels")
-            log_probs, valid = token_log_likelihoods(model(**batch).logits, labels)
+            # an encoder-decoder builds its decoder inputs from the labels (shifted right); a causal LM reads the text
+            logits = model(**batch, labels=labels).logits if encoder_decoder else model(**batch).logits
+            log_probs, valid = token_log_likelihoods(logits, labels, shift=not encoder_decoder)
             tokens = valid.sum(-1)
             nll = -log_probs.sum(-1)
             values = {

@@ -147,7 +147,7 @@ def reset_description(args: Mapping[str, Any], reset: ResetRecord) -> str:
 
 
 # this library's task names where the Hub's pipeline tags differ
-HUB_PIPELINE_TAGS = {"causal-lm": "text-generation"}
+HUB_PIPELINE_TAGS = {"causal-lm": "text-generation", "seq2seq-lm": "text2text-generation"}
 
 
 def build_card_data(config: RunRecord, results: UnlearningResults) -> ModelCardData:

@@ -19,11 +19,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..config import DeepCleanConfig
-from ..data.collators import CausalLMCollator, make_dataloader, subsample
+from ..data.collators import CausalLMCollator, Seq2SeqCollator, make_dataloader, subsample
 from ..distributed import process_shard
 from ..errors import DeepCleanError
 from ..fisher.cache import CachedFisherSums, retain_sums_from_cache
-from ..fisher.engine import FisherDiagonal, accumulate_fisher_sums, accumulator_bytes, fisher_from_sums
+from ..fisher.engine import FisherDiagonal, FisherReport, accumulate_fisher_sums, accumulator_bytes, fisher_from_sums
 from ..hub.plots import fisher_ratio_histogram
 from ..modeling import get_parameters_in_scope
 from ..records import FisherRecord, RepairRecord, ResetRecord, StageTimer
@@ -191,13 +191,25 @@ def compute_fisher_diagonals(
         "seed": rows.seed,
         "chunk_memory_mb": config.fisher_chunk_memory_mb,
     }
+    forget_report, retain_report = FisherReport(), FisherReport()
     with timer("fisher_forget"):
-        # each process sums over its shard, the engine reduces once
-        forget_sums, forget_count = fisher_sums_over(model, rows, rows.forget, desc="Fisher forget", **options)
+        # each process sums over its shard, the engine reduces once; the self-check runs on the first pass only
+        forget_sums, forget_count = fisher_sums_over(
+            model,
+            rows,
+            rows.forget,
+            desc="Fisher forget",
+            check=config.fisher_check,
+            check_rtol=1e-4 if accelerator.mixed_precision == "no" else 3e-2,
+            report=forget_report,
+            **options,
+        )
     with timer("fisher_retain"):
         if fisher_cache is None:
             retain = subsample(rows.retain, rows.max_retain_samples, rows.seed)
-            retain_sums, retain_count = fisher_sums_over(model, rows, retain, desc="Fisher retain", **options)
+            retain_sums, retain_count = fisher_sums_over(
+                model, rows, retain, desc="Fisher retain", report=retain_report, **options
+            )
         elif fisher_cache.covers_forget_rows:
             retain_sums, retain_count = retain_sums_from_cache(
                 fisher_cache.sums, fisher_cache.info.count, forget_sums, forget_count
@@ -208,12 +220,25 @@ def compute_fisher_diagonals(
         "forget": fisher_from_sums(forget_sums, forget_count, "Fisher forget"),
         "retain": fisher_from_sums(retain_sums, retain_count, "Fisher retain"),
     }
+    check = forget_report.check
+    passes = timer.seconds.get("fisher_forget", 0.0) + timer.seconds.get("fisher_retain", 0.0)
     record = FisherRecord(
         forget_samples=forget_count,
         retain_samples=retain_count,
         retain_source="pass" if fisher_cache is None else "cache",
         accumulator_bytes=accumulator_bytes(params),
+        check=None
+        if check is None
+        else {**dataclasses.asdict(check), "share_of_fisher_passes": check.seconds / passes if passes else 0.0},
+        exact_path={**retain_report.exact_path, **forget_report.exact_path},
+        unused=sorted(set(forget_report.unused) & set(retain_report.unused or forget_report.unused)),
     )
+    if record.exact_path:
+        reason = next(iter(record.exact_path.values()))
+        logger.info(
+            f"Fisher: {len(record.exact_path)} parameter(s) took the exact per-sample path (e.g. {reason}).",
+            main_process_only=True,
+        )
     return fisher, record
 
 
@@ -228,7 +253,8 @@ def fisher_sums_over(
 
 
 def is_causal_lm(rows: UnlearningRows) -> bool:
-    return isinstance(rows.collator, CausalLMCollator)
+    """Whether the rows are a language model's (causal or sequence-to-sequence): labels are tokens, not classes."""
+    return isinstance(rows.collator, (CausalLMCollator, Seq2SeqCollator))
 
 
 def concrete_config(config: DeepCleanConfig, *, base_known: bool, causal_lm: bool) -> DeepCleanConfig:

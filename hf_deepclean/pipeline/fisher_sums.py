@@ -99,6 +99,8 @@ def compute_fisher_sums(
             accelerator=session.accelerator,
             seed=fisher_args.seed,
             chunk_memory_mb=config.fisher_chunk_memory_mb,
+            check=config.fisher_check,
+            check_rtol=1e-4 if session.accelerator.mixed_precision == "no" else 3e-2,
         )
     fisher_from_sums(sums, count, "Fisher")  # refuses an empty or non-finite result
     info = fisher_cache_info(session, config, None if rows == "retain" else session.data.selection.indices, count)

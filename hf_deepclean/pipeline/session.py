@@ -19,7 +19,7 @@ from datasets import Dataset, Image
 from torch import nn
 from transformers import PretrainedConfig
 
-from ..config import DataArguments, ModelArguments
+from ..config import GENERATIVE_TASKS, DataArguments, ModelArguments
 from ..data.canaries import Canaries, load_canaries
 from ..data.collators import make_dataloader, subsample
 from ..data.forget import parse_forget_spec
@@ -66,7 +66,7 @@ class DeepCleanSession:
         accelerator: the run's Accelerator (data parallel only).
         model: the model, prepared by the accelerator for evaluation (every process holds all of it).
         processor: its tokenizer or image processor.
-        task: `text-classification`, `image-classification` or `causal-lm`.
+        task: `text-classification`, `image-classification`, `causal-lm` or `seq2seq-lm`.
         data: forget, retain and held-out rows, the forget selection, the collator and the data's identity.
         train_split: the whole training split.
         canaries: `--canaries` of a causal LM, or None.
@@ -215,7 +215,7 @@ class DeepCleanSession:
         """Metrics of `model` (default: the session's) on the forget, retain and held-out rows; with
         `return_outputs`, also the per-sample outputs (see `evaluate_unlearning`, `evaluate_causal_lm`)."""
         evaluate, extra = evaluate_unlearning, {}
-        if self.task == "causal-lm":
+        if self.task in GENERATIVE_TASKS:
             evaluate = evaluate_causal_lm
             extra = {"canaries": self.canaries, "min_k_fraction": self.data_args.min_k_fraction}
         return evaluate(

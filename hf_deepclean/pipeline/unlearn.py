@@ -17,7 +17,14 @@ from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 from transformers import PretrainedConfig
 
-from ..config import DataArguments, DeepCleanConfig, ModelArguments, OutputArguments, arguments_to_dict
+from ..config import (
+    GENERATIVE_TASKS,
+    DataArguments,
+    DeepCleanConfig,
+    ModelArguments,
+    OutputArguments,
+    arguments_to_dict,
+)
 from ..data.forget import parse_forget_spec, redact_forget_spec
 from ..errors import DeepCleanError, DeepCleanRunError
 from ..hub.model_card import save_model_card
@@ -131,12 +138,14 @@ def load_session(
         model_args, data_args, seed=seed, batch_size=config.per_device_batch_size, accelerator=accelerator
     )
     get_parameters_in_scope(session.unwrapped_model, config.scope)  # an empty scope is refused before any work
-    if config.early_stopping and session.task == "causal-lm":
-        raise DeepCleanError("--early_stopping: watches classification accuracy; causal LMs are not supported.")
+    if config.early_stopping and session.task in GENERATIVE_TASKS:
+        raise DeepCleanError(
+            f"--early_stopping: watches classification accuracy; a {session.task} model has none, expected it off."
+        )
     run_config = concrete_config(
         dataclasses.replace(config, reset=reset),
         base_known=base_config is not None,
-        causal_lm=session.task == "causal-lm",
+        causal_lm=session.task in GENERATIVE_TASKS,
     )
     if run_config.early_stopping and run_config.early_stopping_criterion == "retain_and_mia":
         session.reserve_monitor_rows(MONITOR_ROWS)
