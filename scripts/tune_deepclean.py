@@ -38,6 +38,7 @@ GRID = {
     "no_early_stop": {"early_stopping": False},
     "mia_stop": {"early_stopping": True, "early_stopping_criterion": "retain_and_mia"},
     "frac0.7": {"reset_fraction": 0.7, "max_reset_fraction": 0.7},
+    "stop_tol0": {"early_stopping": True, "early_stopping_tolerance": 0.0},
     "early_stop0.3": {"early_stopping": True, "reset_fraction": 0.3},
     "early_stop0.5": {"early_stopping": True, "reset_fraction": 0.5},
     "frac0.3_epochs4": {"reset_fraction": 0.3, "repair_epochs": 4.0},

@@ -13,7 +13,14 @@ from conftest import build_tiny_vit, make_image_splits
 from datasets import Dataset
 from transformers import get_scheduler
 
-from hf_deepclean.bench.baselines import METHODS, BaselineConfig, UnlearningInputs, ssd_factors, train_from_state
+from hf_deepclean.bench.baselines import (
+    METHODS,
+    BaselineConfig,
+    UnlearningInputs,
+    baseline_rate,
+    ssd_factors,
+    train_from_state,
+)
 from hf_deepclean.bench.benchmark import BenchmarkArguments
 from hf_deepclean.bench.salun_scrub import (
     RandomLabelCollator,
@@ -353,7 +360,7 @@ def _reference_scrub(inputs: UnlearningInputs, config: DeepCleanConfig, baseline
     forget, retain = inputs.loader(inputs.forget, shuffle=True), inputs.loader(inputs.retain, shuffle=True)
     epochs = math.ceil(config.repair_epochs)
     total = epochs * len(retain) + min(baselines.scrub_max_epochs, epochs) * len(forget)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=baselines.baseline_learning_rate, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=baseline_rate(inputs, baselines), weight_decay=0.0)
     scheduler = get_scheduler("linear", optimizer, num_warmup_steps=0, num_training_steps=total)
 
     def kl(batch):
@@ -385,3 +392,11 @@ def test_scrub_matches_a_step_by_step_reference(inputs):
     for name, p in model.named_parameters():
         torch.testing.assert_close(p, expected[name], rtol=1e-4, atol=1e-6)
         assert not torch.equal(p, inputs.model.get_parameter(name))
+
+
+def test_baselines_train_at_the_rate_the_model_was_trained_at(inputs):
+    """A pretrained encoder fine-tuned at 5e-5 is destroyed by a fine-tune at 1e-3: the baselines take the
+    scenario's own rate unless `--baseline_learning_rate` says otherwise."""
+    assert baseline_rate(replace(inputs, training=TrainingSchedule(3, 5e-5)), BaselineConfig()) == 5e-5
+    assert baseline_rate(replace(inputs, training=None), BaselineConfig()) == 1e-3
+    assert baseline_rate(inputs, BaselineConfig(baseline_learning_rate=2e-4)) == 2e-4

@@ -115,13 +115,13 @@ class BaselineConfig:
             "msteps: 2); 0 for min-steps only."
         },
     )
-    baseline_learning_rate: float = field(
-        default=1e-3,
+    baseline_learning_rate: float | None = field(
+        default=None,
         metadata={
-            "help": "finetune, neggrad_plus, salun and scrub: their learning rate when --learning_rate is unset. "
-            "DeepClean's probe does not apply to them: it measures how fast reset weights repair, and a fine-tune of "
-            "a converged model has none, so its retain loss favours barely moving (the probe chooses 3e-5 to 1e-4 "
-            "there)."
+            "help": "finetune, neggrad_plus, salun and scrub: their learning rate when --learning_rate is unset "
+            "(default: the rate the scenario trained the model at, 3e-3 on digits and 5e-5 on the reviews; 1e-3 "
+            "when unknown). DeepClean's probe does not apply to them: it measures how fast reset weights repair, "
+            "and a fine-tune of a converged model has none, so its retain loss favours barely moving."
         },
     )
 
@@ -141,6 +141,8 @@ class BaselineConfig:
             "scrub_max_epochs": (lambda value: isinstance(value, int) and value >= 0, "an integer >= 0"),
             "baseline_learning_rate": positive,
         }
+        if self.baseline_learning_rate is None:
+            del checks["baseline_learning_rate"]
         for name, (accepts, expected) in checks.items():
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not accepts(value):
@@ -258,8 +260,8 @@ def train_from_state(
 
 def finetune(inputs: UnlearningInputs, config: DeepCleanConfig, baselines: BaselineConfig) -> nn.Module:
     """Fine-tune every weight on the retain rows with DeepClean's repair budget and optimizer settings (an unset
-    learning rate is `baselines.baseline_learning_rate`)."""
-    schedule = TrainingSchedule.repair_budget(config, inputs.batch_size, baselines.baseline_learning_rate)
+    learning rate is `baseline_rate(inputs, baselines)`)."""
+    schedule = TrainingSchedule.repair_budget(config, inputs.batch_size, baseline_rate(inputs, baselines))
     return train_from_state(inputs.copy_model(), inputs.retain, inputs, schedule, desc="Finetune")
 
 
@@ -273,7 +275,7 @@ def neggrad_plus(inputs: UnlearningInputs, config: DeepCleanConfig, baselines: B
         if total_steps == 0:
             return accelerator.unwrap_model(model).eval()
         learning_rate = TrainingSchedule.repair_budget(
-            config, inputs.batch_size, baselines.baseline_learning_rate
+            config, inputs.batch_size, baseline_rate(inputs, baselines)
         ).learning_rate
         optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=config.weight_decay)
         scheduler = get_scheduler(
@@ -353,6 +355,14 @@ def fisher_forgetting(inputs: UnlearningInputs, config: DeepCleanConfig, baselin
     return model
 
 
+def baseline_rate(inputs: UnlearningInputs, baselines: BaselineConfig) -> float:
+    """The learning rate of the fine-tuning baselines: `--baseline_learning_rate`, else the rate the model was
+    trained at (a pretrained encoder fine-tuned at 5e-5 is destroyed at 1e-3), else 1e-3."""
+    if baselines.baseline_learning_rate is not None:
+        return baselines.baseline_learning_rate
+    return inputs.training.learning_rate if inputs.training is not None else 1e-3
+
+
 def deepclean(inputs: UnlearningInputs, config: DeepCleanConfig, baselines: BaselineConfig) -> nn.Module:
     """DeepClean with the settings of `config`: the pipeline's `run_deepclean` on a copy of the trained model.
     `reset="base"` resets to `UnlearningInputs.initial_state`, the weights the training started from (a pretrained
@@ -381,7 +391,7 @@ def salun(inputs: UnlearningInputs, config: DeepCleanConfig, baselines: Baseline
     rows = RandomLabelRows(inputs.forget, inputs.retain, classes, inputs.seed)
     collator = RandomLabelCollator(inputs.collator, classes)
     loader = make_dataloader(rows, collator, inputs.batch_size, shuffle=True, seed=inputs.seed)
-    schedule = TrainingSchedule.repair_budget(config, inputs.batch_size, baselines.baseline_learning_rate)
+    schedule = TrainingSchedule.repair_budget(config, inputs.batch_size, baseline_rate(inputs, baselines))
     prepared = accelerator.prepare_model(model, evaluation_mode=True)  # `train_model` wraps it for DDP
     train_model(prepared, loader, accelerator, masks=masks, desc="SalUn", **schedule.optimizer_arguments())
     return accelerator.unwrap_model(prepared).eval()
@@ -394,7 +404,7 @@ def scrub(inputs: UnlearningInputs, config: DeepCleanConfig, baselines: Baseline
     accelerator = inputs.accelerator
     teacher = accelerator.unwrap_model(inputs.model)  # only evaluated: the trained model is the frozen teacher
     num_classes("scrub", teacher)
-    schedule = TrainingSchedule.repair_budget(config, inputs.batch_size, baselines.baseline_learning_rate)
+    schedule = TrainingSchedule.repair_budget(config, inputs.batch_size, baseline_rate(inputs, baselines))
     with transient_preparations(accelerator):  # the student, optimizer and loaders prepared here
         student = accelerator.prepare_model(inputs.copy_model())
         train_scrub(

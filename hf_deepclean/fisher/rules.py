@@ -204,12 +204,36 @@ class BatchNormRule(Rule):
             self.sink.add_per_sample(self.params["bias"], g.reshape(n, channels, -1).sum(-1), 0)
 
 
+# per-sample convolution gradients are squared and summed in chunks of at most this size (and of the memory budget),
+# so that each chunk is still in cache when it is squared
+_CACHE_BYTES = 2**20
+
+
 class Conv2dRule(Rule):
+    """`nn.Conv2d` (any stride, padding, dilation, groups): a sample's weight gradient is `sum_l g_l a_lᵀ` over
+    output positions `l`, with `a_l` the unfolded input patch (`F.unfold`), one batched matrix product per group.
+
+    With one output position (`L == 1`: a feature map reduced to 1x1), `sum_n (g_n a_nᵀ)² = (g²)ᵀ (a²)`, one matrix
+    product that never materialises per-sample gradients; otherwise they are squared and summed in cache-sized
+    chunks bounded by the memory budget."""
+
     min_input_dim = 4  # `[N, C, H, W]`; an unbatched `[C, H, W]` input goes to the exact path
 
     @classmethod
     def applies(cls, module, local_names):
         return module.padding_mode == "zeros" and not isinstance(module.padding, str)
+
+    def _columns(self, x: torch.Tensor) -> torch.Tensor:
+        """The unfolded input `[N, C * kh * kw, L]`, as `F.unfold`; a 1x1 kernel without padding is a strided slice."""
+        conv = self.module
+        if conv.kernel_size == (1, 1) and conv.padding == (0, 0):
+            return x[:, :, :: conv.stride[0], :: conv.stride[1]].flatten(2)
+        (kh, kw), (dh, dw), (ph, pw), (sh, sw) = conv.kernel_size, conv.dilation, conv.padding, conv.stride
+        if (x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh == 0 and (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw == 0:
+            # one output position: its patch is the top-left window of the padded input
+            window = F.pad(x, (pw, pw, ph, ph))[:, :, : dh * (kh - 1) + 1 : dh, : dw * (kw - 1) + 1 : dw]
+            return window.reshape(x.shape[0], -1, 1)
+        return F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
 
     def backward(self, use, grad_outputs):
         (g,) = grad_outputs
@@ -218,17 +242,27 @@ class Conv2dRule(Rule):
         n, groups = x.shape[0], conv.groups
         g = g.float().reshape(n, groups, conv.out_channels // groups, -1)  # [N, G, O/G, L]
         if "weight" in self.params:
-            cols = F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
+            name = self.params["weight"]
+            cols = self._columns(x)
             cols = cols.reshape(n, groups, -1, cols.shape[-1])  # [N, G, C/G * kh * kw, L]
-            per_sample_bytes = 4 * conv.weight.numel()
-            for chunk in chunks(n, per_sample_bytes, self.budget_bytes):
-                if groups == 1:  # one batched matrix product: faster than einsum's general path
-                    grads = torch.bmm(g[chunk, 0], cols[chunk, 0].transpose(1, 2))
-                else:
-                    grads = torch.einsum("ngol,ngkl->ngok", g[chunk], cols[chunk])
-                self.sink.add_per_sample(self.params["weight"], grads.reshape(-1, *conv.weight.shape), chunk.start)
+            if g.shape[-1] == 1 and name not in self.sink.shared:
+                # one output position: sum_n (g_n a_nᵀ)² = (g²)ᵀ (a²), per group
+                squares = torch.bmm(g[..., 0].square().permute(1, 2, 0), cols[..., 0].square().transpose(0, 1))
+                self.sink.add_squares(name, squares.reshape(conv.weight.shape))
+            else:
+                self._per_sample_weight(name, g, cols)
         if "bias" in self.params:
             self.sink.add_per_sample(self.params["bias"], g.sum(-1).reshape(n, -1), 0)
+
+    def _per_sample_weight(self, name: str, g: torch.Tensor, cols: torch.Tensor) -> None:
+        n, groups, length = g.shape[0], g.shape[1], g.shape[-1]
+        shape = self.module.weight.shape
+        for chunk in chunks(n, 4 * shape.numel(), min(self.budget_bytes, _CACHE_BYTES)):
+            size = chunk.stop - chunk.start
+            g_part = g[chunk].reshape(size * groups, -1, length)  # [c * G, O/G, L]
+            cols_part = cols[chunk].reshape(size * groups, -1, length)  # [c * G, K/G, L]
+            grads = torch.bmm(g_part, cols_part.transpose(1, 2))
+            self.sink.add_per_sample(name, grads.reshape(size, *shape), chunk.start)
 
 
 class FunctionalRule(Rule):
