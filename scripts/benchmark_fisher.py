@@ -1,5 +1,7 @@
 """Cost of the Fisher engine against one plain batched forward + backward, a `torch.func` vmap implementation and a
-per-sample loop, on three models. Every ratio in the table comes from this one run.
+per-sample loop, on dense, convolutional, mixture-of-experts and encoder-decoder models. Every ratio in the table comes
+from this one run. (The mixture-of-experts and T5 rows send their routers and experts, and T5's relative-position
+tables, through the engine's exact per-sample path; see docs/fisher-engine.md.)
 
     python scripts/benchmark_fisher.py                       # CPU, 2 threads (this project's machine)
     python scripts/benchmark_fisher.py --device cuda         # a GPU
@@ -30,7 +32,7 @@ import torch  # noqa: E402
 from torch.func import functional_call, grad, vmap  # noqa: E402
 
 
-MODELS = ("mlp-digits", "cnn-digits", "bert-minilm", "gpt2-small")
+MODELS = ("mlp-digits", "cnn-digits", "bert-minilm", "gpt2-small", "mixtral-moe", "t5-small")
 METHODS = ("plain", "engine", "vmap", "loop")
 
 
@@ -40,6 +42,7 @@ class Case:
     description: str
     model: torch.nn.Module
     batches: list[dict[str, torch.Tensor]]
+    shift: bool = True  # token-level logits at t predict label t + 1 (causal LM); an encoder-decoder's predict t
 
 
 class DigitsMLP(torch.nn.Module):
@@ -128,17 +131,72 @@ def build_case(name: str, quick: bool, device: str) -> Case:
             ids = torch.randint(0, config.vocab_size, (size, length), generator=generator)
             batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
         description = f"GPT-2 {layers} layers, hidden {embd}, vocab 50257 tied, length {length}, batch {size}"
+    elif name == "mixtral-moe":
+        from transformers import MixtralConfig, MixtralForCausalLM
+
+        hidden, layers, length, size = (32, 1, 16, 4) if quick else (128, 2, 64, 8)
+        config = MixtralConfig(
+            vocab_size=1000,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            max_position_embeddings=length,
+            attn_implementation="eager",
+        )
+        model = MixtralForCausalLM(config)
+        batches = []
+        for _ in range(num_batches):
+            ids = torch.randint(0, config.vocab_size, (size, length), generator=generator)
+            batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
+        description = (
+            f"Mixtral {layers} layers, hidden {hidden}, 4 experts (top 2), vocab 1000, length {length}, batch {size}"
+        )
+    elif name == "t5-small":
+        from transformers import T5Config, T5ForConditionalGeneration
+
+        d_model, layers, source, target, size = (32, 1, 16, 8, 4) if quick else (128, 2, 64, 16, 16)
+        config = T5Config(
+            vocab_size=1000,
+            d_model=d_model,
+            d_kv=d_model // 4,
+            d_ff=2 * d_model,
+            num_layers=layers,
+            num_heads=4,
+            decoder_start_token_id=0,
+            pad_token_id=0,
+        )
+        model = T5ForConditionalGeneration(config)
+        batches = []
+        for _ in range(num_batches):
+            ids = torch.randint(1, config.vocab_size, (size, source), generator=generator)
+            labels = torch.randint(1, config.vocab_size, (size, target), generator=generator)
+            decoder_ids = model.prepare_decoder_input_ids_from_labels(labels=labels)
+            batches.append(
+                {"input_ids": ids, "attention_mask": torch.ones_like(ids), "decoder_input_ids": decoder_ids}
+                | {"labels": labels}
+            )
+        description = f"T5 {layers}+{layers} layers, d_model {d_model}, source {source}, target {target}, batch {size}"
     else:
         raise SystemExit(f"--models: got {name!r}; expected some of {', '.join(MODELS)}.")
     model = model.to(device).eval()
     batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
-    return Case(name, description, model, batches)
+    return Case(
+        name,
+        description,
+        model,
+        batches,
+        shift=not getattr(getattr(model, "config", None), "is_encoder_decoder", False),
+    )
 
 
-def _log_likelihood(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def _log_likelihood(logits: torch.Tensor, labels: torch.Tensor, shift: bool = True) -> torch.Tensor:
     from hf_deepclean.fisher.engine import sample_log_likelihoods
 
-    return sample_log_likelihoods(logits, labels)
+    return sample_log_likelihoods(logits, labels, shift)
 
 
 def run_plain(case: Case) -> None:
@@ -148,7 +206,7 @@ def run_plain(case: Case) -> None:
     for batch in case.batches:
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         case.model.zero_grad(set_to_none=True)
-        _log_likelihood(case.model(**inputs).logits, batch["labels"]).sum().backward()
+        _log_likelihood(case.model(**inputs).logits, batch["labels"], case.shift).sum().backward()
     case.model.zero_grad(set_to_none=True)
 
 
@@ -165,11 +223,11 @@ def run_loop(case: Case) -> None:
     for batch in case.batches:
         for n in range(batch["labels"].shape[0]):
             sample = {k: v[n : n + 1] for k, v in batch.items()}
-            if "attention_mask" in sample:
+            if "attention_mask" in sample and "decoder_input_ids" not in sample:
                 length = int(sample["attention_mask"][0].nonzero()[-1]) + 1
                 sample = {k: v[:, :length] if v.dim() == 2 else v for k, v in sample.items()}
             labels = sample.pop("labels")
-            value = _log_likelihood(case.model(**sample).logits, labels).sum()
+            value = _log_likelihood(case.model(**sample).logits, labels, case.shift).sum()
             for total, g in zip(sums.values(), torch.autograd.grad(value, list(params.values()))):
                 total.add_(g.square())
 
@@ -182,11 +240,13 @@ def run_vmap(case: Case) -> None:
     def log_likelihood(values, sample):
         sample = {k: v.unsqueeze(0) for k, v in sample.items()}
         labels = sample.pop("labels")
-        return _log_likelihood(functional_call(case.model, values, (), sample).logits, labels).sum()
+        return _log_likelihood(functional_call(case.model, values, (), sample).logits, labels, case.shift).sum()
 
     per_sample = vmap(grad(log_likelihood), in_dims=(None, 0))
     for batch in case.batches:
         batch = dict(batch)
+        if "attention_mask" in batch and not case.shift and bool(batch["attention_mask"].all()):
+            batch.pop("attention_mask")  # unpadded sources: the same as no mask (T5 takes no 4-D one for both stacks)
         if "attention_mask" in batch:
             mask = batch.pop("attention_mask")
             additive = (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
@@ -281,23 +341,32 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|")
     results = []
+    notes = []
     for name in args.models.split(","):
         case = build_case(name, args.quick, args.device)
-        for method in methods:  # warm-up
-            RUNNERS[method](case)
-        times = {method: [] for method in methods}
+        failed = {}
+        for method in methods:  # warm-up; a method that cannot run this model (vmap on data-dependent routing) fails
+            try:
+                RUNNERS[method](case)
+            except Exception as error:  # noqa: BLE001 - reported in the row's note
+                failed[method] = f"{type(error).__name__}: {str(error).splitlines()[0][:80] if str(error) else ''}"
+        ran = [method for method in methods if method not in failed]
+        times = {method: [] for method in ran}
         for _ in range(rounds):
-            for method in methods:
+            for method in ran:
                 times[method].append(timed(RUNNERS[method], case, args.device))
         median = {method: statistics.median(values) for method, values in times.items()}
         memory = {}
         if not args.no_memory:
-            memory = {method: peak_memory_mb(name, method, args) for method in methods}
-        row = {"model": name, "description": case.description, "seconds": median, "peak_mb": memory}
-        row["ratio"] = {method: median[method] / median["plain"] for method in methods}
+            memory = {method: peak_memory_mb(name, method, args) for method in ran}
+        row = {"model": name, "description": case.description, "seconds": median, "peak_mb": memory, "failed": failed}
+        row["ratio"] = {method: median[method] / median["plain"] for method in ran}
+        row["spread"] = {method: (min(v) / median["plain"], max(v) / median["plain"]) for method, v in times.items()}
         results.append(row)
 
         def cell(method, row=row):
+            if method in row["failed"]:
+                return "fails"
             return f"{row['ratio'][method]:.2f}" if method in row["ratio"] else "-"
 
         mem = " / ".join(
@@ -305,7 +374,10 @@ def main() -> None:
         )
         plain = f"{median['plain']:.3f}" if "plain" in median else "-"
         print(f"| {case.description} | {plain} | {cell('engine')} | {cell('vmap')} | {cell('loop')} | {mem} |")
+        notes += [f"- {case.description}: {method} fails ({reason})" for method, reason in failed.items()]
         sys.stdout.flush()
+    if notes:
+        print("\n" + "\n".join(notes))
     if args.json:
         with open(args.json, "w") as handle:
             json.dump({"device": device_name, "torch": torch.__version__, "rounds": rounds, "rows": results}, handle)

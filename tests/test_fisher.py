@@ -455,3 +455,33 @@ def test_grouped_strided_dilated_convolutions_match_brute_force():
     generator = torch.Generator().manual_seed(2)
     batches = [{"pixel_values": torch.randn(5, 4, 9, 9, generator=generator), "labels": torch.tensor([0, 1, 2, 1, 0])}]
     assert_fisher_close(compute_fisher_diagonal(model, batches), brute_force_fisher(model, batches))
+
+
+class _ConvPathsNet(nn.Module):
+    """Each path of the convolution rule: unfolded patches (non-square kernel, stride, padding), a 1x1 kernel as a
+    strided slice, dilation with groups, one output position (`(g²)ᵀ(a²)`), and a shared layer with one output
+    position (its per-sample gradients are stashed)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Conv2d(3, 6, (3, 2), stride=(2, 1), padding=(1, 0))  # 7x7 -> 4x6
+        self.point = nn.Conv2d(6, 6, 1, stride=2, groups=3)  # -> 2x3
+        self.dilated = nn.Conv2d(6, 4, 3, dilation=2, padding=2, groups=2, bias=False)  # -> 2x3
+        self.squeeze = nn.Conv2d(4, 8, 3, stride=4, padding=1, groups=2)  # -> 1x1
+        self.shared = nn.Conv2d(8, 8, (3, 1), padding=(1, 0))  # 1x1 -> 1x1, called twice
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, pixel_values):
+        h = torch.tanh(self.dilated(torch.tanh(self.point(torch.tanh(self.stem(pixel_values))))))
+        h = self.shared(torch.tanh(self.shared(torch.tanh(self.squeeze(h)))))
+        return _Output(self.head(h.flatten(1)))
+
+
+@pytest.mark.parametrize("chunk_memory_mb", [256, 1e-4])
+def test_convolution_rule_paths_match_brute_force(chunk_memory_mb):
+    model = _ConvPathsNet().eval()
+    generator = torch.Generator().manual_seed(3)
+    batches = [{"pixel_values": torch.randn(6, 3, 7, 7, generator=generator), "labels": torch.tensor([0, 1, 2] * 2)}]
+    fisher = compute_fisher_diagonal(model, batches, chunk_memory_mb=chunk_memory_mb)
+    assert_fisher_close(fisher, brute_force_fisher(model, batches))

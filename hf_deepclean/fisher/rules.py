@@ -229,9 +229,8 @@ class Conv2dRule(Rule):
         if conv.kernel_size == (1, 1) and conv.padding == (0, 0):
             return x[:, :, :: conv.stride[0], :: conv.stride[1]].flatten(2)
         (kh, kw), (dh, dw), (ph, pw), (sh, sw) = conv.kernel_size, conv.dilation, conv.padding, conv.stride
-        if (x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh == 0 and (
-            x.shape[3] + 2 * pw - dw * (kw - 1) - 1
-        ) // sw == 0:
+        last_row, last_column = x.shape[2] + 2 * ph - dh * (kh - 1) - 1, x.shape[3] + 2 * pw - dw * (kw - 1) - 1
+        if last_row // sh == 0 and last_column // sw == 0:
             # one output position: its patch is the top-left window of the padded input
             window = F.pad(x, (pw, pw, ph, ph))[:, :, : dh * (kh - 1) + 1 : dh, : dw * (kw - 1) + 1 : dw]
             return window.reshape(x.shape[0], -1, 1)
