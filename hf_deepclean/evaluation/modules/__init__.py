@@ -8,8 +8,10 @@ mia_auc = evaluate.load(metric_path("mia_auc"))
 mia_auc.compute(predictions=losses, references=is_member)
 ```
 
-Each module is a thin `evaluate.Metric` around the functions of `hf_deepclean.evaluation.metrics`, so the numbers are
-the ones the CLI reports.
+Each module is a thin `evaluate.Metric` around the functions of `hf_deepclean.evaluation.metrics` (classifier
+metrics, so the numbers are the ones the CLI reports) or of `hf_deepclean.evaluation.lm_attacks` (the TOFU and MUSE
+metrics of language models: `truth_ratio`, `forget_quality`, `model_utility`, `privleak`), computed from
+per-sample quantities the caller provides (log-probabilities, attack scores, generated answers), no model needed.
 """
 
 from __future__ import annotations
@@ -19,14 +21,14 @@ from pathlib import Path
 from ...errors import DeepCleanError
 
 
-METRIC_NAMES = ("mia_auc", "mia_efficacy", "avg_gap")
+METRIC_NAMES = ("mia_auc", "mia_efficacy", "avg_gap", "truth_ratio", "forget_quality", "model_utility", "privleak")
 
 
 def metric_path(name: str) -> str:
     """Folder of the local `evaluate` module `name`, to pass to `evaluate.load`.
 
     Args:
-        name: one of `mia_auc`, `mia_efficacy`, `avg_gap`.
+        name: one of `METRIC_NAMES`.
 
     Returns:
         The absolute path of the metric's folder inside the installed package.
