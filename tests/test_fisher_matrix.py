@@ -507,3 +507,177 @@ def test_self_check_catches_a_broken_rule():
             accumulate_fisher_sums(model, [_text_batch()], check=True)
     finally:
         RULES.pop(_Doubled)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Later batches that differ from the first: every check holds for each micro-batch, not only for the first
+
+
+class _SometimesReused(nn.Module):
+    """Uses `proj.weight` again through `F.linear`, outside `proj`'s call, only when every sample starts with an even
+    token (the batches below start all odd or all even, so each sample alone takes its batch's branch): the same
+    modules are called, with the same shapes, either way."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 16)
+        self.proj = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, input_ids, attention_mask=None):
+        h = torch.tanh(self.proj(self.embed(input_ids)))
+        if bool((input_ids[:, 0] % 2 == 0).all()):
+            h = torch.tanh(nn.functional.linear(h, self.proj.weight))
+        return _Output(self.head(h.mean(1)))
+
+
+class _SometimesRow(nn.Module):
+    """A position table `[1, T, d]` met by broadcasting on short batches, used through `[0]` on longer ones."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 16)
+        self.positions = nn.Embedding(8, 16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, input_ids, attention_mask=None):
+        table = self.positions(torch.arange(input_ids.shape[1])[None, :])
+        h = self.embed(input_ids)
+        h = torch.tanh(h + table if input_ids.shape[1] < 6 else h * table[0])
+        return _Output(self.head(h.mean(1)))
+
+
+class _Dispatch(nn.Module):
+    """Tokens with an even id go through `expert` as `[k, d]` rows (dispatched, as in a mixture of experts): a batch
+    where `k` equals the number of samples passes every shape check with rows that are tokens, not samples."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, 16)
+        self.expert = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, input_ids, attention_mask=None):
+        h = self.embed(input_ids)
+        chosen = input_ids % 2 == 0
+        h = h.masked_scatter(chosen[..., None], torch.tanh(self.expert(h[chosen])))
+        return _Output(self.head(h.mean(1)))
+
+
+def _ids_batch(ids: list[list[int]], seed: int) -> dict:
+    ids = torch.tensor(ids)
+    labels = torch.randint(0, 3, (ids.shape[0],), generator=torch.Generator().manual_seed(seed))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+LATER_BATCHES = {
+    # the first batch's shapes send the sequence-first layer to the exact path; the second has T == N
+    "sequence-first-then-T-equals-N": (
+        _SequenceFirstEncoder,
+        lambda: [_text_batch(n=3, length=4, seed=1), _text_batch(n=4, length=4, seed=2)],
+        "layer.linear1.weight",
+    ),
+    "parameter-reused-only-later": (
+        _SometimesReused,
+        lambda: [
+            _ids_batch([[3, 4, 5], [7, 8, 9], [9, 10, 11]], 1),
+            _ids_batch([[4, 5, 6], [8, 9, 10], [12, 3, 5]], 2),
+        ],
+        "proj.weight",
+    ),
+    "shared-row-broadcast-then-indexed": (
+        _SometimesRow,
+        lambda: [_text_batch(n=4, length=4, seed=1), _text_batch(n=4, length=7, seed=2)],
+        "positions.weight",
+    ),
+    # 5 even tokens among 3 samples, then 3 even tokens among 3 samples, two of them in the first sample
+    "dispatched-rows-then-k-equals-N": (
+        _Dispatch,
+        lambda: [
+            _ids_batch([[4, 6, 3], [8, 5, 7], [10, 12, 9]], 1),
+            _ids_batch([[4, 6, 3], [8, 5, 7], [9, 11, 13]], 2),
+        ],
+        "expert.weight",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LATER_BATCHES))
+def test_later_batches_that_differ_from_the_first_stay_exact(case):
+    """A later batch takes a branch, shape or dispatch the first did not: the sums over both batches stay exact, and
+    the parameters concerned take the exact path (or, for the shared row, are not expanded over the batch)."""
+    build, batches, concerned = LATER_BATCHES[case]
+    torch.manual_seed(0)
+    model = build().eval()
+    batches = batches()
+    params = dict(model.named_parameters())
+    report = FisherReport()
+    sums, count = accumulate_fisher_sums(model, [dict(b) for b in batches], params=params, report=report)
+    assert count == sum(b["labels"].shape[0] for b in batches)
+    expected = [reference_fisher_sums(model, b, params) for b in batches]
+    errors = relative_errors(sums, {name: sum(e[name] for e in expected) for name in params})
+    assert max(errors.values()) <= RTOL, (errors, report.exact_path)
+    if case != "shared-row-broadcast-then-indexed":
+        assert concerned in report.exact_path, report.exact_path
+
+
+class _OwnParameter(nn.Parameter):
+    """A parameter class of its own (as quantisation libraries have): the engine leaves its class alone."""
+
+
+class _Tagged(torch.Tensor):
+    """Activations of a class of their own with a `__torch_function__`, which sees calls before a parameter's."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+class _TaggedReusedWeight(_ReusedWeight):
+    def forward(self, input_ids, attention_mask=None):
+        h = torch.tanh(self.proj(self.embed(input_ids).as_subclass(_Tagged)))
+        h = torch.tanh(nn.functional.linear(h, self.proj.weight))
+        return _Output(self.head(h.mean(1)).as_subclass(torch.Tensor))
+
+
+def test_tensors_of_their_own_class_are_watched_too():
+    """Activations of a class with its own `__torch_function__` meet the parameters: every call is watched instead,
+    and the weight reused through `F.linear` still takes the exact path."""
+    torch.manual_seed(0)
+    model, batch = _TaggedReusedWeight().eval(), _text_batch()
+    params = dict(model.named_parameters())
+    report = FisherReport()
+    sums, _ = accumulate_fisher_sums(model, [dict(batch)], params=params, report=report)
+    errors = relative_errors(sums, reference_fisher_sums(model, batch, params))
+    assert max(errors.values()) <= RTOL, errors
+    assert "proj.weight" in report.exact_path
+    assert all(type(p) is nn.Parameter for p in model.parameters())
+
+
+def test_parameters_of_their_own_class_are_watched_too():
+    """With a parameter in scope of a class other than `nn.Parameter`, every torch call of the forward pass is
+    watched instead of the parameters alone: the weight reused through `F.linear` still takes the exact path; and
+    every parameter has its own class again afterwards."""
+    model, batch = _build("reused-weight")
+    model.embed.weight = _OwnParameter(model.embed.weight.detach().clone())
+    params = dict(model.named_parameters())
+    classes = {name: type(p) for name, p in params.items()}
+    report = FisherReport()
+    sums, _ = accumulate_fisher_sums(model, [dict(batch)], params=params, report=report)
+    errors = relative_errors(sums, reference_fisher_sums(model, batch, params))
+    assert max(errors.values()) <= RTOL, errors
+    assert "proj.weight" in report.exact_path
+    assert {name: type(p) for name, p in model.named_parameters()} == classes
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "resnet", "reused-weight", "multihead-attention"])
+def test_plain_models_watch_their_parameters_not_every_call(family, monkeypatch):
+    """Parameters of class `nn.Parameter` and plain activations: no `TorchFunctionMode` (which would cost every torch
+    call of every forward pass) is entered."""
+    from hf_deepclean.fisher import layout
+
+    entered = []
+    monkeypatch.setattr(layout.Watch, "__enter__", lambda self: entered.append(self))
+    model, batch = _build(family)
+    accumulate_fisher_sums(model, [dict(batch)])
+    assert not entered

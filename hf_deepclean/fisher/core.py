@@ -17,7 +17,7 @@ from torch.utils import _pytree as pytree
 from ..errors import DeepCleanError, DeepCleanRunError
 from .accumulator import FisherAccumulator
 from .exact import ExactPath
-from .layout import LayoutMonitor, Retry, Watch, per_sample
+from .layout import LayoutMonitor, Retry, per_sample
 from .objectives import backward_batch, prepare_decoder_inputs
 from .rules import EmbeddingRule, ModuleCall, Rule, expand_broadcast, own_parameters, refusal, rule_for
 
@@ -107,12 +107,14 @@ class _FisherEngine:
     Each parameter in scope gets its squared per-sample gradients in one of three ways, decided per micro-batch:
 
     - from its module's rule, when every call of the module is laid out by sample (`Rule.accepts`: `n` leading rows
-      in and out) and, on the first micro-batch that calls it, reversing the samples reverses those rows (a
-      sequence-first `[T, N, d]` tensor with `T == N` fails this); outputs shared by the batch (`[1, ...]`, position
-      embeddings) are expanded to `[N, ...]` as long as they only meet per-sample tensors in elementwise arithmetic;
+      in and out) and, the first time a call of it has a given layout (`layout.layout_key`), a forward pass on the
+      last and first samples gives it those rows of that call (a sequence-first `[T, N, d]` tensor with `T == N` fails
+      this); outputs shared by the batch (`[1, ...]`, position embeddings) are expanded to `[N, ...]` as long as they
+      only meet per-sample tensors in elementwise arithmetic;
     - from the exact path, one forward and backward pass of the whole model per sample, when its module's call is not
-      laid out by sample (OPT's `[N*T, d]` MLP, mixture-of-experts routers and experts, Swin's windows), when it
-      is used outside its module's call (`nn.MultiheadAttention`'s `out_proj`), or when no module call uses it;
+      laid out by sample (OPT's `[N*T, d]` MLP, mixture-of-experts routers and experts, Swin's windows; from the
+      first such call on, for the rest of the computation), when it is used outside its module's call in this
+      micro-batch (`nn.MultiheadAttention`'s `out_proj`), or when no module call uses it;
     - or it is recorded as unused by the data (`unused`), when the exact path finds no gradient for it.
     """
 
@@ -136,7 +138,7 @@ class _FisherEngine:
         self.copy_inputs = False
         self.recording = True
         self.shift = True  # token-level logits at t predict the label at t + 1 (causal LM), not at t (seq2seq)
-        # layout bookkeeping: modules being called now, outputs expanded over the batch, the reverse-order probe
+        # layout bookkeeping: modules being called now, outputs expanded over the batch, the layout probe
         self.layout = LayoutMonitor(
             model, self.sink, self.rules, self.labels, by_id, self.owners, self.module_names, self._to_exact
         )
@@ -171,6 +173,7 @@ class _FisherEngine:
         slots = [i for i, t in enumerate(leaves) if isinstance(t, torch.Tensor) and t.is_floating_point()]
         n = self.sink.batch_size
         inputs = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim() > 0]
+        self.layout.check_classes(inputs + [leaves[i] for i in slots])
         broadcast = (
             n > 1
             and module not in self.layout.no_expand
@@ -189,14 +192,14 @@ class _FisherEngine:
             rule,
         )
         outputs = [expand_broadcast(leaves[i], n) if broadcast else leaves[i] for i in slots]
-        trace = self.layout.trace_for(module)
         if module in self.layout.not_by_sample or not rule.accepts(use, outputs, n):
+            # rows that are not samples here (tokens flattened or dispatched, a sequence-first layout) are not
+            # trusted in a later call whose shapes happen to match either
+            self.layout.not_by_sample.add(module)
             self._to_exact(rule.params.values(), f"{self.labels[module]} is not laid out one row per sample")
-            if trace is not None:
-                trace.append(None)
+            self.layout.record(module, None)
             return None
-        if trace is not None:
-            trace.append(None if broadcast else [t.detach().clone() for t in inputs + outputs])
+        self.layout.record(module, None if broadcast else inputs + outputs)
         saved = pytree.tree_leaves((use.inputs, use.kwargs))
         use.versions = [(t, t._version) for t in saved if isinstance(t, torch.Tensor)]
         self.uses.append(use)
@@ -221,8 +224,7 @@ class _FisherEngine:
                 self.roots.append(tensor)
                 changed = True
             if broadcast:
-                tensor = expand_broadcast(tensor, n)
-                self.layout.expanded[id(tensor)] = (tensor, module)
+                tensor = self.layout.mark_expanded(expand_broadcast(tensor, n), module)
             leaves[i] = tensor
             tensor.register_hook(make_hook(slot))
         return pytree.tree_unflatten(leaves, spec) if changed else None
@@ -257,7 +259,8 @@ class _FisherEngine:
         try:
             for p in grad_flags:
                 p.requires_grad_(False)
-            yield
+            with self.layout.watched_parameters(self.params.values()):
+                yield
         finally:
             for handle in handles:
                 handle.remove()
@@ -285,7 +288,7 @@ class _FisherEngine:
                 self._run_micro_batch(part, labels[start : start + step], fisher_type, seed, first_index + start)
             except Retry:
                 retries += 1
-                if retries > 2 + len(self.layout.no_expand):
+                if retries > 2 + len(self.layout.no_expand) + self.layout.mode:  # the mode: one switch to it
                     raise DeepCleanRunError("Fisher: layer inputs keep changing in place; cannot compute.") from None
                 continue
             finally:
@@ -309,7 +312,7 @@ class _FisherEngine:
         self.layout.trace.clear()
         self.layout.watching = True
         try:
-            with torch.enable_grad(), Watch(self.layout):
+            with torch.enable_grad(), self.layout.watch():
                 logits = self.model(**batch).logits
         finally:
             self.layout.watching = False
