@@ -111,3 +111,22 @@ def test_unlearn_cli_on_cuda(tmp_path, text_model_dir, text_csv_files):
     results = json.loads((output / "deepclean_results.json").read_text())
     assert results["fisher"]["forget_samples"] > 0
     assert (output / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_self_check_passes_under_bf16_autocast_on_cuda(kind):
+    """`--fisher_check` under mixed precision: the engine and the per-sample reference both run in bf16, and their
+    rounding differs; the run's tolerance there (3e-2) must not stop a correct engine, and must still be far below
+    the error of a wrong rule (a factor of 4 on a squared gradient)."""
+    from hf_deepclean.fisher.check import check_fisher_engine
+
+    if kind == "bert":
+        model, tokenizer = build_tiny_bert()
+        batch = text_batches(tokenizer, make_reviews(8, 3), 8)[0]
+    else:
+        model, batch = build_tiny_gpt2(), lm_batches()[0]
+    model = model.cuda().eval()
+    batch = {k: v.cuda() for k, v in batch.items()}
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        result = check_fisher_engine(model, batch, rtol=3e-2)
+    assert result.max_relative_error < 3e-2
