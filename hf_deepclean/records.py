@@ -155,9 +155,6 @@ class FisherRecord:
     unused: list[str] = field(default_factory=list)
 
 
-FISHER_RECORD_FIELDS = frozenset(f.name for f in fields(FisherRecord))
-
-
 @dataclass
 class RepairRecord:
     """The masked repair: steps taken, last loss, whether early stopping ended it, and its learning rate."""
@@ -219,7 +216,7 @@ class UnlearningResults:
             metrics_before=dict(record["metrics"]["before"]),
             metrics_after=dict(record["metrics"]["after"]),
             reset=ResetRecord.from_dict(record["reset"]),
-            fisher=FisherRecord(**{k: v for k, v in record["fisher"].items() if k in FISHER_RECORD_FIELDS}),
+            fisher=FisherRecord(**record["fisher"]),
             repair=RepairRecord(**record["repair"]),
             timings=dict(record["timings"]),
             ratio_histogram=dict(record.get("ratio_histogram") or {}),

@@ -24,7 +24,7 @@ from ..fisher.cache import (
 from ..fisher.engine import fisher_from_sums
 from ..modeling import get_parameters_in_scope
 from ..records import StageTimer
-from .deepclean import fisher_sums_over
+from .deepclean import fisher_check_tolerance, fisher_sums_over
 from .session import DeepCleanSession
 
 
@@ -100,7 +100,7 @@ def compute_fisher_sums(
             seed=fisher_args.seed,
             chunk_memory_mb=config.fisher_chunk_memory_mb,
             check=config.fisher_check,
-            check_rtol=1e-4 if session.accelerator.mixed_precision == "no" else 3e-2,
+            check_rtol=fisher_check_tolerance(session.accelerator),
         )
     fisher_from_sums(sums, count, "Fisher")  # refuses an empty or non-finite result
     info = fisher_cache_info(session, config, None if rows == "retain" else session.data.selection.indices, count)

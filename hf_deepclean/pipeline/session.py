@@ -176,8 +176,7 @@ class DeepCleanSession:
         if label is None or test is None:
             return None
         kept = set(self.data.retain.unique(label))
-        evaluated = subsample(test, self.data_args.max_eval_samples, self.seed)
-        return np.array([value in kept for value in evaluated[label]], dtype=bool)
+        return np.array([value in kept for value in self.evaluated_rows("test")[label]], dtype=bool)
 
     @property
     def unwrapped_model(self) -> nn.Module:
@@ -200,12 +199,17 @@ class DeepCleanSession:
         datasets = {"forget": self.data.forget, "retain": self.data.retain, "test": self.data.test}
         return self.rows().loader(datasets[split], shuffle=shuffle, max_rows=max_rows)
 
+    def evaluated_rows(self, split: str) -> Dataset:
+        """The rows of `split` every evaluation reads, in its order: all forget rows, a seeded sample of at most
+        `--max_eval_samples` retain or held-out rows."""
+        datasets = {"forget": self.data.forget, "retain": self.data.retain, "test": self.data.test}
+        max_rows = None if split == "forget" else self.data_args.max_eval_samples
+        return subsample(datasets[split], max_rows, self.seed)
+
     def evaluation_dataloaders(self) -> dict[str, Any]:
         """The loaders every evaluation reads: forget rows, (a sample of) retain and held-out rows, canaries."""
-        max_rows = self.data_args.max_eval_samples
-        loaders = {"forget": self.dataloader("forget"), "retain": self.dataloader("retain", max_rows=max_rows)}
-        if self.data.test is not None:
-            loaders["test"] = self.dataloader("test", max_rows=max_rows)
+        splits = ["forget", "retain"] + (["test"] if self.data.test is not None else [])
+        loaders = {split: self.rows().loader(self.evaluated_rows(split)) for split in splits}
         if self.canaries is not None:
             canaries = self.canaries.dataset(self.data.columns.text)
             loaders["canaries"] = make_dataloader(canaries, self.data.collator, self.batch_size)

@@ -145,7 +145,7 @@ def load_session(
     run_config = concrete_config(
         dataclasses.replace(config, reset=reset),
         base_known=base_config is not None,
-        causal_lm=session.task in GENERATIVE_TASKS,
+        language_model=session.task in GENERATIVE_TASKS,
     )
     if run_config.early_stopping and run_config.early_stopping_criterion == "retain_and_mia":
         session.reserve_monitor_rows(MONITOR_ROWS)
