@@ -25,7 +25,7 @@ import yaml
 from transformers import HfArgumentParser
 from transformers.hf_argparser import string_to_bool
 
-from .config import ARGUMENT_CLASSES, FISHER_ARGUMENT_CLASSES, PRESETS, DeepCleanConfig, OutputArguments, preset_values
+from .config import ARGUMENT_CLASSES, PRESETS, DeepCleanConfig, OutputArguments, preset_values
 from .errors import DeepCleanError
 
 
@@ -84,8 +84,10 @@ class _ArgumentParser(HfArgumentParser):
 def dataclass_parser(command: str = "unlearn", dataclass_types=None) -> HfArgumentParser:
     """The parser of a command whose arguments are dataclasses (default: those of `unlearn`, or of `fisher`), plus
     `--config` and `--debug`."""
-    if dataclass_types is None:
-        dataclass_types = FISHER_ARGUMENT_CLASSES if command == "fisher" else ARGUMENT_CLASSES
+    if dataclass_types is None and command == "fisher":
+        from .pipeline.fisher_sums import FISHER_ARGUMENT_CLASSES as dataclass_types
+    elif dataclass_types is None:
+        dataclass_types = ARGUMENT_CLASSES
     parser = _ArgumentParser(dataclass_types, prog=f"{PROG} {command}", description=COMMANDS[command])
     for action in parser._actions:
         # `bool | None` fields (None: decided by the run) take a bare flag as `true`, like plain `bool` fields;

@@ -449,40 +449,6 @@ class OutputArguments:
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, DeepCleanConfig, OutputArguments)
 
 
-@dataclass
-class FisherDataArguments(DataArguments):
-    """The data of `hf-deepclean fisher`: as for `unlearn`, but `--forget` is optional (default: every row)."""
-
-    forget_required: ClassVar[bool] = False
-    forget: str | None = field(
-        default=None,
-        metadata={
-            "help": "Sum over these rows of the training split only (a forget specification, as for `unlearn`); "
-            "default: every row, the cache `unlearn --fisher_cache` takes."
-        },
-    )
-
-
-@dataclass
-class FisherOutputArguments:
-    """Where `hf-deepclean fisher` writes the sums."""
-
-    fisher_output: str = field(
-        metadata={"help": "The .safetensors file to write the Fisher sums and their metadata to."}
-    )
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an existing --fisher_output."})
-    seed: int = field(default=42, metadata={"help": "Seed for `random:` row specs and label sampling."})
-
-    def __post_init__(self):
-        if not isinstance(self.fisher_output, str) or not self.fisher_output.endswith(".safetensors"):
-            raise DeepCleanError(
-                f"--fisher_output: got {self.fisher_output!r}; expected a path ending in .safetensors."
-            )
-
-
-FISHER_ARGUMENT_CLASSES = (ModelArguments, FisherDataArguments, DeepCleanConfig, FisherOutputArguments)
-
-
 def arguments_to_dict(*arguments) -> dict[str, Any]:
     """Flatten argument dataclasses into one `{field: value}` dict (the shape of `--config` files)."""
     merged: dict[str, Any] = {}

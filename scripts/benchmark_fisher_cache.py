@@ -28,12 +28,14 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, Value  # noqa: 
 from hf_deepclean.config import (  # noqa: E402
     DataArguments,
     DeepCleanConfig,
-    FisherDataArguments,
-    FisherOutputArguments,
     ModelArguments,
     OutputArguments,
 )
-from hf_deepclean.pipeline.fisher_sums import compute_fisher_sums  # noqa: E402
+from hf_deepclean.pipeline.fisher_sums import (  # noqa: E402
+    FisherDataArguments,
+    FisherOutputArguments,
+    compute_fisher_sums,
+)
 from hf_deepclean.pipeline.unlearn import unlearn  # noqa: E402
 
 

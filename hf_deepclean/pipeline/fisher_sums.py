@@ -4,13 +4,14 @@ cache computed for anything else."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from ..config import DataArguments, DeepCleanConfig, FisherOutputArguments, ModelArguments
+from ..config import DataArguments, DeepCleanConfig, ModelArguments
 from ..data.forget import ForgetSelection
 from ..errors import DeepCleanError
 from ..fisher.cache import (
@@ -26,6 +27,40 @@ from ..modeling import get_parameters_in_scope
 from ..records import StageTimer
 from .deepclean import fisher_check_tolerance, fisher_sums_over
 from .session import DeepCleanSession
+
+
+@dataclass
+class FisherDataArguments(DataArguments):
+    """The data of `hf-deepclean fisher`: as for `unlearn`, but `--forget` is optional (default: every row)."""
+
+    forget_required: ClassVar[bool] = False
+    forget: str | None = field(
+        default=None,
+        metadata={
+            "help": "Sum over these rows of the training split only (a forget specification, as for `unlearn`); "
+            "default: every row, the cache `unlearn --fisher_cache` takes."
+        },
+    )
+
+
+@dataclass
+class FisherOutputArguments:
+    """Where `hf-deepclean fisher` writes the sums."""
+
+    fisher_output: str = field(
+        metadata={"help": "The .safetensors file to write the Fisher sums and their metadata to."}
+    )
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Replace an existing --fisher_output."})
+    seed: int = field(default=42, metadata={"help": "Seed for `random:` row specs and label sampling."})
+
+    def __post_init__(self):
+        if not isinstance(self.fisher_output, str) or not self.fisher_output.endswith(".safetensors"):
+            raise DeepCleanError(
+                f"--fisher_output: got {self.fisher_output!r}; expected a path ending in .safetensors."
+            )
+
+
+FISHER_ARGUMENT_CLASSES = (ModelArguments, FisherDataArguments, DeepCleanConfig, FisherOutputArguments)
 
 
 @dataclass
