@@ -1,4 +1,5 @@
-"""Running sums of squared per-sample gradients, one buffer per parameter in scope, and their memory."""
+"""Running sums of squared per-sample gradients, one buffer per parameter in scope (or, for parameters sharded by
+FSDP2, one block of it per process)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ from collections.abc import Mapping
 
 import torch
 from torch import nn
+
+from ..sharding import local_tensor, row_block
 
 
 class FisherAccumulator:
@@ -36,6 +39,14 @@ class FisherAccumulator:
         # valid length of each sample of the current pass (trailing padding cut), and the padded length
         self.lengths: torch.Tensor | None = None
         self.padded_length = 0
+
+    def results(self) -> dict[str, torch.Tensor]:
+        """The float32 sums, keyed by parameter name, in the layout of the parameters."""
+        return self.sums
+
+    def commit(self) -> None:
+        """Called by the engine once a module call's rule has run and after each backward pass (see
+        `ShardedFisherAccumulator`); nothing to do when the sums are whole."""
 
     def add_squares(self, name: str, squares: torch.Tensor) -> None:
         """Add `sum_n (per-sample gradient)²`, computed by a rule that never materialised the gradients."""
@@ -115,3 +126,50 @@ class FisherAccumulator:
             self.sums[name].index_add_(0, self.tied_keys[name] % self.sums[name].shape[0], cross)
         self.tied_sparse.clear()
         self.tied_dense.clear()
+
+
+class _FullSizeBuffers(dict):
+    """`{name: float32 zeros of the parameter's whole shape}`, made on first use."""
+
+    def __init__(self, shapes: Mapping[str, torch.Size], device: torch.device):
+        super().__init__()
+        self.shapes, self.device = shapes, device
+
+    def __missing__(self, name: str) -> torch.Tensor:
+        self[name] = torch.zeros(self.shapes[name], dtype=torch.float32, device=self.device)
+        return self[name]
+
+
+class ShardedFisherAccumulator(FisherAccumulator):
+    """Fisher sums of parameters sharded by FSDP2: each process keeps only its block of rows of each sum.
+
+    The rules write whole-shape contributions, as for unsharded parameters, into buffers that exist only while one
+    module call's rule runs (or, for shared parameters, until the backward pass ends); `commit` adds this process's
+    rows of them to its block and frees them. Peak memory is the blocks plus one module's whole-shape sums.
+
+    Every process runs every row (the engine then needs no collective of its own, so FSDP's gathers stay in step
+    whatever the data), so each block equals the same rows of the sums one process would compute, bit for bit.
+    """
+
+    def __init__(self, params: Mapping[str, nn.Parameter]):
+        super().__init__({})
+        first = next(iter(params.values()))
+        self.blocks = {name: row_block(p, name) for name, p in params.items()}
+        self.sums = _FullSizeBuffers({name: p.shape for name, p in params.items()}, local_tensor(first).device)
+        self.local = {
+            name: torch.zeros(local_tensor(p).shape, dtype=torch.float32, device=local_tensor(p).device)
+            for name, p in params.items()
+        }
+
+    def results(self) -> dict[str, torch.Tensor]:
+        return self.local
+
+    def commit(self) -> None:
+        for name, whole in self.sums.items():
+            start, stop = self.blocks[name]
+            self.local[name].add_(whole[start:stop])
+        self.sums.clear()
+
+    def flush(self) -> None:
+        super().flush()
+        self.commit()

@@ -15,7 +15,8 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from ..errors import DeepCleanError, DeepCleanRunError
-from .accumulator import FisherAccumulator
+from ..sharding import any_sharded
+from .accumulator import FisherAccumulator, ShardedFisherAccumulator
 from .exact import ExactPath
 from .layout import LayoutMonitor, Retry, per_sample
 from .objectives import backward_batch, prepare_decoder_inputs
@@ -126,7 +127,8 @@ class _FisherEngine:
         missing = [name for name, p in params.items() if id(p) not in model_params]
         if missing:
             raise DeepCleanError(f"--scope: {missing[:3]} are not parameters of the model.")
-        self.sink = FisherAccumulator(params)
+        self.sharded = any_sharded(params)
+        self.sink = ShardedFisherAccumulator(params) if self.sharded else FisherAccumulator(params)
         by_id = {id(p): name for name, p in params.items()}
         self.rules, self.labels, self.module_names, self.owners = _assign_rules(
             model, by_id, self.sink, self.budget_bytes
@@ -241,6 +243,7 @@ class _FisherEngine:
         self.recording = False
         try:
             rule.backward(use, grads)
+            self.sink.commit()
         finally:
             self.recording = True
             grads[:] = [None] * len(grads)
@@ -270,7 +273,7 @@ class _FisherEngine:
     # -- passes ---------------------------------------------------------------------------------------------
 
     def micro_batch_size(self, batch_size: int) -> int:
-        stashed = sum(self.sink.sums[name].numel() for name in self.sink.shared - self.sink.sparse_tied) * 4
+        stashed = sum(self.params[name].numel() for name in self.sink.shared - self.sink.sparse_tied) * 4
         if not stashed:
             return batch_size
         return max(1, min(batch_size, self.budget_bytes // stashed))
@@ -336,6 +339,13 @@ class _FisherEngine:
         params = {name: self.params[name] for name in sorted(self.sink.exact)}
         if not params:
             return
+        if self.sharded:
+            name = next(iter(params))
+            raise DeepCleanError(
+                f"Fisher: {name!r} in module {self.module_names.get(name, '?')} needs the exact per-sample path "
+                f"({self.exact_reasons.get(name, 'no rule')}), which does not run on FSDP-sharded weights; expected "
+                "modules with a per-sample rule, or run without FSDP (data parallel, or --scope adapter)."
+            )
         self.recording = False
         try:
             self.covered |= self.exact_path.run(params, batch, labels, fisher_type, self.shift)

@@ -29,6 +29,7 @@ log-likelihoods it differentiates, and `check.py` the self-check against per-sam
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -58,6 +59,7 @@ __all__ = [
 ]
 
 FisherDiagonal = dict[str, torch.Tensor]
+logger = logging.getLogger(__name__)
 
 
 def _unwrap(model: nn.Module, accelerator: Accelerator | None) -> nn.Module:
@@ -100,7 +102,9 @@ def accumulate_fisher_sums(
     """Sum over samples of the squared per-sample gradient of `log p(y|x)`, and the number of samples.
 
     Under several processes each rank sums over its own rows (`hf_deepclean.distributed.process_shard`: every row
-    once, no repeats), then one SUM reduce gives every rank the global sums and count.
+    once, no repeats), then one SUM reduce gives every rank the global sums and count. With parameters sharded by
+    FSDP2 every rank runs every row instead (the loader must be the same on all of them) and keeps its block of rows
+    of each sum, in the parameter's layout (`hf_deepclean.sharding.row_block`); nothing is reduced.
 
     Args:
         model: the model, or what `accelerator.prepare` returned for it; it is run in eval mode.
@@ -144,7 +148,12 @@ def accumulate_fisher_sums(
     count = 0
     batches = iter(dataloader)
     try:
-        if check:
+        if check and engine.sharded:
+            logger.warning(
+                "Fisher self-check: skipped on FSDP-sharded weights (per-sample autograd would gather every weight); "
+                "the engine's rules are those the check covers on unsharded models."
+            )
+        elif check:
             first = next(batches, None)
             if first is not None:
                 first = {k: v.to(device) for k, v in first.items()}
@@ -164,8 +173,8 @@ def accumulate_fisher_sums(
     if report is not None:
         report.exact_path = {name: engine.exact_reasons[name] for name in sorted(engine.exact_reasons)}
         report.unused = engine.unused()
-    sums = engine.sink.sums
-    if accelerator is not None and accelerator.num_processes > 1:
+    sums = engine.sink.results()
+    if accelerator is not None and accelerator.num_processes > 1 and not engine.sharded:
         sums = accelerator.reduce(sums, reduction="sum")
         count = int(accelerator.reduce(torch.tensor(count, device=accelerator.device), reduction="sum"))
     for name, total in sums.items():

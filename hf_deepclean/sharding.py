@@ -1,0 +1,83 @@
+"""Parameters sharded by FSDP2 (`torch.distributed.fsdp.fully_shard`): which block of a tensor this process holds.
+
+FSDP2 stores each parameter as a `DTensor` split along its first axis into one block per process, as `torch.chunk`
+splits it: blocks of `ceil(rows / world)` rows, the last ones shorter or empty. DeepClean's per-element state (Fisher
+sums, ratios, masks) follows the same layout, so that each process keeps only the block of the parameters it owns.
+Any other layout (tensor parallelism, a 2-D mesh, a `Shard(1)` placement) is refused rather than guessed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+from torch.distributed.tensor import DTensor, Shard
+
+from .errors import DeepCleanError
+
+
+def is_sharded(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` is a distributed tensor (an FSDP2 parameter or gradient) rather than a whole local one."""
+    return isinstance(tensor, DTensor)
+
+
+def any_sharded(params: Mapping[str, torch.Tensor]) -> bool:
+    """Whether any of `params` is sharded; a mix of sharded and whole parameters is handled per parameter."""
+    return any(is_sharded(p) for p in params.values())
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's block of a sharded tensor (a view of its storage), or the tensor itself."""
+    return tensor.to_local() if is_sharded(tensor) else tensor
+
+
+def row_block(tensor: torch.Tensor, name: str = "parameter") -> tuple[int, int]:
+    """`(start, stop)`: the rows along the first axis that this process holds of `tensor` (all of them if whole).
+
+    Raises:
+        DeepCleanError: for a layout other than FSDP2's one-axis `Shard(0)` on a one-dimensional mesh.
+    """
+    if not is_sharded(tensor):
+        return 0, tensor.shape[0] if tensor.dim() else 1
+    mesh, placements = tensor.device_mesh, tensor.placements
+    if mesh.ndim != 1 or len(placements) != 1 or placements[0] != Shard(0):
+        raise DeepCleanError(
+            f"FSDP: {name!r} is laid out as {placements} on a {mesh.ndim}-D mesh; expected FSDP2's Shard(0) on one "
+            "axis (fully_shard without tensor parallelism or HSDP)."
+        )
+    rows, world, rank = tensor.shape[0], mesh.size(), mesh.get_local_rank()
+    chunk = math.ceil(rows / world)
+    start, stop = min(rank * chunk, rows), min((rank + 1) * chunk, rows)
+    held = tensor.to_local().shape
+    if tuple(held) != (stop - start, *tensor.shape[1:]):
+        raise DeepCleanError(
+            f"FSDP: {name!r} holds a block of shape {tuple(held)} on process {rank}; expected rows {start}:{stop} of "
+            f"{tuple(tensor.shape)} (torch.chunk layout over {world} processes)."
+        )
+    return start, stop
+
+
+def shard_model(model: torch.nn.Module, *, wrap: tuple[str, ...] | None = None, reshard_after_forward: bool = True):
+    """Shard `model` in place with FSDP2 (`fully_shard`) over the default process group: one unit per module whose
+    class is named in `wrap` (default: the model's `_no_split_modules`, its transformer blocks), then the root.
+
+    Returns:
+        The model (now an `FSDPModule`, its parameters `DTensor`s split by rows across processes).
+
+    Raises:
+        DeepCleanError: if no module of the model has a class named in `wrap`.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    names = tuple(wrap if wrap is not None else getattr(model, "_no_split_modules", None) or ())
+    units = [module for module in model.modules() if type(module).__name__ in names and module is not model]
+    if not units:
+        raise DeepCleanError(
+            f"FSDP: no module of {type(model).__name__} has a class in {list(names)}; expected the names of its "
+            "transformer blocks (fsdp_transformer_layer_cls_to_wrap)."
+        )
+    for module in units:
+        fully_shard(module, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, reshard_after_forward=reshard_after_forward)
+    return model
