@@ -26,7 +26,7 @@ def fisher_blocks(tmp_path_factory):
 
 
 def test_sharded_fisher_blocks_equal_the_unsharded_sums(fisher_blocks):
-    for rank, tensors in enumerate(fisher_blocks):
+    for tensors in fisher_blocks:
         blocks = {k: v for k, v in tensors.items() if ".block." in k}
         assert len(blocks) == 57  # every parameter of both models
         for key, block in blocks.items():
