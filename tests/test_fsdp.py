@@ -40,6 +40,56 @@ def test_sharded_fisher_blocks_equal_the_unsharded_sums(fisher_blocks):
     assert float(fisher_blocks[1]["gpt2.block.transformer.wte.weight"].sum()) > 0
 
 
+def _brute_top_k(tensors: list[torch.Tensor], k: int) -> list[torch.Tensor]:
+    """The k largest positive elements, ties by index in the concatenation: a sort, for the check."""
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    order = sorted(range(len(flat)), key=lambda i: (-float(flat[i]), i))
+    chosen = torch.zeros(len(flat), dtype=torch.bool)
+    chosen[[i for i in order[:k] if flat[i] > 0]] = True
+    return [part.view(t.shape) for part, t in zip(chosen.split([t.numel() for t in tensors]), tensors, strict=True)]
+
+
+def test_top_k_on_row_blocks_of_two_processes_equals_one_sort(fisher_blocks):
+    from fsdp_worker import SELECTIONS, selection_tensors
+
+    tensors = selection_tensors()
+    for key, (groups, ks) in SELECTIONS.items():
+        expected = []
+        for group, k in enumerate(ks):
+            members = [t for t, g in zip(tensors, groups, strict=True) if g == group]
+            expected += _brute_top_k(members, k)
+        for i in range(len(tensors)):
+            if i == len(tensors) - 1:  # held whole by both processes: both masks are the whole mask
+                assert torch.equal(fisher_blocks[0][f"select.{key}.{i}"], expected[i])
+                assert torch.equal(fisher_blocks[1][f"select.{key}.{i}"], expected[i])
+                continue
+            mask = torch.cat([fisher_blocks[rank][f"select.{key}.{i}"] for rank in range(2)])
+            assert torch.equal(mask, expected[i]), (key, i)
+        # ties at the threshold are many: the selection takes exactly k of them (or every positive element)
+        total = sum(int(fisher_blocks[0][f"select.{key}.{i}"].sum()) for i in range(len(tensors)))
+        total += sum(int(fisher_blocks[1][f"select.{key}.{i}"].sum()) for i in range(len(tensors) - 1))
+        assert total == sum(
+            min(k, sum(int((t > 0).sum()) for t, g in zip(tensors, groups) if g == group))
+            for group, k in enumerate(ks)
+        )
+
+
+def test_top_k_one_process_matches_a_sort_with_ties():
+    from hf_deepclean.unlearning.top_k import Block, top_k_masks
+
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        tensors = [
+            torch.randint(0, 5, (int(torch.randint(1, 6, (1,), generator=generator)), 3), generator=generator).float()
+            * 10.0 ** int(torch.randint(-3, 3, (1,), generator=generator))
+            for _ in range(3)
+        ]
+        k = int(torch.randint(0, sum(t.numel() for t in tensors) + 3, (1,), generator=generator))
+        masks = top_k_masks([Block(t) for t in tensors], [k])
+        for mask, expected in zip(masks, _brute_top_k(tensors, k), strict=True):
+            assert torch.equal(mask, expected)
+
+
 def test_whole_tensors_are_one_block():
     weight = torch.zeros(5, 3)
     assert row_block(weight) == (0, 5)
