@@ -81,3 +81,33 @@ def shard_model(model: torch.nn.Module, *, wrap: tuple[str, ...] | None = None, 
         fully_shard(module, reshard_after_forward=reshard_after_forward)
     fully_shard(model, reshard_after_forward=reshard_after_forward)
     return model
+
+
+def like_parameter(block: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """`block` (this process's rows, e.g. a mask) in the layout of `param`: a `DTensor` split as `param` is when
+    `param` is sharded, so that it combines elementwise with the parameter and its gradient; else `block` itself."""
+    if not is_sharded(param):
+        return block
+    return DTensor.from_local(block, param.device_mesh, param.placements, shape=param.shape, stride=param.stride())
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The whole weights of a model sharded by FSDP2, gathered on the CPU of the main process (the others get an
+    empty dict: a collective, every process calls it); a model that is not sharded gives its own `state_dict()`."""
+    if not any(is_sharded(p) for p in model.parameters()):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def any_process(flags: Mapping[str, bool]) -> dict[str, bool]:
+    """`{name: flag}` made true wherever any process's flag is (one `all_reduce`), so that every process decides
+    alike from its own blocks (which parameters train, say); unchanged on one process."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1) or not flags:
+        return dict(flags)
+    values = torch.tensor([int(flag) for flag in flags.values()], dtype=torch.int64)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return {name: bool(value) for name, value in zip(flags, values.tolist(), strict=True)}

@@ -12,13 +12,55 @@ import sys
 
 import torch
 import torch.distributed as dist
-from conftest import build_tiny_bert, build_tiny_gpt2
+from conftest import build_tiny_bert, build_tiny_gpt2, make_reviews
 from fisher_worker import review_loader, token_loader
 from safetensors.torch import save_file
 
 from hf_deepclean.fisher.engine import accumulate_fisher_sums
-from hf_deepclean.sharding import row_block, shard_model
+from hf_deepclean.sharding import full_state_dict, is_sharded, local_tensor, row_block, shard_model
+from hf_deepclean.unlearning.selection import compute_fisher_ratio
 from hf_deepclean.unlearning.top_k import Block, top_k_masks
+from hf_deepclean.unlearning.training import train_model
+
+
+def clean_tiny_bert(accelerator, sharded: bool, batch_size: int) -> tuple[dict, dict, dict]:
+    """DeepClean's steps on a tiny BERT, from the library's functions: Fisher sums of 4 forget and 12 retain
+    reviews (every process runs every row), the top 30% of ratios, zero reset, two masked repair epochs.
+
+    Returns:
+        `(original, cleaned, masks)`: whole state dicts before and after, and the whole masks (on every process).
+    """
+    from datasets import Dataset
+
+    model, tokenizer = build_tiny_bert()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    if sharded:
+        shard_model(model, wrap=("BertLayer",))
+    rows = Dataset.from_list(make_reviews(16, seed=2))
+    forget, retain = rows.select(range(4)), rows.select(range(4, 16))
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    forget_sums, _ = accumulate_fisher_sums(model, review_loader(tokenizer, forget), params=params)
+    retain_sums, _ = accumulate_fisher_sums(model, review_loader(tokenizer, retain), params=params)
+    ratios = compute_fisher_ratio(forget_sums, retain_sums)
+    total = sum(p.numel() for p in params.values())
+    blocks = [Block(ratios[name], replicated=not is_sharded(p)) for name, p in params.items()]
+    masks = dict(zip(params, top_k_masks(blocks, [round(0.3 * total)]), strict=True))
+    with torch.no_grad():
+        for name, p in params.items():
+            local_tensor(p)[masks[name]] = 0
+    train_model(
+        model, review_loader(tokenizer, retain, batch_size), accelerator, epochs=2, learning_rate=1e-3, masks=masks
+    )
+    cleaned = full_state_dict(model)
+    whole_masks = {}
+    for name, p in params.items():
+        if is_sharded(p):
+            parts = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, masks[name])
+            whole_masks[name] = torch.cat(parts)
+        else:
+            whole_masks[name] = masks[name]
+    return original, cleaned, whole_masks
 
 
 def selection_tensors() -> list[torch.Tensor]:
@@ -74,6 +116,11 @@ def main(output: str) -> None:
         for name, value in fisher_blocks(build, loader, fisher_type, wrap).items():
             tensors[f"{key}.{name}"] = value
     tensors.update(selection_masks(dist.get_world_size(), rank))
+    from accelerate import Accelerator
+
+    _, cleaned, masks = clean_tiny_bert(Accelerator(cpu=True), sharded=True, batch_size=2)
+    tensors.update({f"cleaned.{k}": v.contiguous() for k, v in cleaned.items()})
+    tensors.update({f"mask.{k}": v.contiguous() for k, v in masks.items()})
     save_file(tensors, f"{output}.rank{rank}.safetensors")
     dist.barrier()
     dist.destroy_process_group()

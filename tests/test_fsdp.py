@@ -90,6 +90,28 @@ def test_top_k_one_process_matches_a_sort_with_ties():
             assert torch.equal(mask, expected)
 
 
+def test_masked_repair_under_fsdp_equals_one_process(fisher_blocks):
+    """The library's steps (Fisher, top 30%, zero reset, masked repair) on a tiny BERT sharded over two processes,
+    per-process batch 2, against one unsharded process with batch 4: the same masks, unselected weights exactly
+    the original, cleaned weights equal to float tolerance, written whole by the main process only."""
+    from accelerate import Accelerator
+    from fsdp_worker import clean_tiny_bert
+
+    original, expected, masks = clean_tiny_bert(Accelerator(cpu=True), sharded=False, batch_size=4)
+    main, other = fisher_blocks
+    assert not any(k.startswith("cleaned.") for k in other)  # the whole weights are gathered on the main process
+    cleaned = {k.removeprefix("cleaned."): v for k, v in main.items() if k.startswith("cleaned.")}
+    assert set(cleaned) == set(expected)
+    selected = 0
+    for name, mask in masks.items():
+        assert torch.equal(main[f"mask.{name}"], mask), name
+        assert torch.equal(cleaned[name][~mask], original[name][~mask]), name
+        selected += int(mask.sum())
+    assert selected > 0 and sum(int((cleaned[n] != original[n]).sum()) for n in masks) > 0.9 * selected
+    for name, value in expected.items():
+        torch.testing.assert_close(cleaned[name], value, rtol=1e-5, atol=1e-6)
+
+
 def test_whole_tensors_are_one_block():
     weight = torch.zeros(5, 3)
     assert row_block(weight) == (0, 5)

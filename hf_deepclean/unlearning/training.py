@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 
 from ..distributed import transient_preparations
+from ..sharding import any_process, any_sharded, like_parameter, local_tensor
 
 
 if TYPE_CHECKING:
@@ -55,6 +56,8 @@ def train_model(
     masks: Mapping[str, torch.Tensor] | None = None,
     should_stop: Callable[[int], bool] | None = None,
     desc: str = "Train",
+    ascent_dataloader: DataLoader | None = None,
+    ascent_weight: float = 0.0,
 ) -> dict[str, float]:
     """Train `model` with AdamW for `epochs` passes over `dataloader` (fractions of an epoch allowed).
 
@@ -68,6 +71,10 @@ def train_model(
             `True` elements change.
         should_stop: called with the number of steps taken after every optimizer step; training ends early when
             it returns True (early stopping). The model is in train mode again when it returns.
+        ascent_dataloader: with `ascent_weight > 0`, rows whose loss every step ascends (a plain DataLoader,
+            cycled): the step minimises `loss(batch) - ascent_weight * loss(ascent batch)`, one batch of each
+            (DeepClean's forget-ascent variant, `--forget_ascent_weight`). Masks apply to both gradients.
+        ascent_weight: the weight of the ascent term (0: plain training).
 
     Returns:
         `{"steps": ..., "final_loss": ..., "stopped_early": ...}` (`final_loss` is `None` when no step was taken).
@@ -78,8 +85,13 @@ def train_model(
         if masks is None:
             trainable = {name: p for name, p in named.items() if p.requires_grad}
         else:
-            trainable = {name: named[name] for name, mask in masks.items() if bool(mask.any())}
+            selected = {name: bool(mask.any()) for name, mask in masks.items()}
+            if any_sharded(named):  # masks hold this process's rows: a parameter trains if any process selected in it
+                selected = any_process(selected)
+            trainable = {name: named[name] for name, chosen in selected.items() if chosen}
         dataloader = accelerator.prepare(dataloader)  # each process its shard of every global batch (a DataLoader)
+        ascent = accelerator.prepare(ascent_dataloader) if ascent_dataloader is not None and ascent_weight else None
+        ascent_batches = iter(())
         total_steps = math.ceil(epochs * len(dataloader))
         if total_steps == 0 or not trainable:
             return {"steps": 0, "final_loss": None, "stopped_early": False}
@@ -91,16 +103,21 @@ def train_model(
             if key in unwrapped.__dict__
         }
         hooks, anchors, device_masks = [], {}, {}
+        # FSDP2 (`hf_deepclean.sharding`): the model already splits its weights and averages gradients across
+        # processes; its sharded gradients are masked before each step instead of by a hook
+        sharded = any_sharded(trainable)
         for name, p in named.items():
             p.requires_grad_(name in trainable)
         if masks is not None:
             for name, p in trainable.items():
-                mask = masks[name].to(p.device)
+                # under FSDP a mask holds this process's rows, and becomes a DTensor split as the parameter is
+                mask = like_parameter(masks[name].to(local_tensor(p).device), p)
                 device_masks[name] = mask
                 anchors[name] = p.detach().clone()
-                # a tensor hook runs before DDP averages the gradient: every process averages masked gradients
-                hooks.append(p.register_hook(lambda grad, mask=mask: grad * mask))
-        if accelerator.num_processes > 1:
+                if not sharded:
+                    # a tensor hook runs before DDP averages the gradient: every process averages masked gradients
+                    hooks.append(p.register_hook(lambda grad, mask=mask: grad * mask))
+        if accelerator.num_processes > 1 and not sharded:
             # DDP over exactly the trainable parameters (those with requires_grad when it is built). Accelerate returns
             # a module it prepared before (for evaluation) unchanged, so its mark is lifted for this preparation.
             unwrapped.__dict__.pop("_is_accelerate_prepared", None)
@@ -124,7 +141,22 @@ def train_model(
             while step < total_steps:
                 for batch in dataloader:
                     loss = model(**batch).loss
-                    accelerator.backward(loss)
+                    if ascent is None:
+                        accelerator.backward(loss)
+                    else:
+                        # two backward passes, gradients summed locally and averaged across processes once, by the
+                        # second (DDP refuses two forward passes before one backward)
+                        with accelerator.no_sync(model):
+                            accelerator.backward(loss)
+                        ascent_batch = next(ascent_batches, None)
+                        if ascent_batch is None:  # cycle the ascent rows
+                            ascent_batches = iter(ascent)
+                            ascent_batch = next(ascent_batches)
+                        accelerator.backward(-ascent_weight * model(**ascent_batch).loss)
+                    if sharded and device_masks:
+                        for name, mask in device_masks.items():
+                            if trainable[name].grad is not None:
+                                trainable[name].grad.mul_(mask)
                     if max_grad_norm:
                         accelerator.clip_grad_norm_(list(trainable.values()), max_grad_norm)
                     optimizer.step()
