@@ -120,3 +120,29 @@ def test_whole_tensors_are_one_block():
 def test_shard_model_refuses_a_model_without_the_named_blocks():
     with pytest.raises(DeepCleanError, match="no module of Linear has a class in"):
         shard_model(torch.nn.Linear(2, 2), wrap=("BertLayer",))
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
+        {"gamma": 3.0, "reset_fraction": None},
+        {"gamma": 0.5, "reset_fraction": None, "max_reset_fraction": 0.1},
+        {"gamma": None, "reset_fraction": 0.3},
+        {"gamma": None, "reset_fraction": 0.3, "selection_scope": "per_parameter"},
+        {"gamma": None, "reset_fraction": 0.4, "selection_scope": "per_parameter", "max_reset_fraction": 0.2},
+    ],
+)
+def test_block_selection_on_one_process_is_select_weights_to_reset(rule):
+    """Without ties (continuous ratios, some zero), the block rules select what the library's selection does."""
+    from hf_deepclean.unlearning.selection import select_weights_to_reset
+    from hf_deepclean.unlearning.top_k import select_blocks
+
+    generator = torch.Generator().manual_seed(4)
+    shapes = {"a": (4, 5), "b": (7,), "c": (3, 2, 2)}
+    ratios = {n: torch.rand(s, generator=generator) ** 3 * 10 for n, s in shapes.items()}
+    ratios["b"][:3] = 0
+    expected = select_weights_to_reset(ratios, **rule)
+    got = select_blocks(ratios, ratios, **rule)
+    for name in shapes:
+        assert torch.equal(got[name], expected[name]), name
+    assert sum(int(m.sum()) for m in got.values()) > 0

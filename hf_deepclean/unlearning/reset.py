@@ -11,6 +11,7 @@ from torch import nn
 
 from ..config import RESET_VALUES
 from ..errors import DeepCleanError
+from ..sharding import any_process, any_sharded, is_sharded, local_tensor, row_block
 
 
 # Plain logging: these functions are pure tensor code, callable without an Accelerate state.
@@ -36,9 +37,18 @@ def initial_values(model: nn.Module, names: list[str], seed: int) -> dict[str, t
         fresh = _adapter_initial_values(model, wanted)
         rest = [name for name in names if name not in fresh]
         if rest:
-            fresh_params = dict(type(model)(model.config).named_parameters())
+            fresh_params = dict(_unsharded_class(model)(model.config).named_parameters())
             fresh.update({name: fresh_params[name].detach() for name in rest})
     return {name: fresh[name].to(dtype=dict(model.named_parameters())[name].dtype) for name in names}
+
+
+def _unsharded_class(model: nn.Module) -> type:
+    """The model's own class: FSDP2 gives a sharded model a subclass of it and `FSDPModule`."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, FSDPModule):
+        return next(base for base in type(model).__bases__ if base is not FSDPModule)
+    return type(model)
 
 
 def _adapter_initial_values(model: nn.Module, wanted: set[str]) -> dict[str, torch.Tensor]:
@@ -112,7 +122,10 @@ def reset_selected_weights(
     if reset == "base" and base_values is None:
         raise DeepCleanError("--reset: got 'base' without base values; expected --base_model_name_or_path.")
     params = dict(model.named_parameters())
-    names = [name for name, mask in masks.items() if bool(mask.any())]
+    selected = {name: bool(mask.any()) for name, mask in masks.items()}
+    if any_sharded(params):  # masks of FSDP-sharded weights hold this process's rows: agree on the names
+        selected = any_process(selected)
+    names = [name for name, chosen in selected.items() if chosen]
     fallback: list[str] = []
     if reset == "base":
         fallback = [
@@ -138,13 +151,16 @@ def reset_selected_weights(
     fallback_names = set(fallback)
     with torch.no_grad():
         for name in names:
-            param, mask = params[name], masks[name].to(params[name].device)
+            # a parameter sharded by FSDP2 changes in this process's rows only (`hf_deepclean.sharding`)
+            param = local_tensor(params[name])
+            mask = masks[name].to(param.device)
             if reset == "zero":
                 replacement = torch.zeros_like(param)
-            elif reset == "init" or name in fallback_names:
-                replacement = fresh[name]
             else:
-                replacement = base_values[name]
+                replacement = fresh[name] if reset == "init" or name in fallback_names else base_values[name]
+                if is_sharded(params[name]):
+                    start, stop = row_block(params[name], name)
+                    replacement = replacement[start:stop]
             replacement = replacement.to(param.device, param.dtype)
             param.copy_(torch.where(mask, replacement, param))
     return fallback
