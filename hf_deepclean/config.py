@@ -23,7 +23,8 @@ from .validation import check_choice, check_fraction, check_positive
 TASKS = ("text-classification", "image-classification", "causal-lm", "seq2seq-lm")
 # the tasks whose model generates text: no class accuracy, language-model metrics
 GENERATIVE_TASKS = ("causal-lm", "seq2seq-lm")
-SELECTION_SCOPES = ("global", "per_parameter")
+SELECTION_SCOPES = ("global", "per_parameter", "per_layer")
+SELECTION_WEIGHTINGS = ("none", "movement")
 EARLY_STOPPING_CRITERIA = ("retain", "retain_and_mia")
 # what selected elements become; `auto` is decided by the run (`base` when the base model is known, else `init`)
 RESET_VALUES = ("init", "zero", "base")
@@ -282,28 +283,47 @@ class DeepCleanConfig:
     per_device_batch_size: int = field(
         default=32, metadata={"help": "Batch size per process for the Fisher passes, repair and evaluation."}
     )
+    # per_parameter rather than global: ahead on the mean of all three digits tuning scenarios, though within their
+    # spread (docs/decisions.md, 2026-12-06)
     selection_scope: str = field(
-        default="global",
+        default="per_parameter",
         metadata={
             "help": "With --reset_fraction: rank elements over the whole model (`global`) or reset the top share of "
-            "every parameter tensor (`per_parameter`).",
+            "every parameter tensor (`per_parameter`) or layer (`per_layer`).",
             "choices": SELECTION_SCOPES,
         },
+    )
+    selection_weighting: str = field(
+        default="none",
+        metadata={
+            "help": "`movement`: rank by Fisher ratio x |θ - θ_start|, θ_start the base model's values (needed).",
+            "choices": SELECTION_WEIGHTINGS,
+        },
+    )
+    min_movement_quantile: float = field(
+        default=0.0,
+        metadata={"help": "Select only elements whose |θ - θ_start| reaches this quantile of their tensor's."},
+    )
+    forget_ascent_weight: float = field(
+        default=0.0, metadata={"help": "DeepClean with forget ascent: repair on L_retain - w L_forget (w = this)."}
+    )
+    base_reset_learning_rate: float | None = field(
+        default=None, metadata={"help": "After a reset to a base model, repair at this rate instead of probing."}
     )
     early_stopping: bool | None = field(
         default=None,
         metadata={
             "help": "Stop the repair early once --early_stopping_criterion holds (checked 4 times per epoch on "
-            "samples of 256 rows). Default: on for classifiers, off for causal LMs (not supported there)."
+            "samples of 256 rows). Default: on for classifiers, off for language models (retain perplexity)."
         },
     )
     early_stopping_criterion: str = field(
         default="retain",
         metadata={
-            "help": "What ends the repair early: `retain` (retain accuracy recovered: repair no further than the "
-            "original model) or `retain_and_mia` (also: a loss attack no longer tells forget rows from held-out rows; "
-            "needs a held-out split, of which 256 rows are set aside for the check and left out of the reported "
-            "figures).",
+            "help": "What ends the repair early: `retain` (retain accuracy recovered, or for a language model retain "
+            "perplexity: repair no further than the original model) or `retain_and_mia` (also: a loss attack no "
+            "longer tells forget rows from held-out rows; needs a held-out split, of which 256 rows are set aside for "
+            "the check and left out of the reported figures).",
             "choices": EARLY_STOPPING_CRITERIA,
         },
     )
@@ -312,6 +332,10 @@ class DeepCleanConfig:
     early_stopping_tolerance: float = field(
         default=0.0,
         metadata={"help": "Retain accuracy counts as recovered within this distance of the original model's."},
+    )
+    early_stopping_perplexity_tolerance: float = field(
+        default=0.02,
+        metadata={"help": "LMs: retain perplexity counts as recovered up to this relative rise over the original's."},
     )
     max_accuracy_drop: float = field(
         default=0.02,
@@ -352,8 +376,14 @@ class DeepCleanConfig:
                 f"--per_device_batch_size: got {self.per_device_batch_size!r}; expected a positive integer."
             )
         check_choice("selection_scope", self.selection_scope, SELECTION_SCOPES)
+        check_choice("selection_weighting", self.selection_weighting, SELECTION_WEIGHTINGS)
+        if not (isinstance(self.min_movement_quantile, int | float) and 0 <= self.min_movement_quantile < 1):
+            raise DeepCleanError(f"--min_movement_quantile: got {self.min_movement_quantile!r}; expected [0, 1).")
+        check_positive("forget_ascent_weight", self.forget_ascent_weight, allow_zero=True)
+        check_positive("base_reset_learning_rate", self.base_reset_learning_rate)
         check_choice("early_stopping_criterion", self.early_stopping_criterion, EARLY_STOPPING_CRITERIA)
-        check_positive("early_stopping_tolerance", self.early_stopping_tolerance, allow_zero=True)
+        for name in ("early_stopping_tolerance", "early_stopping_perplexity_tolerance"):
+            check_positive(name, getattr(self, name), allow_zero=True)
         if self.early_stopping is not None and not isinstance(self.early_stopping, bool):
             raise DeepCleanError(f"--early_stopping: got {self.early_stopping!r}; expected true or false.")
         check_fraction("max_accuracy_drop", self.max_accuracy_drop)
@@ -426,6 +456,11 @@ class OutputArguments:
     hub_revision: str | None = field(
         default=None, metadata={"help": "Branch to push to (created from `main` when missing; default: `main`)."}
     )
+    reference_model: str | None = field(
+        default=None,
+        metadata={"help": "A model retrained without the forget rows (Hub id or folder) that the card compares with."},
+    )
+    reference_revision: str = field(default="main", metadata={"help": "Branch, tag or commit of --reference_model."})
 
     def __post_init__(self):
         if not isinstance(self.output_dir, str) or not self.output_dir.strip():
@@ -439,6 +474,8 @@ class OutputArguments:
                 raise DeepCleanError(
                     f"--hub_model_id: got {self.hub_model_id!r}; expected a Hub repository id such as my-org/my-model."
                 ) from None
+        if self.reference_model is not None and not str(self.reference_model).strip():
+            raise DeepCleanError(f"--reference_model: got {self.reference_model!r}; expected a Hub id or a folder.")
         if self.push_to_hub and self.hub_model_id is None:
             raise DeepCleanError("--hub_model_id: got None; expected ORG/NAME when --push_to_hub is set.")
         revision = self.hub_revision

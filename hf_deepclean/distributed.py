@@ -2,36 +2,103 @@
 process speaks, and how a multi-process run ends.
 
 Every command (`unlearn`, `fisher`, `evaluate`, `benchmark`) takes its Accelerator from `default_accelerator()`, so
-the same command runs unchanged under `python`, `torchrun` and `accelerate launch`. DeepClean works on whole
-replicas of the model (data parallelism): each process holds every weight, sums Fisher diagonals over its shard of
-the rows, and one reduce gives all of them the same sums, hence the same selection.
+the same command runs unchanged under `python`, `torchrun` and `accelerate launch`. Under data parallelism each
+process holds every weight, sums Fisher diagonals over its shard of the rows, and one reduce gives all of them the
+same sums, hence the same selection. Under FSDP version 2 (`sharding_plan`) each process holds a block of rows of
+every weight and of DeepClean's per-element state (`hf_deepclean.sharding`).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import DistributedType, get_int_from_env
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, get_int_from_env, parse_flag_from_env
 from datasets import Dataset
 from datasets.distributed import split_dataset_by_node
 
 from .errors import DeepCleanError
 
 
-# Set-ups that split the weights themselves across processes. DeepClean's Fisher ratio, selection, reset and masked
-# repair are elementwise over whole tensors and need every weight on every process.
+# Set-ups that split the weights across processes in a way DeepClean does not follow. FSDP version 2 is supported
+# (`sharding_plan`); the others own the parameters or split them along axes the elementwise steps do not know.
 SHARDED_TYPES = {
-    DistributedType.FSDP: "FSDP",
     DistributedType.DEEPSPEED: "DeepSpeed",
     DistributedType.MEGATRON_LM: "Megatron-LM",
 }
 INSTEAD = (
-    "run data-parallel instead (`accelerate config`: multi-GPU or multi-CPU, no FSDP/DeepSpeed; or `torchrun`), "
-    "and if the model does not fit on one device, train a peft adapter and unlearn it with --scope adapter"
+    "shard with FSDP version 2 instead (`accelerate config`: FSDP, fsdp_version 2) or run data-parallel "
+    "(multi-GPU or multi-CPU; or `torchrun`)"
 )
+
+
+@dataclass(frozen=True)
+class ShardingPlan:
+    """How the model is sharded with FSDP2 (`hf_deepclean.sharding.shard_model`), read from Accelerate's FSDP plugin
+    (`accelerate launch --config_file fsdp.yaml`, or its `FSDP_*` environment variables).
+
+    Attributes:
+        wrap: class names of the modules that become FSDP units (the plugin's `transformer_cls_names_to_wrap`;
+            `None`: the model's `_no_split_modules`).
+        reshard_after_forward: free each unit's gathered weights after its forward pass (`FULL_SHARD`) or keep them
+            until its backward pass (`SHARD_GRAD_OP`).
+        mixed_precision: the plugin's `MixedPrecisionPolicy`, if any.
+    """
+
+    wrap: tuple[str, ...] | None
+    reshard_after_forward: bool = True
+    mixed_precision: object | None = None
+
+
+def sharding_plan(accelerator: Accelerator) -> ShardingPlan | None:
+    """The FSDP2 plan of the run, or `None` when the weights are not to be sharded.
+
+    On GPUs Accelerate builds the FSDP plugin itself; on a machine without GPUs (where Accelerate runs FSDP set-ups as
+    plain processes) the plugin is read from the same `FSDP_*` variables that `accelerate launch` sets.
+
+    Raises:
+        DeepCleanError: for FSDP version 1, parameter offloading to the CPU, a wrap policy other than by
+            transformer block, or fp16 mixed precision.
+    """
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if plugin is None and accelerator.num_processes > 1 and parse_flag_from_env("ACCELERATE_USE_FSDP"):
+        plugin = FullyShardedDataParallelPlugin()
+    if plugin is None:
+        return None
+    if plugin.fsdp_version != 2:
+        raise DeepCleanError(
+            f"accelerate: got FSDP version {plugin.fsdp_version}; expected fsdp_version: 2 (FSDP2, `fully_shard`), "
+            "whose weights DeepClean shards block by block."
+        )
+    if type(plugin.cpu_offload).__name__ == "CPUOffloadPolicy":
+        raise DeepCleanError(
+            "accelerate: got fsdp_offload_params: true; expected false (the masked repair keeps its masks and "
+            "anchors next to the weights on the device)."
+        )
+    if getattr(accelerator, "mixed_precision", "no") == "fp16":
+        raise DeepCleanError(
+            "accelerate: got mixed_precision fp16 with FSDP; expected bf16 or no (the masked repair steps its own "
+            "optimizer, without a gradient scaler)."
+        )
+    wrap = plugin.transformer_cls_names_to_wrap
+    policy = plugin.auto_wrap_policy
+    if (
+        policy is not None
+        and wrap is None
+        and getattr(policy, "__name__", str(policy)) != "transformer_auto_wrap_policy"
+    ):
+        raise DeepCleanError(
+            f"accelerate: got the FSDP wrap policy {getattr(policy, '__name__', policy)}; expected "
+            "TRANSFORMER_BASED_WRAP (FSDP units are the model's transformer blocks)."
+        )
+    return ShardingPlan(
+        wrap=None if wrap is None else tuple([wrap] if isinstance(wrap, str) else wrap),
+        reshard_after_forward=bool(plugin.reshard_after_forward),
+        mixed_precision=plugin.mixed_precision_policy,
+    )
 
 
 def default_accelerator() -> Accelerator:
@@ -41,44 +108,47 @@ def default_accelerator() -> Accelerator:
     backend (gloo) is asked for explicitly.
 
     Raises:
-        DeepCleanError: for a set-up that shards the weights (see `check_data_parallel`).
+        DeepCleanError: for a set-up whose split of the weights DeepClean does not follow (`check_parallelism`).
     """
     launched = get_int_from_env(["WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE"], 1) > 1
     accelerator = Accelerator(cpu=True) if launched and not torch.cuda.is_available() else Accelerator()
-    check_data_parallel(accelerator)
+    check_parallelism(accelerator)
     return accelerator
 
 
-def check_data_parallel(accelerator: Accelerator) -> None:
-    """Refuse, before any work, an Accelerate set-up that shards the weights across processes.
+def check_parallelism(accelerator: Accelerator) -> None:
+    """Refuse, before any work, an Accelerate set-up whose split of the weights DeepClean does not follow.
 
-    FSDP (any version or sharding strategy), DeepSpeed (any ZeRO stage: its engine owns the parameters and their
-    fp32 master copies, which the masked repair must control), Megatron-LM and tensor/context/sharded-data
-    parallelism are refused; one process and plain multi-process data parallelism (DDP over GPUs or gloo on CPUs)
-    are accepted.
+    Accepted: one process, data parallelism (DDP over GPUs, gloo on CPUs) and FSDP version 2 (`sharding_plan`).
+    Refused: DeepSpeed (any ZeRO stage: its engine owns the parameters, their fp32 master copies and the optimizer
+    step, which the masked repair must control), Megatron-LM, tensor/context/sequence parallelism, and the FSDP
+    settings `sharding_plan` refuses.
 
     Raises:
         DeepCleanError: one line that names the set-up and says what to use instead.
     """
     state = accelerator.state
     name = SHARDED_TYPES.get(accelerator.distributed_type)
-    if name is None and getattr(state, "fsdp_plugin", None) is not None:
-        name = "FSDP"
     if name is None and getattr(state, "deepspeed_plugin", None) is not None:
         name = "DeepSpeed"
     if name == "DeepSpeed":
         stage = getattr(state.deepspeed_plugin, "zero_stage", None)
         name = f"DeepSpeed ZeRO stage {stage}" if stage is not None else name
+        raise DeepCleanError(
+            f"accelerate: got {name}, whose engine owns the weights, their master copies and the optimizer step, so "
+            "the masked repair could not keep unselected weights unchanged; expected FSDP version 2 to shard the "
+            "weights (`accelerate config`: FSDP, fsdp_version 2) or data parallelism."
+        )
     parallelism = getattr(accelerator, "parallelism_config", None)
     if name is None and parallelism is not None:
-        split = [kind for kind in ("dp_shard", "tp", "cp", "sp") if getattr(parallelism, f"{kind}_enabled", False)]
+        split = [kind for kind in ("tp", "cp", "sp") if getattr(parallelism, f"{kind}_enabled", False)]
         if split:
             name = f"parallelism_config with {', '.join(split)} > 1"
     if name is not None:
         raise DeepCleanError(
-            f"accelerate: got {name}, which splits the weights across processes; DeepClean needs every weight on "
-            f"every process: {INSTEAD}."
+            f"accelerate: got {name}, which splits the weights in a way DeepClean does not follow; {INSTEAD}."
         )
+    sharding_plan(accelerator)  # FSDP: version 2 with supported settings, or a one-line refusal
 
 
 def process_shard(dataset: Dataset, accelerator: Accelerator | None) -> tuple[Dataset, int]:

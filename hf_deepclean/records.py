@@ -177,6 +177,39 @@ class RepairRecord:
         return record
 
 
+# the figures measured against a reference model (retrained without the forget rows), in the card's order
+REFERENCE_METRICS = ("forget_quality", "model_utility", "privleak")
+
+
+@dataclass
+class ReferenceRecord:
+    """The model a run was compared with (`--reference_model`, a model retrained without the forget rows), and what
+    the comparison gave.
+
+    `metrics` holds the reference's own figures (those of `metrics_before`, and its `model_utility`); `before` and
+    `after` those of the original and of the cleaned model against it: `forget_quality` (the KS p-value of TOFU) and
+    `ks_statistic`, `model_utility` and its three numbers on retain questions, `privleak` (MUSE) with
+    `auc_unlearned` and `auc_retrain`. `not_measured` says, per figure left out, why; `rows` how many questions
+    and sequences each figure read.
+    """
+
+    model: str
+    revision: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    before: dict[str, float] = field(default_factory=dict)
+    after: dict[str, float] = field(default_factory=dict)
+    not_measured: dict[str, str] = field(default_factory=dict)
+    rows: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, record: Mapping[str, Any]) -> ReferenceRecord:
+        known = {f.name for f in fields(cls)}
+        return cls(**{key: value for key, value in record.items() if key in known})
+
+
 @dataclass
 class UnlearningResults:
     """Everything a run measured and did; `deepclean_results.json` is its `to_dict()`."""
@@ -192,6 +225,8 @@ class UnlearningResults:
     evaluated_rows: dict[str, int]
     # the cleaned model lost more accuracy than `--max_accuracy_drop` allows: what fell, for the log and the card
     warnings: list[str] = field(default_factory=list)
+    # `--reference_model`: the reference and what the comparison with it gave; None without one
+    reference: ReferenceRecord | None = None
     hub_commit_url: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -206,6 +241,8 @@ class UnlearningResults:
             "evaluated_rows": self.evaluated_rows,
             "warnings": list(self.warnings),
         }
+        if self.reference is not None:
+            record["reference"] = self.reference.to_dict()
         if self.hub_commit_url is not None:
             record["hub_commit_url"] = self.hub_commit_url
         return record
@@ -223,6 +260,7 @@ class UnlearningResults:
             loss_histograms=dict(record.get("loss_histograms") or {}),
             evaluated_rows=dict(record.get("evaluated_rows") or {}),
             warnings=list(record.get("warnings") or []),
+            reference=ReferenceRecord.from_dict(record["reference"]) if record.get("reference") else None,
             hub_commit_url=record.get("hub_commit_url"),
         )
 
@@ -251,7 +289,8 @@ class RunRecord:
     """How a run was set up; `deepclean_config.json` is its `to_dict()`.
 
     `arguments` maps every argument's flag name to its value (the forget specification redacted to its kind);
-    `dataset` records the data's identity (names, splits, fingerprints, row counts, columns).
+    `dataset` records the data's identity (names, splits, fingerprints, row counts, columns); `sharding` is `fsdp2`
+    when the weights were sharded across the processes, else `none` (whole weights on every process).
     """
 
     arguments: dict[str, Any]
@@ -263,6 +302,7 @@ class RunRecord:
     library_versions: dict[str, str]
     canaries: dict[str, Any] | None = None
     method: str = "DeepClean (arXiv 2311.10448)"
+    sharding: str = "none"
 
     def to_dict(self) -> dict[str, Any]:
         record = {
@@ -277,6 +317,7 @@ class RunRecord:
             "forget": asdict(self.forget),
             "seed": self.seed,
             "num_processes": self.num_processes,
+            "sharding": self.sharding,
             "library_versions": self.library_versions,
         }
 
@@ -293,6 +334,7 @@ class RunRecord:
             library_versions=dict(record["library_versions"]),
             canaries=record.get("canaries"),
             method=record.get("hf_deepclean_method", cls.method),
+            sharding=record.get("sharding", "none"),
         )
 
 

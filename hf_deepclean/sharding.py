@@ -58,9 +58,18 @@ def row_block(tensor: torch.Tensor, name: str = "parameter") -> tuple[int, int]:
     return start, stop
 
 
-def shard_model(model: torch.nn.Module, *, wrap: tuple[str, ...] | None = None, reshard_after_forward: bool = True):
+def shard_model(
+    model: torch.nn.Module,
+    *,
+    wrap: tuple[str, ...] | None = None,
+    reshard_after_forward: bool = True,
+    mixed_precision: object | None = None,
+):
     """Shard `model` in place with FSDP2 (`fully_shard`) over the default process group: one unit per module whose
     class is named in `wrap` (default: the model's `_no_split_modules`, its transformer blocks), then the root.
+
+    `mixed_precision` is a `torch.distributed.fsdp.MixedPrecisionPolicy` (Accelerate's plugin builds one from
+    `mixed_precision`), or None for the weights' own dtype.
 
     Returns:
         The model (now an `FSDPModule`, its parameters `DTensor`s split by rows across processes).
@@ -77,10 +86,26 @@ def shard_model(model: torch.nn.Module, *, wrap: tuple[str, ...] | None = None, 
             f"FSDP: no module of {type(model).__name__} has a class in {list(names)}; expected the names of its "
             "transformer blocks (fsdp_transformer_layer_cls_to_wrap)."
         )
+    options = {"reshard_after_forward": reshard_after_forward}
+    if mixed_precision is not None:
+        options["mp_policy"] = mixed_precision
     for module in units:
-        fully_shard(module, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, reshard_after_forward=reshard_after_forward)
+        fully_shard(module, **options)
+    fully_shard(model, **options)
     return model
+
+
+def is_sharded_model(model: torch.nn.Module) -> bool:
+    """Whether any parameter of `model` is sharded (FSDP2)."""
+    return any(is_sharded(p) for p in model.parameters())
+
+
+def gather_rows(block: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of which `block` holds this process's rows, in the layout of `like` (a collective: every
+    process calls it, and every process gets the whole tensor); `block` itself when `like` is not sharded."""
+    if not is_sharded(like):
+        return block
+    return like_parameter(block, like).full_tensor()
 
 
 def like_parameter(block: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
@@ -111,3 +136,24 @@ def any_process(flags: Mapping[str, bool]) -> dict[str, bool]:
     values = torch.tensor([int(flag) for flag in flags.values()], dtype=torch.int64)
     dist.all_reduce(values, op=dist.ReduceOp.MAX)
     return {name: bool(value) for name, value in zip(flags, values.tolist(), strict=True)}
+
+
+class WholeTensors(Mapping):
+    """`{name: whole tensor}` over row blocks of sharded parameters, each gathered when read (bool blocks as bytes,
+    which every backend gathers) and not kept: one whole tensor at a time. Reading is a collective: every process
+    must read the same names in the same order."""
+
+    def __init__(self, blocks: Mapping[str, torch.Tensor], params: Mapping[str, torch.Tensor]):
+        self.blocks, self.params = blocks, params
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        block = self.blocks[name]
+        if block.dtype == torch.bool:
+            return gather_rows(block.to(torch.uint8), self.params[name]).bool()
+        return gather_rows(block, self.params[name])
+
+    def __iter__(self):
+        return iter(self.blocks)
+
+    def __len__(self) -> int:
+        return len(self.blocks)

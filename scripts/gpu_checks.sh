@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The checks that need a CUDA device, in one go: the tests marked `gpu`, then the Fisher engine benchmark on the GPU.
+# The checks that need a CUDA device, in one go: the tests marked `gpu` (tests/test_gpu.py, and the FSDP2 run of
+# `unlearn` through Accelerate's own FSDP set-up in tests/test_fsdp.py), then the Fisher engine benchmark on the GPU.
 #
 #   bash scripts/gpu_checks.sh [RESULTS_DIR]      # from the repository root, with the package importable
 #
@@ -14,7 +15,7 @@ print("torch", torch.__version__, "| transformers", transformers.__version__, "|
       "| peft", peft.__version__)
 print("device:", torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device")
 PY
-python3 -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider -rs 2>&1 | tee "$RESULTS/gpu_tests.log"
+python3 -m pytest -m gpu tests/test_gpu.py tests/test_fsdp.py -q -p no:cacheprovider -rs 2>&1 | tee "$RESULTS/gpu_tests.log"
 tests_status=${PIPESTATUS[0]}
 python3 scripts/benchmark_fisher.py --device cuda --rounds 5 --json "$RESULTS/benchmark_fisher_gpu.json" 2>&1 \
     | tee "$RESULTS/benchmark_fisher_gpu.md"

@@ -5,15 +5,18 @@
 Runs every baseline and, besides `deepclean` (the settings given, library defaults otherwise), one DeepClean variant
 per entry of `GRID` (all, or those named by `--grid`), each changing one or two of those settings. A variant whose
 name carries a share (`frac0.3`, `base0.2`, `zero0.2`) sets it; every other setting comes from the command line or
-the current defaults, so a sweep made under older defaults is reproduced by passing them (docs/decisions.md names them). Fisher sums are
-shared between variants; every method's time still includes the Fisher passes it uses. The other arguments are
-those of `hf-deepclean benchmark`.
+the current defaults, so a sweep made under older defaults is reproduced by passing them (docs/decisions.md names
+them). Every variant runs the pipeline's `run_deepclean`, Fisher passes included, and is timed whole. Entries with
+`max_retain_samples` read the retain Fisher from a seeded sample of that many rows (`--max_retain_samples` of
+`hf-deepclean unlearn`). The other arguments are those of `hf-deepclean benchmark`.
 """
 
 import argparse
+import dataclasses
 import logging
 import sys
 
+from hf_deepclean.bench import baselines as baselines_module
 from hf_deepclean.bench.baselines import BaselineConfig
 from hf_deepclean.bench.benchmark import BenchmarkArguments, run_benchmark
 from hf_deepclean.bench.report import format_benchmark_tables, write_benchmark_report
@@ -86,7 +89,42 @@ GRID = {
     "frac0.5_epochs3_lr3e-3": {"reset_fraction": 0.5, "repair_epochs": 3.0, "learning_rate": 3e-3},
     "frac0.5_epochs2_lr3e-3": {"reset_fraction": 0.5, "repair_epochs": 2.0, "learning_rate": 3e-3},
     "frac0.3_epochs2_lr3e-3": {"reset_fraction": 0.3, "repair_epochs": 2.0, "learning_rate": 3e-3},
+    # 2026-12-06, issue 17 item 3 (docs/decisions.md): movement-weighted selection (on digits `base` resets to the
+    # exact initial weights, which `init` also draws: the benchmark knows the start values only with `base`)
+    "base": {"reset": "base"},
+    "base_movement": {"reset": "base", "selection_weighting": "movement"},
+    "base_moved0.25": {"reset": "base", "min_movement_quantile": 0.25},
+    "movement": {"selection_weighting": "movement"},
+    "moved0.5": {"min_movement_quantile": 0.5},
+    "per_param": {"selection_scope": "per_parameter"},
+    "global": {"selection_scope": "global"},
+    "per_layer": {"selection_scope": "per_layer"},
+    "ascent0.01": {"forget_ascent_weight": 0.01},
+    "ascent0.03": {"forget_ascent_weight": 0.03},
+    "ascent0.1": {"forget_ascent_weight": 0.1},
+    "per_param_ascent0.01": {"selection_scope": "per_parameter", "forget_ascent_weight": 0.01},
+    "fisher_true": {"fisher_type": "true"},
+    "lr5e-5": {"learning_rate": 5e-5},
+    "lr3e-3": {"learning_rate": 3e-3},
+    # the retain Fisher on a seeded sample of that many rows (`--max_retain_samples` of `hf-deepclean unlearn`)
+    "retain256": {"max_retain_samples": 256},
+    "retain512": {"max_retain_samples": 512},
 }
+# not a DeepCleanConfig field: `hf-deepclean unlearn` takes it as a data argument, and the benchmark's DeepClean
+# does not, so `retain_sample_runs` passes it to the pipeline for the entries that set it
+RETAIN_SAMPLES = "max_retain_samples"
+
+
+def retain_sample_runs(samples: dict[int, int]) -> None:
+    """Make the benchmark's DeepClean read the retain Fisher from `samples[id(config)]` rows for those configs."""
+    run = baselines_module.run_deepclean
+
+    def run_deepclean(model, rows, config, *args, **kwargs):
+        if id(config) in samples:
+            rows = dataclasses.replace(rows, max_retain_samples=samples[id(config)])
+        return run(model, rows, config, *args, **kwargs)
+
+    baselines_module.run_deepclean = run_deepclean
 
 
 def main(argv: list[str]) -> int:
@@ -99,7 +137,14 @@ def main(argv: list[str]) -> int:
     )
     check_output_dir(args.output_dir, args.overwrite_output_dir)
     base = {key: value for key, value in vars(method).items()}
-    variants = {f"dc_{name}": DeepCleanConfig(**{**base, **GRID[name]}) for name in known.grid}
+    variants, samples = {}, {}
+    for name in known.grid:
+        entry = dict(GRID[name])
+        rows = entry.pop(RETAIN_SAMPLES, None)
+        variants[f"dc_{name}"] = config = DeepCleanConfig(**{**base, **entry})
+        if rows is not None:
+            samples[id(config)] = rows
+    retain_sample_runs(samples)
     results = run_benchmark(args, method, baselines, variants=variants)
     write_benchmark_report(results, args.output_dir, overwrite=args.overwrite_output_dir)
     print(format_benchmark_tables(results), end="")

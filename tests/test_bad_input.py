@@ -324,6 +324,12 @@ FLAG_ERRORS = [
     ("max_reset_fraction", "-0.1", "got -0.1; expected a number in (0, 1]."),
     ("max_accuracy_drop", "0", "got 0.0; expected a number in (0, 1]."),
     (
+        "reference_model",
+        "./no-such-reference",
+        "got './no-such-reference', which is no folder; expected a local folder with config.json or a Hub model id "
+        "(ORG/NAME).",
+    ),
+    (
         "scope",
         "adapter",
         "got 'adapter', but the model has no trainable peft adapter weights; pass --adapter_name_or_path",

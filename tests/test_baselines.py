@@ -172,7 +172,9 @@ def test_fisher_forgetting_noise_scales_with_sqrt_alpha(inputs):
 
 
 def test_deepclean_changes_at_most_the_reset_share(inputs):
-    model, before = _run("deepclean", inputs, config=DeepCleanConfig(reset_fraction=0.1, repair_epochs=1))
+    # global: exactly round(0.1 * total) elements (per tensor, each tensor's share is rounded on its own)
+    config = DeepCleanConfig(reset_fraction=0.1, repair_epochs=1, selection_scope="global")
+    model, before = _run("deepclean", inputs, config=config)
     changed = sum(int((p != before[name]).sum()) for name, p in model.named_parameters())
     total = sum(p.numel() for p in model.parameters())
     assert 0 < changed <= round(0.1 * total)
@@ -182,7 +184,7 @@ def test_deepclean_base_reset_puts_back_the_initial_state(inputs):
     """`reset="base"` takes `initial_state` as the base values: without repair, every element is either the trained
     one or exactly the initial one (shifted here, so that no fresh draw can equal it by chance)."""
     shifted = {name: value + 1.0 for name, value in inputs.initial_state.items()}
-    config = DeepCleanConfig(reset="base", reset_fraction=0.1, repair_epochs=0)
+    config = DeepCleanConfig(reset="base", reset_fraction=0.1, repair_epochs=0, selection_scope="global")
     model, before = _run("deepclean", replace(inputs, initial_state=shifted), config=config)
     changed = 0
     for name, p in model.named_parameters():

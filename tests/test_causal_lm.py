@@ -304,6 +304,11 @@ def test_evaluate_command_on_a_causal_lm(lm_folders, tmp_path, capsys):
         results["model"]["retain_perplexity"] - results["reference"]["retain_perplexity"]
     )
     assert "avg_gap" not in results["comparison"]  # defined on accuracies, which an LM does not have
+    # plain notes: PrivLeak (held-out rows, Min-K%), but no question columns for forget quality and model utility
+    assert results["comparison"]["auc_unlearned"] == pytest.approx(results["model"]["mia_min_k_auc"])
+    assert results["comparison"]["auc_retrain"] == pytest.approx(results["reference"]["mia_min_k_auc"])
+    reason = "the data has no question, answer, paraphrased_answer and perturbed_answers columns"
+    assert results["comparison"]["not_measured"] == {"forget_quality": reason, "model_utility": reason}
     assert "my PIN" not in capsys.readouterr().out
 
 
@@ -331,15 +336,18 @@ def test_unlearn_refuses_a_bad_canary_file(lm_folders, tmp_path, capsys):
 
 
 def test_unlearn_causal_lm_under_two_processes_measures_what_one_process_does(lm_folders, tmp_path):
-    """`torchrun --nproc_per_node 2 -m hf_deepclean.cli unlearn` on the LM with canaries: 24 training rows, 8 held-out
-    rows and 8 canaries do not split into even batches of 4 over 2 processes; `gather_for_metrics` must count each
-    sequence once, so the metrics before unlearning equal those of one process (up to float summation order)."""
+    """`torchrun --nproc_per_node 2 -m hf_deepclean.cli unlearn` on the LM with canaries: 24 training rows, 4 reported
+    held-out rows (4 more are the early-stopping check's) and 8 canaries do not split into even batches of 4 over 2
+    processes; `gather_for_metrics` must count each sequence once, so the metrics before unlearning equal those of
+    one process (up to float summation order). The repair's monitor checks retain perplexity and the attack on
+    every process, which must all stop at the same step (or the run would hang in the repair's all-reduce)."""
     from conftest import torchrun_process
 
     from hf_deepclean.cli import main
 
     (lm_folders / "forget.txt").write_text("0\n1\n2\n")
-    canaries = ["--canaries", str(lm_folders / "canaries.jsonl")]
+    canaries = ["--canaries", str(lm_folders / "canaries.jsonl"), "--early_stopping"]
+    canaries += ["--early_stopping_criterion", "retain_and_mia"]
     assert main(_lm_args(lm_folders, tmp_path / "one", *canaries)) == 0
     arguments = ["-m", "hf_deepclean.cli", *_lm_args(lm_folders, tmp_path / "two", *canaries)]
     arguments[arguments.index("--per_device_batch_size") + 1] = "4"
@@ -353,3 +361,138 @@ def test_unlearn_causal_lm_under_two_processes_measures_what_one_process_does(lm
     assert set(one) == set(two) and one["canary_references"] == two["canary_references"] == 6
     for key, value in one.items():
         assert two[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
+# -- early stopping on retain perplexity ---------------------------------------------------------------------------
+
+
+def test_unlearn_causal_lm_with_early_stopping(lm_folders, tmp_path):
+    """`hf-deepclean unlearn --task causal-lm --early_stopping` runs end to end: 22 retain rows in batches of 8 are
+    3 repair steps, a check after each; a tolerance no model misses stops the repair at the first check. With
+    `retain_and_mia` the check judges the attack on 4 of the 8 held-out rows, which the reports leave out."""
+    from hf_deepclean.cli import main
+
+    (lm_folders / "forget.txt").write_text("0\n1\n")
+    runs = {
+        "default": ["--early_stopping"],
+        "loose": ["--early_stopping", "--early_stopping_perplexity_tolerance", "1e6"],
+        "attack": ["--early_stopping", "--early_stopping_criterion", "retain_and_mia"],
+    }
+    results = {}
+    for name, flags in runs.items():
+        assert main(_lm_args(lm_folders, tmp_path / name, "--task", "causal-lm", *flags)) == 0, name
+        results[name] = json.loads((tmp_path / name / "deepclean_results.json").read_text())
+    config = json.loads((tmp_path / "default" / "deepclean_config.json").read_text())["arguments"]
+    assert config["early_stopping"] is True and config["early_stopping_perplexity_tolerance"] == 0.02
+    assert results["loose"]["repair"]["stopped_early"] and results["loose"]["repair"]["steps"] == 1
+    assert 1 <= results["default"]["repair"]["steps"] <= 3
+    assert results["default"]["evaluated_rows"]["test"] == 8 and results["attack"]["evaluated_rows"]["test"] == 4
+    for name, result in results.items():
+        assert math.isfinite(result["metrics"]["after"]["retain_perplexity"]), name
+
+
+def _notes(count: int, seed: int) -> Dataset:
+    import random
+
+    from hf_deepclean.bench.causal_lm_demo import make_note
+
+    rng = random.Random(seed)
+    return Dataset.from_dict({"text": [make_note(rng) for _ in range(count)]})
+
+
+@torch.no_grad()
+def _brute_force_perplexity(model, tokenizer, texts) -> float:
+    """exp(total NLL / total predicted tokens), one unpadded sequence (its first 32 tokens, as the collator
+    truncates) at a time, in eval mode."""
+    training = model.training
+    model.eval()
+    nll, tokens = 0.0, 0
+    for text in texts:
+        ids = torch.tensor([tokenizer(text)["input_ids"][:32]])
+        log_probs, _ = token_log_likelihoods(model(input_ids=ids).logits, ids)
+        nll, tokens = nll - log_probs.sum().item(), tokens + ids.shape[1] - 1
+    model.train(training)
+    return math.exp(nll / tokens)
+
+
+def test_lm_monitor_stops_at_the_first_check_within_the_perplexity_tolerance():
+    """A tiny GPT-2 (with dropout, which draws from the global random state) is trained, half its elements zeroed,
+    then repaired. A first repair records the brute-force retain perplexity at every check; the tolerance is put
+    between two of them. The monitored repair must then follow the same trajectory (its checks leave the random
+    state alone), report the brute-force perplexities, and stop at exactly the first check within tolerance."""
+    import copy
+
+    from hf_deepclean.unlearning.repair import build_repair_monitor, repair_selected_weights
+    from hf_deepclean.unlearning.reset import reset_selected_weights
+    from hf_deepclean.unlearning.training import train_model
+
+    tokenizer = build_tokenizer()
+    rows = _notes(32, seed=3)
+    collator = CausalLMCollator(tokenizer, "text", max_length=32)
+    accelerator = Accelerator(cpu=True)
+    torch.manual_seed(0)
+    original = _tiny_gpt2(len(tokenizer)).train()  # dropout 0.1
+    train_model(
+        original, make_dataloader(rows, collator, 8, shuffle=True, seed=0), accelerator, epochs=8, learning_rate=1e-2
+    )
+    original.eval()
+    generator = torch.Generator().manual_seed(0)
+    masks = {name: torch.rand(p.shape, generator=generator) < 0.5 for name, p in original.named_parameters()}
+    damaged = copy.deepcopy(original)
+    reset_selected_weights(damaged, masks, reset="zero")
+    check_every = 2  # batches of 4: 8 steps an epoch
+
+    def repair(model, monitor=None):
+        seen = []
+
+        def should_stop(step):
+            if step % check_every == 0:
+                seen.append((step, _brute_force_perplexity(model, tokenizer, rows["text"])))
+            return bool(monitor(step)) if monitor is not None else False
+
+        torch.manual_seed(1)
+        loader = make_dataloader(rows, collator, 4, shuffle=True, seed=0)  # a fresh shuffling generator
+        result = repair_selected_weights(
+            model, masks, loader, accelerator, epochs=3, learning_rate=3e-3, should_stop=should_stop
+        )
+        return result, seen
+
+    unmonitored, trajectory = repair(copy.deepcopy(damaged))
+    assert not unmonitored["stopped_early"] and len(trajectory) == 11
+    first = _brute_force_perplexity(original, tokenizer, rows["text"])
+    values = [value for _, value in trajectory]
+    # the first check that improves on every earlier one, after at least two checks
+    stop = next(j for j in range(2, len(values)) if values[j] < min(values[:j]))
+    target = (values[stop] + min(values[:stop])) / 2
+    tolerance = target / first - 1
+    assert tolerance > 0  # the repaired model is still worse than the original there
+
+    model = copy.deepcopy(damaged)
+    monitor = build_repair_monitor(
+        model,
+        original_model=original,
+        rows={"retain": rows},
+        loader=lambda subset: make_dataloader(subset, collator, 8),
+        accelerator=accelerator,
+        tolerance=0.0,
+        steps_per_epoch=8,
+        seed=0,
+        language_model=True,
+        perplexity_tolerance=tolerance,
+    )
+    assert monitor.target_retain_perplexity == pytest.approx(first * (1 + tolerance), rel=1e-6)
+    state = torch.get_rng_state()
+    monitor(check_every)  # a check leaves the global random state as it was
+    assert torch.equal(state, torch.get_rng_state())
+    monitor.history.clear()
+
+    result, seen = repair(model, monitor)
+    assert result["stopped_early"] and result["steps"] == trajectory[stop][0]
+    assert [step for step, _ in seen] == [step for step, _ in trajectory[: stop + 1]]
+    for (step, brute), (_, unmonitored_value), entry in zip(seen, trajectory, monitor.history):
+        assert entry["step"] == step
+        assert entry["retain_perplexity"] == pytest.approx(brute, rel=1e-5)
+        assert brute == pytest.approx(unmonitored_value, rel=1e-6)  # the same repair until the stop
+    assert [entry["retain_perplexity"] <= monitor.target_retain_perplexity for entry in monitor.history] == [
+        False
+    ] * stop + [True]

@@ -78,6 +78,9 @@ def test_defaults_with_required_values_are_valid(cls):
         (OutputArguments, "output_dir", ""),
         (OutputArguments, "seed", "7"),
         (OutputArguments, "seed", True),
+        (OutputArguments, "reference_model", " "),
+        (DeepCleanConfig, "early_stopping_perplexity_tolerance", -0.01),
+        (DeepCleanConfig, "early_stopping_perplexity_tolerance", math.inf),
     ],
 )
 def test_bad_values_raise_naming_the_argument_and_the_value(cls, name, value):
@@ -135,6 +138,8 @@ def test_parse_every_flag_into_the_four_dataclasses():
         *("--learning_rate", "0.5", "--weight_decay", "0.1", "--warmup_ratio", "0.1"),
         *("--lr_scheduler_type", "cosine", "--max_grad_norm", "0", "--per_device_batch_size", "7"),
         *("--output_dir", "o", "--overwrite_output_dir", "--seed", "3", "--debug"),
+        *("--early_stopping", "--early_stopping_perplexity_tolerance", "0.05"),
+        *("--reference_model", "org/retrained", "--reference_revision", "v2"),
     ]
     model_args, data_args, method, output_args, debug = parse_unlearn_args(argv)
     assert model_args == ModelArguments("org/model", revision="v1", task="text-classification", trust_remote_code=True)
@@ -169,8 +174,12 @@ def test_parse_every_flag_into_the_four_dataclasses():
         lr_scheduler_type="cosine",
         max_grad_norm=0.0,
         per_device_batch_size=7,
+        early_stopping=True,
+        early_stopping_perplexity_tolerance=0.05,
     )
-    assert output_args == OutputArguments(output_dir="o", overwrite_output_dir=True, seed=3)
+    assert output_args == OutputArguments(
+        output_dir="o", overwrite_output_dir=True, seed=3, reference_model="org/retrained", reference_revision="v2"
+    )
     assert debug is True
 
 

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from unlearn_worker import SCRIPT
 
 from hf_deepclean.config import DataArguments, DeepCleanConfig, ModelArguments, OutputArguments
-from hf_deepclean.distributed import check_data_parallel
+from hf_deepclean.distributed import check_parallelism
 from hf_deepclean.errors import DeepCleanError
 from hf_deepclean.hub.push import read_reports
 from hf_deepclean.pipeline.unlearn import unlearn
@@ -136,7 +136,11 @@ def test_two_processes_select_and_clean_like_one(one_and_two_processes, text_mod
     assert results_two.reset.selection_sha256 == results_one.reset.selection_sha256
     assert results_two.repair.steps == results_one.repair.steps == 12
     assert results_two.metrics_before == pytest.approx(results_one.metrics_before, abs=1e-5)
-    assert results_two.metrics_after == pytest.approx(results_one.metrics_after, abs=1e-5)
+    # the attack's AUC ranks forget against held-out losses (12 x 20 pairs): rows of the same text tie exactly in one
+    # layout and only to float round-off in the other (other batches, other padding), which moves it by half a pair
+    after_two, after_one = dict(results_two.metrics_after), dict(results_one.metrics_after)
+    assert after_two.pop("mia_auc") == pytest.approx(after_one.pop("mia_auc"), abs=1 / 240)
+    assert after_two == pytest.approx(after_one, abs=1e-5)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -144,44 +148,88 @@ def test_two_processes_select_and_clean_like_one(one_and_two_processes, text_mod
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _accelerator(distributed_type, fsdp_plugin=None, deepspeed_plugin=None, parallelism_config=None):
-    """What `check_data_parallel` reads of an Accelerator."""
+def _accelerator(distributed_type, fsdp_plugin=None, deepspeed_plugin=None, parallelism_config=None, processes=2):
+    """What `check_parallelism` reads of an Accelerator."""
     state = SimpleNamespace(fsdp_plugin=fsdp_plugin, deepspeed_plugin=deepspeed_plugin)
-    return SimpleNamespace(distributed_type=distributed_type, state=state, parallelism_config=parallelism_config)
+    return SimpleNamespace(
+        distributed_type=distributed_type, state=state, parallelism_config=parallelism_config, num_processes=processes
+    )
+
+
+def _fsdp(version=2, offload=False, wrap="LlamaDecoderLayer", policy=None):
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy
+
+    return SimpleNamespace(
+        fsdp_version=version,
+        cpu_offload=CPUOffloadPolicy() if offload else OffloadPolicy(),
+        transformer_cls_names_to_wrap=wrap,
+        auto_wrap_policy=policy,
+        reshard_after_forward=True,
+        mixed_precision_policy=None,
+    )
 
 
 @pytest.mark.parametrize(
-    ("accelerator", "named"),
+    ("accelerator", "named", "instead"),
     [
-        (_accelerator(DistributedType.FSDP, fsdp_plugin=object()), "got FSDP"),
-        (_accelerator(DistributedType.DEEPSPEED, deepspeed_plugin=SimpleNamespace(zero_stage=3)), "ZeRO stage 3"),
-        (_accelerator(DistributedType.DEEPSPEED, deepspeed_plugin=SimpleNamespace(zero_stage=2)), "ZeRO stage 2"),
-        (_accelerator(DistributedType.MEGATRON_LM), "got Megatron-LM"),
-        (_accelerator(DistributedType.NO, fsdp_plugin=object()), "got FSDP"),
-        (_accelerator(DistributedType.MULTI_GPU, parallelism_config=SimpleNamespace(tp_enabled=True)), "with tp > 1"),
+        (_accelerator(DistributedType.DEEPSPEED, deepspeed_plugin=SimpleNamespace(zero_stage=3)), "ZeRO stage 3", "FSDP version 2"),
+        (_accelerator(DistributedType.DEEPSPEED, deepspeed_plugin=SimpleNamespace(zero_stage=2)), "ZeRO stage 2", "FSDP version 2"),
+        (_accelerator(DistributedType.MEGATRON_LM), "got Megatron-LM", "FSDP version 2"),
+        (_accelerator(DistributedType.MULTI_GPU, parallelism_config=SimpleNamespace(tp_enabled=True)), "with tp > 1", "FSDP version 2"),
+        (_accelerator(DistributedType.FSDP, fsdp_plugin=_fsdp(version=1)), "got FSDP version 1", "fsdp_version: 2"),
+        (_accelerator(DistributedType.FSDP, fsdp_plugin=_fsdp(offload=True)), "fsdp_offload_params: true", "expected false"),
+        (_accelerator(DistributedType.FSDP, fsdp_plugin=_fsdp(wrap=None, policy=lambda: None)), "wrap policy", "TRANSFORMER_BASED_WRAP"),
+        (SimpleNamespace(**vars(_accelerator(DistributedType.FSDP, fsdp_plugin=_fsdp())), mixed_precision="fp16"), "fp16 with FSDP", "bf16 or no"),
     ],
-)
-def test_sharded_setups_are_refused_with_what_to_use_instead(accelerator, named):
+)  # fmt: skip
+def test_unsupported_setups_are_refused_with_what_to_use_instead(accelerator, named, instead):
     with pytest.raises(DeepCleanError) as error:
-        check_data_parallel(accelerator)
+        check_parallelism(accelerator)
     message = str(error.value)
-    assert named in message and "\n" not in message
-    assert "multi-GPU or multi-CPU, no FSDP/DeepSpeed" in message and "--scope adapter" in message
+    assert named in message and instead in message and "\n" not in message
 
 
 @pytest.mark.parametrize("kind", [DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU])
 def test_data_parallel_setups_are_accepted(kind):
-    check_data_parallel(_accelerator(kind, parallelism_config=SimpleNamespace(dp_replicate_enabled=True)))
+    check_parallelism(_accelerator(kind, parallelism_config=SimpleNamespace(dp_replicate_enabled=True)))
 
 
-def test_unlearn_refuses_a_sharded_accelerator_before_loading(tmp_path):
-    with pytest.raises(DeepCleanError, match="got FSDP, which splits the weights"):
+def test_fsdp2_is_accepted_with_its_plan():
+    from hf_deepclean.distributed import sharding_plan
+
+    accelerator = _accelerator(DistributedType.FSDP, fsdp_plugin=_fsdp())
+    check_parallelism(accelerator)
+    plan = sharding_plan(accelerator)
+    assert plan.wrap == ("LlamaDecoderLayer",) and plan.reshard_after_forward
+    assert sharding_plan(_accelerator(DistributedType.MULTI_GPU)) is None
+
+
+def test_fsdp_settings_of_a_cpu_launch_come_from_accelerates_variables(monkeypatch):
+    """Accelerate runs an FSDP configuration on CPUs as plain processes; the plan is read from the FSDP_* variables
+    that `accelerate launch --config_file fsdp.yaml` sets."""
+    from hf_deepclean.distributed import sharding_plan
+
+    for key, value in {
+        "ACCELERATE_USE_FSDP": "true",
+        "FSDP_VERSION": "2",
+        "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
+        "FSDP_TRANSFORMER_CLS_TO_WRAP": "BertLayer",
+        "FSDP_RESHARD_AFTER_FORWARD": "false",
+    }.items():
+        monkeypatch.setenv(key, value)
+    plan = sharding_plan(_accelerator(DistributedType.MULTI_CPU))
+    assert plan.wrap == ("BertLayer",) and not plan.reshard_after_forward
+    assert sharding_plan(_accelerator(DistributedType.MULTI_CPU, processes=1)) is None  # one process: nothing to shard
+
+
+def test_unlearn_refuses_an_unsupported_accelerator_before_loading(tmp_path):
+    with pytest.raises(DeepCleanError, match="got DeepSpeed ZeRO stage 3, whose engine owns the weights"):
         unlearn(
             DeepCleanConfig(),
             ModelArguments(str(tmp_path / "no-such-model")),  # loading it would fail with another error
             DataArguments(str(tmp_path / "no-such-data"), forget="random:0.1"),
             OutputArguments(str(tmp_path / "out")),
-            accelerator=_accelerator(DistributedType.FSDP, fsdp_plugin=object()),
+            accelerator=_accelerator(DistributedType.DEEPSPEED, deepspeed_plugin=SimpleNamespace(zero_stage=3)),
         )
     assert list(tmp_path.iterdir()) == []
 

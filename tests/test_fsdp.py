@@ -146,3 +146,113 @@ def test_block_selection_on_one_process_is_select_weights_to_reset(rule):
     for name in shapes:
         assert torch.equal(got[name], expected[name]), name
     assert sum(int(m.sum()) for m in got.values()) > 0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# `hf-deepclean unlearn` under FSDP: `accelerate launch --config_file fsdp.yaml scripts/unlearn.py`, as users launch it
+# --------------------------------------------------------------------------------------------------------------
+
+FSDP_CONFIG = Path(__file__).parent.parent / "docs" / "examples" / "fsdp.yaml"
+
+
+def _unlearn_arguments(model_dir, csv_dir, output_dir, batch_size: int) -> list[str]:
+    return [
+        "--model_name_or_path", str(model_dir),
+        "--dataset_name", "csv",
+        "--data_files", f"train={csv_dir / 'train.csv'}", f"test={csv_dir / 'test.csv'}",
+        "--forget", "random:0.2",
+        "--repair_epochs", "2",
+        "--early_stopping", "false",
+        "--per_device_batch_size", str(batch_size),
+        "--output_dir", str(output_dir),
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def fsdp_and_one_process(text_model_dir, text_csv_files, tmp_path_factory):
+    import os
+    import subprocess
+    import sys
+
+    from hf_deepclean.cli import main
+
+    work = tmp_path_factory.mktemp("fsdp-unlearn")
+    script = Path(__file__).parent.parent / "scripts" / "unlearn.py"
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    launch = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_CONFIG), str(script),
+         *_unlearn_arguments(text_model_dir, text_csv_files, work / "fsdp", batch_size=4)],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    status = main(["unlearn", *_unlearn_arguments(text_model_dir, text_csv_files, work / "one", batch_size=8)])
+    assert status == 0
+    return work, launch
+
+
+def test_unlearn_under_fsdp_writes_the_one_process_checkpoint(fsdp_and_one_process, text_model_dir):
+    from transformers import AutoModelForSequenceClassification
+
+    from hf_deepclean.hub.push import read_reports
+
+    work, launch = fsdp_and_one_process
+    assert launch.returncode == 0, (launch.stdout + launch.stderr)[-4000:]
+    config, results = read_reports(work / "fsdp")
+    _, one_results = read_reports(work / "one")
+    assert (config.num_processes, config.sharding) == (2, "fsdp2")
+    # the same elements selected (the fingerprint of the gathered masks), the same counts
+    assert results.reset.selection_sha256 == one_results.reset.selection_sha256
+    assert results.reset.statistics.total == one_results.reset.statistics.total
+    assert results.fisher.forget_samples == 12 and results.fisher.retain_samples == 48
+    # a whole checkpoint that from_pretrained loads without FSDP
+    original = load_file(text_model_dir / "model.safetensors")
+    fsdp = load_file(work / "fsdp" / "model.safetensors")
+    one = load_file(work / "one" / "model.safetensors")
+    assert set(fsdp) == set(one)
+    AutoModelForSequenceClassification.from_pretrained(work / "fsdp")
+    moved = 0
+    for name, value in one.items():
+        kept = value == original[name]  # unselected (and unchanged) elements of the one-process run
+        assert torch.equal(fsdp[name][kept], original[name][kept]), name
+        moved += int((~kept).sum())
+        torch.testing.assert_close(fsdp[name], value, rtol=1e-5, atol=1e-6)
+    assert moved > 0
+
+
+def test_the_card_says_the_weights_were_sharded(fsdp_and_one_process):
+    work, _ = fsdp_and_one_process
+    assert "| `sharding` | `fsdp2` |" in (work / "fsdp" / "README.md").read_text()
+    assert "`sharding`" not in (work / "one" / "README.md").read_text()
+
+
+@pytest.mark.gpu
+def test_unlearn_under_fsdp_on_one_gpu_writes_the_plain_checkpoint(text_model_dir, text_csv_files, tmp_path):
+    """`scripts/gpu_checks.sh`: Accelerate's own FSDP set-up on a CUDA device (one process), against a plain run."""
+    import os
+    import subprocess
+    import sys
+
+    assert torch.cuda.is_available()
+    config = tmp_path / "fsdp.yaml"
+    config.write_text(FSDP_CONFIG.read_text().replace("num_processes: 2", "num_processes: 1"))
+    script = Path(__file__).parent.parent / "scripts" / "unlearn.py"
+    runs = {}
+    for name, launcher in (
+        ("fsdp", [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), str(script)]),
+        ("plain", [sys.executable, str(script)]),
+    ):
+        arguments = _unlearn_arguments(text_model_dir, text_csv_files, tmp_path / name, batch_size=8)
+        runs[name] = subprocess.run([*launcher, *arguments], env=dict(os.environ, HF_HUB_OFFLINE="1"),
+                                    capture_output=True, text=True, timeout=600)  # fmt: skip
+        assert runs[name].returncode == 0, (runs[name].stdout + runs[name].stderr)[-4000:]
+    from hf_deepclean.hub.push import read_reports
+
+    fsdp_config, fsdp_results = read_reports(tmp_path / "fsdp")
+    _, plain_results = read_reports(tmp_path / "plain")
+    assert fsdp_config.sharding == "fsdp2"
+    assert fsdp_results.reset.selection_sha256 == plain_results.reset.selection_sha256
+    fsdp, plain = (
+        load_file(tmp_path / "fsdp" / "model.safetensors"),
+        load_file(tmp_path / "plain" / "model.safetensors"),
+    )
+    for name, value in plain.items():
+        torch.testing.assert_close(fsdp[name], value, rtol=1e-4, atol=1e-5)

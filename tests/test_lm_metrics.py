@@ -222,3 +222,60 @@ def test_answer_log_probs_on_texts_score_exactly_the_answer_tokens():
     assert [len(i) for i in ids] == [4, 3, 5, 3]
     expected = [_brute_force(model, ids[0], ids[2]), _brute_force(model, ids[1], ids[3])]
     np.testing.assert_allclose(result, expected, rtol=0, atol=1e-5)
+
+
+def test_question_scores_group_the_perturbed_answers_of_each_question():
+    """Perturbed answers are scored in one flat batch and handed back per question, in order; the greedy answer is
+    the argmax continuation, at most twice the true answer's tokens; no rows, no scores."""
+    from hf_deepclean.evaluation.lm_attacks import greedy_answers, question_scores
+
+    tokenizer = build_tokenizer()
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=32, n_embd=8, n_layer=1, n_head=2, eos_token_id=1)
+    model = GPT2LMHeadModel(config).eval()
+    rows = [
+        {"question": "note from alice :", "answer": "the red cat", "paraphrased_answer": "the cat",
+         "perturbed_answers": ["the dog", "a red car", "the lamp"]},
+        {"question": "my PIN is", "answer": "4 8", "paraphrased_answer": "4 8 .", "perturbed_answers": ["1 2"]},
+    ]  # fmt: skip
+    scores = question_scores(model, tokenizer, rows, generate=True, batch_size=2)
+    single = {
+        key: [answer_log_probs(model, tokenizer, [row["question"]], [row[column]])[0] for row in rows]
+        for key, column in (("answer_log_prob", "answer"), ("paraphrased_log_prob", "paraphrased_answer"))
+    }
+    for key, values in single.items():
+        np.testing.assert_allclose(scores[key], values, rtol=0, atol=1e-5)
+    for row, perturbed in zip(rows, scores["perturbed_log_probs"]):
+        expected = [answer_log_probs(model, tokenizer, [row["question"]], [a])[0] for a in row["perturbed_answers"]]
+        np.testing.assert_allclose(perturbed, expected, rtol=0, atol=1e-5)
+    for row, prediction in zip(rows, scores["prediction"]):
+        ids = tokenizer(row["question"], add_special_tokens=False)["input_ids"]
+        generated = []
+        for _ in range(2 * len(tokenizer(" " + row["answer"], add_special_tokens=False)["input_ids"])):
+            with torch.no_grad():
+                token = int(model(input_ids=torch.tensor([ids + generated])).logits[0, -1].argmax())
+            if token == tokenizer.eos_token_id:
+                break
+            generated.append(token)
+        assert prediction == tokenizer.decode(generated, skip_special_tokens=True).strip()
+    assert scores["prediction"] == greedy_answers(
+        model, tokenizer, [r["question"] for r in rows], [r["answer"] for r in rows]
+    )
+    assert question_scores(model, tokenizer, [], generate=True) == {
+        "answer_log_prob": [],
+        "paraphrased_log_prob": [],
+        "perturbed_log_probs": [],
+        "prediction": [],
+    }
+
+
+def test_privleak_of_outputs_uses_min_k_and_leaves_out_empty_sequences():
+    from hf_deepclean.evaluation.lm_attacks import privleak_of_outputs
+
+    nan = math.nan
+    model = {"forget": {"min_k": np.array([-0.1, -0.2, nan])}, "test": {"min_k": np.array([-1.0, -0.15, -2.0])}}
+    reference = {"forget": {"min_k": np.array([-1.0, -0.5, -0.3])}, "test": {"min_k": np.array([-0.2, -0.9, nan])}}
+    # kept: forget rows 0 and 1, test rows 0 and 1; higher Min-K% means member
+    expected = privleak([-0.1, -0.2, -1.0, -0.15], [-1.0, -0.5, -0.2, -0.9], [1, 1, 0, 0], higher_is_member=True)
+    assert privleak_of_outputs(model, reference) == expected
+    assert expected["auc_unlearned"] == 0.75 and expected["auc_retrain"] == 0.25

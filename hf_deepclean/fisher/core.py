@@ -102,6 +102,14 @@ def _settle_sharing(sink: FisherAccumulator, calls: Mapping[str, int], uses: lis
         sink.tied_keys[name] = embedding_use.rule.row_keys(embedding_use)
 
 
+def _refuse_exact_path_on_shards(name: str, module_names: Mapping[str, str], reasons: Mapping[str, str]) -> None:
+    raise DeepCleanError(
+        f"Fisher: {name!r} in module {module_names.get(name, '?')} needs the exact per-sample path "
+        f"({reasons.get(name, 'no rule')}), which does not run on FSDP-sharded weights; expected modules with a "
+        "per-sample rule, or run without FSDP (data parallel, or --scope adapter)."
+    )
+
+
 class _FisherEngine:
     """Hooks on every module that owns parameters in scope; one instance per Fisher computation.
 
@@ -340,12 +348,7 @@ class _FisherEngine:
         if not params:
             return
         if self.sharded:
-            name = next(iter(params))
-            raise DeepCleanError(
-                f"Fisher: {name!r} in module {self.module_names.get(name, '?')} needs the exact per-sample path "
-                f"({self.exact_reasons.get(name, 'no rule')}), which does not run on FSDP-sharded weights; expected "
-                "modules with a per-sample rule, or run without FSDP (data parallel, or --scope adapter)."
-            )
+            _refuse_exact_path_on_shards(next(iter(params)), self.module_names, self.exact_reasons)
         self.recording = False
         try:
             self.covered |= self.exact_path.run(params, batch, labels, fisher_type, self.shift)

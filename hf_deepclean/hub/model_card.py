@@ -18,8 +18,8 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from ..config import FILE_BUILDERS, DeepCleanConfig
-from ..records import CARD_METRICS, RepairRecord, ResetRecord, RunRecord, UnlearningResults
+from ..config import FILE_BUILDERS, GENERATIVE_TASKS, DeepCleanConfig
+from ..records import CARD_METRICS, REFERENCE_METRICS, RepairRecord, ResetRecord, RunRecord, UnlearningResults
 from .plots import available_plots, save_plots
 
 
@@ -77,13 +77,73 @@ def format_results_table(metrics: Mapping[str, Mapping[str, float]]) -> str:
     return header + "\n".join(rows)
 
 
+# how the card names the figures measured against a reference model, and what they read
+REFERENCE_FIGURES = {
+    "forget_quality": "forget quality (TOFU: KS-test p-value of the truth ratios on the forget questions)",
+    "model_utility": "model utility (TOFU: harmonic mean of probability, ROUGE-L recall, truth ratio; retain questions)",
+    "privleak": "PrivLeak (MUSE: relative AUC difference of a Min-K% Prob attack, forget vs held-out rows)",
+}
+
+
+def results_columns(results: UnlearningResults) -> dict[str, dict[str, float]]:
+    """The results table's columns: `before`, `after` and, with a reference, `reference`; a classifier's gap to the
+    reference (`avg_gap`) joins the first two."""
+    columns = {"before": dict(results.metrics_before), "after": dict(results.metrics_after)}
+    reference = results.reference
+    if reference is not None:
+        columns["reference"] = dict(reference.metrics)
+        for name in ("before", "after"):
+            if "avg_gap" in getattr(reference, name):
+                columns[name]["avg_gap"] = getattr(reference, name)["avg_gap"]
+    return columns
+
+
+def reference_section(config: RunRecord, results: UnlearningResults) -> str:
+    """The card's paragraph on the reference model: which model and revision the comparison used and, for a language
+    model, its forget quality, model utility and PrivLeak; for a language model without a reference, that these were
+    not measured. Empty for a classifier without a reference."""
+    reference = results.reference
+    language_model = config.model.task in GENERATIVE_TASKS
+    if reference is None:
+        if not language_model:
+            return ""
+        return (
+            "Forget quality, model utility (TOFU) and PrivLeak (MUSE) were not measured: they compare with a model "
+            "retrained without the forget rows, and this run was given none (`--reference_model`)."
+        )
+    lines = [
+        f"Reference model: {display_name(reference.model)} (revision `{reference.revision}`), a model retrained "
+        "without the forget rows; the `reference` column above is its own."
+    ]
+    measured = [name for name in REFERENCE_METRICS if name in reference.after]
+    if measured:
+        lines += ["", "| Against the reference | before | after | reference |", "|---|---|---|---|"]
+        for name in measured:
+            cells = [getattr(reference, column).get(name) for column in ("before", "after", "metrics")]
+            texts = ["" if value is None else f"{value:.4g}" for value in cells]
+            lines.append(f"| {REFERENCE_FIGURES[name]} | " + " | ".join(texts) + " |")
+        lines += [
+            "",
+            "Forget quality near 1: the cleaned model's truth ratios are distributed as the reference's (TOFU reads "
+            "p > 0.05 as forgetting that matches retraining). Model utility should stay at the original's. PrivLeak "
+            "near 0: the forget rows stand out as much as for the reference; positive means under-, negative "
+            "over-unlearning.",
+        ]
+        counts = ", ".join(f"{count} {name.replace('_', ' ')}" for name, count in reference.rows.items())
+        if counts:
+            lines[-1] += f" Read: {counts}."
+    for name, reason in reference.not_measured.items():
+        lines += ["", f"Not measured: {name} ({reason})."]
+    return "\n".join(lines)
+
+
 # arguments outside DeepCleanConfig that change what the procedure computes
 PROCEDURE_ARGUMENTS = ("max_retain_samples", "max_eval_samples", "max_length", "seed")
 
 
 def hyperparameters(config: RunRecord) -> list[tuple[str, Any]]:
     """Every method hyperparameter as recorded (all `DeepCleanConfig` fields), then the other settings that shape
-    the procedure and the number of processes."""
+    the procedure, the number of processes and, under FSDP, the sharding."""
     args = config.arguments
     names = [f.name for f in fields(DeepCleanConfig)] + list(PROCEDURE_ARGUMENTS)
     # a path-valued setting (a cache file, say) is named by its last part only, like the model and data folders
@@ -92,7 +152,8 @@ def hyperparameters(config: RunRecord) -> list[tuple[str, Any]]:
         for name in names
         if name in args
     ]
-    return [*rows, ("num_processes", config.num_processes)]
+    sharding = [("sharding", config.sharding)] if config.sharding != "none" else []
+    return [*rows, ("num_processes", config.num_processes), *sharding]
 
 
 def summary_lines(config: RunRecord, results: UnlearningResults) -> list[str]:
@@ -237,7 +298,8 @@ def render_model_card(config: RunRecord, results: UnlearningResults) -> ModelCar
         hyperparameters=hyperparameters(config),
         top_modules=[(module, f"{share:.2%}") for module, share in top_modules],
         num_modules=len(shares),
-        results_table=format_results_table({"before": results.metrics_before, "after": results.metrics_after}),
+        results_table=format_results_table(results_columns(results)),
+        reference_section=reference_section(config, results),
         plots=available_plots(results),
         timings=", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in results.timings.items()),
         versions=sorted(config.library_versions.items()),

@@ -27,11 +27,18 @@ from ..fisher.engine import FisherDiagonal, FisherReport, accumulate_fisher_sums
 from ..hub.plots import fisher_ratio_histogram
 from ..modeling import get_parameters_in_scope
 from ..records import FisherRecord, RepairRecord, ResetRecord, StageTimer
+from ..sharding import WholeTensors, any_process, any_sharded, is_sharded_model
 from ..unlearning.probe import PROBE_EVAL_ROWS, choose_repair_learning_rate
 from ..unlearning.repair import build_repair_monitor, repair_selected_weights
 from ..unlearning.reset import ResetMasks, reset_selected_weights
-from ..unlearning.selection import compute_fisher_ratio, reset_statistics, select_weights_to_reset
-from ..unlearning.training import TrainingSchedule, optimizer_steps_per_epoch
+from ..unlearning.selection import (
+    compute_fisher_ratio,
+    reset_statistics,
+    select_weights_to_reset,
+    weigh_by_movement,
+)
+from ..unlearning.top_k import select_blocks
+from ..unlearning.training import TrainingSchedule, optimizer_steps_per_epoch, train_model
 
 
 logger = get_logger(__name__)
@@ -101,7 +108,7 @@ def run_deepclean(
         fisher_cache: sums over the whole training split (`hf-deepclean fisher`); the retain Fisher then comes
             from them at the cost of the forget pass only.
         base_values: `--reset base`: the base model's values, or a function of the selected parameter names
-            that loads them.
+            that loads them; also the start values of `--selection_weighting movement`.
         timer: adds the time of each stage (`fisher_forget`, `fisher_retain`, `select_and_reset`, `load_base`,
             `probe_learning_rate`, `repair`).
 
@@ -111,15 +118,37 @@ def run_deepclean(
     timer = timer if timer is not None else StageTimer()
     config = concrete_config(config, base_known=base_values is not None, language_model=is_language_model(rows))
     params = get_parameters_in_scope(accelerator.unwrap_model(model), config.scope)
+    sharded = any_sharded(params)
+    if sharded and (config.selection_weighting != "none" or config.min_movement_quantile):
+        raise DeepCleanError(
+            "--selection_weighting/--min_movement_quantile: weighing by movement is not available under FSDP; "
+            "expected --selection_weighting none and --min_movement_quantile 0."
+        )
+    if sharded and (config.selection_scope == "per_layer" or config.forget_ascent_weight):
+        raise DeepCleanError(
+            "--selection_scope/--forget_ascent_weight: per-layer selection and the forget-ascent repair are not "
+            "available under FSDP; expected --selection_scope global or per_parameter and --forget_ascent_weight 0."
+        )
     fisher, fisher_record = compute_fisher_diagonals(model, rows, config, accelerator, params, fisher_cache, timer)
     repair_loader = rows.loader(rows.retain, shuffle=True)
     # built before the reset: the recovery target is the original model's retain accuracy
     monitor = build_monitor(model, rows, config, accelerator, repair_loader) if config.early_stopping else None
+    values = None
+    if config.selection_weighting != "none" or config.min_movement_quantile:
+        with timer("load_base"):  # every parameter's start values, which the reset then reuses
+            values = movement_start_values(base_values, params)
     with timer("select_and_reset"):
         ratios = compute_fisher_ratio(fisher["forget"], fisher["retain"], config.eps)
-        masks = select_on_every_process(ratios, config, accelerator)
-    values = None
-    if config.reset == "base":
+        if values is not None:
+            ratios = weigh_by_movement(
+                ratios,
+                params,
+                values,
+                weighting=config.selection_weighting,
+                min_movement_quantile=config.min_movement_quantile,
+            )
+        masks = select_on_every_process(ratios, config, accelerator, params)
+    if config.reset == "base" and values is None:
         with timer("load_base"):
             values = resolve_base_values(base_values, masks)
     with timer("select_and_reset"):
@@ -128,8 +157,12 @@ def run_deepclean(
             accelerator.unwrap_model(model), masks, reset=config.reset, seed=rows.seed, base_values=values
         )
     del values
-    statistics = reset_statistics(masks)
-    ratio_histogram = fisher_ratio_histogram(ratios, masks)  # a compact summary for the card; ratios are freed
+    # FSDP: masks and ratios hold each process's rows; the records describe the whole model (gathered one at a time)
+    whole_masks, whole_ratios = (
+        (WholeTensors(masks, params), WholeTensors(ratios, params)) if sharded else (masks, ratios)
+    )
+    statistics = reset_statistics(whole_masks)
+    ratio_histogram = fisher_ratio_histogram(whole_ratios, whole_masks)  # a summary for the card; ratios are freed
     del ratios
     logger.info(
         f"Reset {statistics.total.reset} of {statistics.total.numel} weights ({statistics.total.share:.2%}).",
@@ -146,15 +179,28 @@ def run_deepclean(
         )
     with timer("repair"):
         schedule = TrainingSchedule.repair_budget(config, rows.batch_size, learning_rate)
-        repair = repair_selected_weights(
-            model, masks, repair_loader, accelerator, **schedule.optimizer_arguments(), should_stop=monitor
-        )
+        if config.forget_ascent_weight:  # DeepClean with forget ascent: L_retain - w L_forget on the selection
+            repair = train_model(
+                model,
+                repair_loader,
+                accelerator,
+                **schedule.optimizer_arguments(),
+                masks=masks,
+                should_stop=monitor,
+                desc="Repair",
+                ascent_dataloader=rows.loader(rows.forget, shuffle=True),
+                ascent_weight=config.forget_ascent_weight,
+            )
+        else:
+            repair = repair_selected_weights(
+                model, masks, repair_loader, accelerator, **schedule.optimizer_arguments(), should_stop=monitor
+            )
     return DeepCleanOutcome(
         masks=masks,
         reset=ResetRecord(
             mode=config.reset,
             selection_rule=config.selection_rule,
-            selection_sha256=selection_fingerprint(masks),
+            selection_sha256=selection_fingerprint(whole_masks),
             statistics=statistics,
             init_fallback=init_fallback,
         ),
@@ -248,8 +294,10 @@ def compute_fisher_diagonals(
 def fisher_sums_over(
     model: nn.Module, rows: UnlearningRows, dataset: Dataset, *, accelerator: Accelerator, **options
 ) -> tuple[FisherDiagonal, int]:
-    """Fisher sums over `dataset` and its row count; under several processes each one reads its own shard."""
-    shard, first_index = process_shard(dataset, accelerator)
+    """Fisher sums over `dataset` and its row count; under several processes each one reads its own shard, except
+    under FSDP, where every process reads every row and keeps its rows of the sums (`ShardedFisherAccumulator`)."""
+    sharded = is_sharded_model(accelerator.unwrap_model(model))
+    shard, first_index = (dataset, 0) if sharded else process_shard(dataset, accelerator)
     return accumulate_fisher_sums(
         model, rows.loader(shard), accelerator=accelerator, first_index=first_index, **options
     )
@@ -299,23 +347,30 @@ def build_monitor(
         criterion=config.early_stopping_criterion,
         steps_per_epoch=optimizer_steps_per_epoch(repair_loader, accelerator),
         seed=rows.seed,
+        language_model=is_language_model(rows),
+        perplexity_tolerance=config.early_stopping_perplexity_tolerance,
     )
 
 
-def select_on_every_process(ratios: FisherDiagonal, config: DeepCleanConfig, accelerator: Accelerator) -> ResetMasks:
+def select_on_every_process(
+    ratios: FisherDiagonal, config: DeepCleanConfig, accelerator: Accelerator, params: Mapping[str, nn.Parameter]
+) -> ResetMasks:
     """The elements to reset (`select_weights_to_reset` with `config`), the same on every process.
 
     The ratios come from reduced sums, which every process receives identically; the masks are still broadcast
     from the main process, so that the selection, the reset and the repair act on the very same elements
-    everywhere even if a device computed a ratio differently in its last bit.
+    everywhere even if a device computed a ratio differently in its last bit. Under FSDP each process holds its
+    rows of the ratios and gets the masks of those rows (`select_blocks`: the masks one process would select).
     """
-    masks = select_weights_to_reset(
-        ratios,
-        gamma=config.gamma,
-        reset_fraction=config.reset_fraction,
-        max_reset_fraction=config.max_reset_fraction,
-        selection_scope=config.selection_scope,
-    )
+    rules = {
+        "gamma": config.gamma,
+        "reset_fraction": config.reset_fraction,
+        "max_reset_fraction": config.max_reset_fraction,
+        "selection_scope": config.selection_scope,
+    }
+    if any_sharded(params):
+        return select_blocks(ratios, params, **rules)
+    masks = select_weights_to_reset(ratios, **rules)
     if accelerator.num_processes > 1:
         # as bytes: not every backend reduces or broadcasts bool tensors
         shared = broadcast({name: mask.to(torch.uint8) for name, mask in masks.items()}, from_process=0)
@@ -331,8 +386,24 @@ def resolve_base_values(base_values: BaseValues | None, masks: ResetMasks) -> Ma
             "weights of the benchmark scenario), or --reset init or zero."
         )
     if callable(base_values):
-        return base_values([name for name, mask in masks.items() if bool(mask.any())])
+        # under FSDP masks hold each process's rows: the names come from every process
+        selected = any_process({name: bool(mask.any()) for name, mask in masks.items()})
+        return base_values([name for name, chosen in selected.items() if chosen])
     return base_values
+
+
+def movement_start_values(
+    base_values: BaseValues | None, params: Mapping[str, nn.Parameter]
+) -> Mapping[str, torch.Tensor]:
+    """`--selection_weighting` / `--min_movement_quantile`: the values training started from, for every parameter in
+    scope (the base model's, or the benchmark's initial weights)."""
+    if base_values is None:
+        raise DeepCleanError(
+            "--selection_weighting/--min_movement_quantile: weigh by movement, but the values training started from "
+            "are unknown; expected --base_model_name_or_path (a base model), or --selection_weighting none and "
+            "--min_movement_quantile 0."
+        )
+    return base_values(list(params)) if callable(base_values) else base_values
 
 
 def selection_fingerprint(masks: Mapping[str, torch.Tensor]) -> str:

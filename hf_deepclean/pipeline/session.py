@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from datasets import Dataset, Image
+from datasets import Dataset, DatasetDict, Image
 from torch import nn
 from transformers import PretrainedConfig
 
@@ -24,9 +24,10 @@ from ..data.canaries import Canaries, load_canaries
 from ..data.collators import make_dataloader, subsample
 from ..data.forget import parse_forget_spec
 from ..data.loading import UnlearningData, load_dataset_splits, prepare_unlearning_data
-from ..distributed import check_data_parallel, default_accelerator
+from ..distributed import check_parallelism, default_accelerator, sharding_plan
 from ..errors import DeepCleanError
 from ..evaluation.causal_lm import evaluate_causal_lm
+from ..evaluation.lm_attacks import QA_COLUMNS, is_question_row
 from ..evaluation.metrics import evaluate_unlearning
 from ..modeling import (
     declared_base_model,
@@ -38,6 +39,7 @@ from ..modeling import (
     load_model_config,
     load_processor,
 )
+from ..sharding import shard_model
 from .deepclean import UnlearningRows
 
 
@@ -74,6 +76,8 @@ class DeepCleanSession:
         batch_size: per-process batch size of every pass.
         monitor_rows: held-out rows set aside for the repair's early-stopping check (`reserve_monitor_rows`), never
             part of the reported held-out figures.
+        questions: a causal LM's TOFU-style question columns (`QA_COLUMNS`) of the forget and retain rows, in their
+            order, when the data has them; what forget quality and model utility read (`question_rows`).
     """
 
     model_args: ModelArguments
@@ -88,6 +92,7 @@ class DeepCleanSession:
     seed: int
     batch_size: int
     monitor_rows: Dataset | None = None
+    questions: dict[str, Dataset] | None = None
 
     @classmethod
     def load(
@@ -106,8 +111,8 @@ class DeepCleanSession:
             data_args: its data and the forget specification (None: every training row is retained).
             seed: seed of `random:` forget specifications and of subsampling.
             batch_size: per-process batch size.
-            accelerator: an existing Accelerator (`default_accelerator()` otherwise); set-ups that shard the
-                weights (FSDP, DeepSpeed) are refused.
+            accelerator: an existing Accelerator (`default_accelerator()` otherwise); under FSDP version 2 the
+                model is sharded (`prepare_for_evaluation`); DeepSpeed and tensor parallelism are refused.
         """
         if data_args.forget is not None:
             parse_forget_spec(data_args.forget)  # fail on a malformed spec before loading anything heavy
@@ -141,8 +146,7 @@ class DeepCleanSession:
             model_args=model_args,
             data_args=data_args,
             accelerator=accelerator,
-            # every process holds the whole model (evaluation and Fisher passes); a training wraps it for DDP
-            model=accelerator.prepare_model(model, evaluation_mode=True),
+            model=prepare_for_evaluation(model, accelerator),
             processor=processor,
             task=task,
             data=data,
@@ -150,6 +154,7 @@ class DeepCleanSession:
             canaries=canaries,
             seed=seed,
             batch_size=batch_size,
+            questions=question_columns(splits, data, data_args.train_split) if task == "causal-lm" else None,
         )
 
     def reserve_monitor_rows(self, count: int) -> None:
@@ -206,6 +211,22 @@ class DeepCleanSession:
         max_rows = None if split == "forget" else self.data_args.max_eval_samples
         return subsample(datasets[split], max_rows, self.seed)
 
+    def question_rows(self) -> dict[str, list[dict]] | None:
+        """The question rows TOFU's metrics read (`is_question_row`), or None without question columns: every one
+        among the forget rows (`forget`), and among the evaluated retain rows a seeded sample of at most
+        `UTILITY_QUESTIONS` (`retain`), as TOFU measures utility on 400 retain questions."""
+        if self.questions is None:
+            return None
+        retain = subsample(self.questions["retain"], self.data_args.max_eval_samples, self.seed)  # evaluated rows
+        rows = {
+            split: [row for row in dataset if is_question_row(row)]
+            for split, dataset in (("forget", self.questions["forget"]), ("retain", retain))
+        }
+        if len(rows["retain"]) > UTILITY_QUESTIONS:
+            order = np.random.default_rng(self.seed).permutation(len(rows["retain"]))
+            rows["retain"] = [rows["retain"][i] for i in sorted(order[:UTILITY_QUESTIONS].tolist())]
+        return rows
+
     def evaluation_dataloaders(self) -> dict[str, Any]:
         """The loaders every evaluation reads: forget rows, (a sample of) retain and held-out rows, canaries."""
         splits = ["forget", "retain"] + (["test"] if self.data.test is not None else [])
@@ -237,7 +258,18 @@ class DeepCleanSession:
             model = load_model(model_args, self.task)
         if failure:
             raise failure[0]
-        return self.accelerator.prepare_model(model, evaluation_mode=True)
+        return prepare_for_evaluation(model, self.accelerator)
+
+    def load_reference(self, name: str, revision: str) -> nn.Module:
+        """`--reference_model` (a model retrained without the forget rows), loaded with the session's task and safety
+        settings and prepared for evaluation; a model that does not load is refused naming --reference_model."""
+        args = dataclasses.replace(
+            self.model_args, model_name_or_path=name, revision=revision, task=self.task, adapter_name_or_path=None
+        )
+        try:
+            return self.load_model(args)
+        except DeepCleanError as error:  # the loader names --model_name_or_path, the flag of the model under test
+            raise DeepCleanError(f"--reference_model: {str(error).split(': ', 1)[-1]}") from None
 
     def load_base_values(self, names: list[str], base_config: PretrainedConfig) -> dict[str, torch.Tensor]:
         """The values of `--base_model_name_or_path` for the parameters `names` (on CPU), for `--reset base`."""
@@ -248,11 +280,49 @@ class DeepCleanSession:
         return values
 
 
+# TOFU measures model utility on 400 retain questions
+UTILITY_QUESTIONS = 400
+
+
+def question_columns(splits: DatasetDict, data: UnlearningData, train_split: str) -> dict[str, Dataset] | None:
+    """The question columns (`QA_COLUMNS`) of the forget and retain rows, in the order of `data.forget` and
+    `data.retain`; None when a split they come from lacks one of them."""
+    selection, train = data.selection, splits[train_split]
+    forget = splits[selection.split] if selection.is_separate_split else train
+    if any(column not in dataset.column_names for dataset in (train, forget) for column in QA_COLUMNS):
+        return None
+    if selection.is_separate_split:
+        return {"forget": forget.select_columns(QA_COLUMNS), "retain": train.select_columns(QA_COLUMNS)}
+    chosen = set(selection.indices)
+    retain = [i for i in range(len(train)) if i not in chosen]
+    columns = train.select_columns(QA_COLUMNS)
+    return {"forget": columns.select(selection.indices), "retain": columns.select(retain)}
+
+
+def prepare_for_evaluation(model: nn.Module, accelerator: Accelerator) -> nn.Module:
+    """The model as every pass of the run uses it: under FSDP2 (`sharding_plan`) sharded block by block across the
+    processes; otherwise whole on every process, prepared by Accelerate (a training wraps it for DDP)."""
+    plan = sharding_plan(accelerator)
+    if plan is None:
+        return accelerator.prepare_model(model, evaluation_mode=True)
+    if getattr(model, "peft_config", None) is not None:
+        raise DeepCleanError(
+            "--adapter_name_or_path: got an adapter under FSDP, which this version does not shard; expected a full "
+            "model under FSDP, or the adapter run data parallel (its state is the adapter's size)."
+        )
+    return shard_model(
+        model.to(accelerator.device),
+        wrap=plan.wrap,
+        reshard_after_forward=plan.reshard_after_forward,
+        mixed_precision=plan.mixed_precision,
+    )
+
+
 def checked_accelerator(accelerator: Accelerator | None) -> Accelerator:
-    """`accelerator` checked for a data-parallel set-up, or `default_accelerator()`."""
+    """`accelerator` checked for a supported set-up (`check_parallelism`), or `default_accelerator()`."""
     if accelerator is None:
         return default_accelerator()
-    check_data_parallel(accelerator)
+    check_parallelism(accelerator)
     return accelerator
 
 

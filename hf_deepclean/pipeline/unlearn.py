@@ -12,6 +12,7 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
@@ -32,9 +33,11 @@ from ..hub.output import CONFIG_NAME, RESULTS_NAME, atomic_output_dir, check_out
 from ..hub.plots import loss_histograms
 from ..hub.push import check_hub_token, push_output_dir
 from ..modeling import get_parameters_in_scope, merge_adapter
-from ..records import ForgetRecord, ModelRecord, RunRecord, StageTimer, UnlearningResults, to_json
+from ..records import ForgetRecord, ModelRecord, ReferenceRecord, RunRecord, StageTimer, UnlearningResults, to_json
+from ..sharding import full_state_dict, is_sharded_model
 from ..unlearning.repair import MONITOR_ROWS
 from ..unlearning.reset import ResetMasks
+from .assessment import ReferenceMeasures, compare_with_reference, measure_questions, measure_reference
 from .deepclean import concrete_config, run_deepclean
 from .fisher_sums import load_checked_fisher_cache
 from .session import DeepCleanSession, checked_accelerator, library_versions, resolve_reset
@@ -66,8 +69,8 @@ def unlearn(
         model_args: the model to clean.
         data_args: its training data and the forget specification.
         output_args: output folder, seed, adapter merging and Hub publishing.
-        accelerator: an existing Accelerator (`default_accelerator()` otherwise). Set-ups that shard the weights
-            (FSDP, DeepSpeed) are refused.
+        accelerator: an existing Accelerator (`default_accelerator()` otherwise). Under FSDP version 2 the weights
+            and DeepClean's state are sharded across processes; DeepSpeed and tensor parallelism are refused.
 
     Returns:
         The results (also written as `deepclean_results.json`), the session holding the cleaned model, and the
@@ -84,6 +87,11 @@ def unlearn(
     with timer("load"):
         session, run_config, base_config = load_session(config, model_args, data_args, output_args.seed, accelerator)
         fisher_cache = load_checked_fisher_cache(session, config) if config.fisher_cache is not None else None
+    reference = questions_before = None
+    if output_args.reference_model is not None:
+        with timer("evaluate_reference"):  # measured and freed before the unlearning
+            reference = measure_reference(session, output_args.reference_model, output_args.reference_revision)
+            questions_before = measure_questions(session, session.model)
     with timer("evaluate_before"):
         before, outputs_before = session.evaluate(prefix="before ", return_outputs=True)
     outcome = run_deepclean(
@@ -113,10 +121,19 @@ def unlearn(
         evaluated_rows={split: len(values["loss"]) for split, values in outputs_after.items()},
         warnings=damage_warnings(run_config, before, after, kept_test_rows(session, outputs_before, outputs_after)),
     )
+    if reference is not None:
+        with timer("evaluate_reference"):
+            results.reference = reference_record(
+                session, reference, (before, outputs_before, questions_before), (after, outputs_after)
+            )
+        results.timings["evaluate_reference"] = timer.seconds["evaluate_reference"]
+    # under FSDP every process sends its rows of the weights to the main one (a collective), which writes them
+    state_dict = full_state_dict(session.unwrapped_model) if is_sharded_model(session.unwrapped_model) else None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with timer("save"):
-            save_output(session, run_record(session, model_args, config, output_args), results, output_args)
+            record = run_record(session, model_args, config, output_args)
+            save_output(session, record, results, output_args, state_dict=state_dict)
         results.timings["save"] = timer.seconds["save"]
         if output_args.push_to_hub:
             results.hub_commit_url = push_output_dir(
@@ -138,10 +155,6 @@ def load_session(
         model_args, data_args, seed=seed, batch_size=config.per_device_batch_size, accelerator=accelerator
     )
     get_parameters_in_scope(session.unwrapped_model, config.scope)  # an empty scope is refused before any work
-    if config.early_stopping and session.task in GENERATIVE_TASKS:
-        raise DeepCleanError(
-            f"--early_stopping: watches classification accuracy; a {session.task} model has none, expected it off."
-        )
     run_config = concrete_config(
         dataclasses.replace(config, reset=reset),
         base_known=base_config is not None,
@@ -150,6 +163,16 @@ def load_session(
     if run_config.early_stopping and run_config.early_stopping_criterion == "retain_and_mia":
         session.reserve_monitor_rows(MONITOR_ROWS)
     return session, run_config, base_config
+
+
+def reference_record(
+    session: DeepCleanSession, reference: ReferenceMeasures, before: tuple, after: tuple
+) -> ReferenceRecord:
+    """The comparison with the reference of the original (`before`: metrics, outputs and question scores) and of the
+    cleaned model (`after`: metrics and outputs; its question scores are measured here)."""
+    after = (*after, measure_questions(session, session.model))
+    rows = {f"{split}_questions": len(scores["answer_log_prob"]) for split, scores in after[2].items()}
+    return reference.record(*(compare_with_reference(reference, *measured) for measured in (before, after)), rows)
 
 
 def damage_warnings(
@@ -228,15 +251,22 @@ def run_record(
         ),
         seed=output_args.seed,
         num_processes=session.accelerator.num_processes,
+        sharding="fsdp2" if is_sharded_model(session.unwrapped_model) else "none",
         library_versions=library_versions(),
         canaries=session.canaries.record() if session.canaries is not None else None,
     )
 
 
 def save_output(
-    session: DeepCleanSession, record: RunRecord, results: UnlearningResults, output_args: OutputArguments
+    session: DeepCleanSession,
+    record: RunRecord,
+    results: UnlearningResults,
+    output_args: OutputArguments,
+    *,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write model, processor, card and json reports to `output_args.output_dir`, atomically."""
+    """Write model, processor, card and json reports to `output_args.output_dir`, atomically; `state_dict`: the
+    whole weights of a model sharded with FSDP2 (`hf_deepclean.sharding.full_state_dict`)."""
     model = session.unwrapped_model
     if output_args.merge_adapter:
         # merging rewrites the base layers in place: from here on the session's model is the merged one
@@ -244,7 +274,7 @@ def save_output(
     output_dir = output_args.output_dir
     try:
         with atomic_output_dir(output_dir, output_args.overwrite_output_dir) as staging:
-            model.save_pretrained(staging)
+            model.save_pretrained(staging, state_dict=state_dict)
             session.processor.save_pretrained(staging)
             (staging / CONFIG_NAME).write_text(to_json(record))
             (staging / RESULTS_NAME).write_text(to_json(results))

@@ -194,9 +194,10 @@ def choose_repair_learning_rate(
     accelerator: Accelerator,
     masks: Mapping[str, torch.Tensor],
 ) -> tuple[float | None, LearningRateProbe | None]:
-    """The rate of DeepClean's repair of the reset elements (`masks`): `config.learning_rate` when set, else the one
-    `probe_learning_rate` chooses with the run's optimizer settings (logged). A repeated sweep may take up to half
-    the repair's steps per trial.
+    """The rate of DeepClean's repair of the reset elements (`masks`): `config.learning_rate` when set; else, after a
+    reset to a base model's values (`config.reset == "base"`, as `run_deepclean` decides it),
+    `config.base_reset_learning_rate` when set; else the one `probe_learning_rate` chooses with the run's optimizer
+    settings (logged). A repeated sweep may take up to half the repair's steps per trial.
 
     Returns:
         `(rate, probe)`; `(config.learning_rate, None)` without a probe, and the rate is `None` when nothing is
@@ -204,6 +205,13 @@ def choose_repair_learning_rate(
     """
     if config.learning_rate is not None or not config.repair_epochs:
         return config.learning_rate, None
+    if config.reset == "base" and config.base_reset_learning_rate is not None:
+        logger.info(
+            f"Repair learning rate {config.base_reset_learning_rate:g} (--base_reset_learning_rate: the reset went to "
+            "the base model's values, so no probe).",
+            main_process_only=True,
+        )
+        return config.base_reset_learning_rate, None
     repair_steps = math.ceil(config.repair_epochs * optimizer_steps_per_epoch(train_dataloader, accelerator))
     probe = probe_learning_rate(
         model,

@@ -126,14 +126,18 @@ def train_model(
         optimizer = torch.optim.AdamW(list(trainable.values()), lr=learning_rate, weight_decay=weight_decay)
         # Accelerate's scheduler takes one step per process at every optimizer step (it expects schedules counted in
         # one-process steps) unless batches are split, so the counts are scaled to keep `total_steps` optimizer steps
-        scheduler_steps_per_update = 1 if accelerator.split_batches else accelerator.num_processes
+        # (under FSDP the optimizer is not prepared, see below: its scheduler steps once per update)
+        scheduler_steps_per_update = 1 if accelerator.split_batches or sharded else accelerator.num_processes
         scheduler = get_scheduler(
             lr_scheduler_type,
             optimizer,
             num_warmup_steps=int(warmup_ratio * total_steps) * scheduler_steps_per_update,
             num_training_steps=total_steps * scheduler_steps_per_update,
         )
-        optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
+        if not sharded:
+            # Accelerate prepares an FSDP2 optimizer only together with the model, which hf_deepclean shards itself;
+            # there is nothing for it to do under FSDP (no gradient scaler: fp16 is refused, `sharding_plan`)
+            optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
         _set_train_mode(unwrapped, frozen_statistics=masks is not None)
         step, loss_value, stopped_early = 0, None, False
         progress = tqdm(total=total_steps, desc=desc, disable=not accelerator.is_local_main_process, leave=False)
