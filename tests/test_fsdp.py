@@ -256,3 +256,22 @@ def test_unlearn_under_fsdp_on_one_gpu_writes_the_plain_checkpoint(text_model_di
     )
     for name, value in plain.items():
         torch.testing.assert_close(fsdp[name], value, rtol=1e-4, atol=1e-5)
+
+
+def test_fisher_cache_is_refused_under_fsdp_and_nothing_is_written(text_model_dir, text_csv_files, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    script = Path(__file__).parent.parent / "scripts" / "unlearn.py"
+    cache = tmp_path / "sums.safetensors"
+    cache.write_bytes(b"")  # never read: the refusal comes first
+    arguments = _unlearn_arguments(text_model_dir, text_csv_files, tmp_path / "out", batch_size=4)
+    launch = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP_CONFIG), str(script),
+         *arguments, "--fisher_cache", str(cache)],
+        env=dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1"), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert launch.returncode != 0
+    assert "--fisher_cache: not available under FSDP" in launch.stdout + launch.stderr
+    assert not (tmp_path / "out").exists()

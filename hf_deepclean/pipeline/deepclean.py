@@ -119,6 +119,8 @@ def run_deepclean(
     config = concrete_config(config, base_known=base_values is not None, language_model=is_language_model(rows))
     params = get_parameters_in_scope(accelerator.unwrap_model(model), config.scope)
     sharded = any_sharded(params)
+    if sharded and fisher_cache is not None:
+        refuse_fisher_cache_under_fsdp()
     if sharded and (config.selection_weighting != "none" or config.min_movement_quantile):
         raise DeepCleanError(
             "--selection_weighting/--min_movement_quantile: weighing by movement is not available under FSDP; "
@@ -300,6 +302,13 @@ def fisher_sums_over(
     shard, first_index = (dataset, 0) if sharded else process_shard(dataset, accelerator)
     return accumulate_fisher_sums(
         model, rows.loader(shard), accelerator=accelerator, first_index=first_index, **options
+    )
+
+
+def refuse_fisher_cache_under_fsdp() -> None:
+    raise DeepCleanError(
+        "--fisher_cache: not available under FSDP in this version (the cache holds whole sums and whole-weight "
+        "fingerprints); expected no --fisher_cache, or the run data parallel."
     )
 
 

@@ -25,6 +25,7 @@ from ..fisher.cache import (
 from ..fisher.engine import fisher_from_sums
 from ..modeling import get_parameters_in_scope
 from ..records import StageTimer
+from ..sharding import is_sharded_model
 from .deepclean import fisher_check_tolerance, fisher_sums_over
 from .session import DeepCleanSession
 
@@ -118,6 +119,11 @@ def compute_fisher_sums(
     session = DeepCleanSession.load(
         model_args, data_args, seed=fisher_args.seed, batch_size=config.per_device_batch_size, accelerator=accelerator
     )
+    if is_sharded_model(session.unwrapped_model):
+        raise DeepCleanError(
+            "hf-deepclean fisher: not available under FSDP in this version (the cache holds whole sums and "
+            "whole-weight fingerprints); expected a data-parallel launch (torchrun, accelerate launch --multi_gpu)."
+        )
     params = get_parameters_in_scope(session.unwrapped_model, config.scope)
     rows = "retain" if data_args.forget is None else "forget"
     if rows == "forget" and session.data.selection.is_separate_split:

@@ -38,7 +38,7 @@ from ..sharding import full_state_dict, is_sharded_model
 from ..unlearning.repair import MONITOR_ROWS
 from ..unlearning.reset import ResetMasks
 from .assessment import ReferenceMeasures, compare_with_reference, measure_questions, measure_reference
-from .deepclean import concrete_config, run_deepclean
+from .deepclean import concrete_config, refuse_fisher_cache_under_fsdp, run_deepclean
 from .fisher_sums import load_checked_fisher_cache
 from .session import DeepCleanSession, checked_accelerator, library_versions, resolve_reset
 
@@ -86,6 +86,8 @@ def unlearn(
     timer = StageTimer()
     with timer("load"):
         session, run_config, base_config = load_session(config, model_args, data_args, output_args.seed, accelerator)
+        if config.fisher_cache is not None and is_sharded_model(session.unwrapped_model):
+            refuse_fisher_cache_under_fsdp()
         fisher_cache = load_checked_fisher_cache(session, config) if config.fisher_cache is not None else None
     reference = questions_before = None
     if output_args.reference_model is not None:
