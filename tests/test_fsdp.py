@@ -132,19 +132,31 @@ def test_shard_model_refuses_a_model_without_the_named_blocks():
         {"gamma": None, "reset_fraction": 0.4, "selection_scope": "per_parameter", "max_reset_fraction": 0.2},
     ],
 )
-def test_block_selection_on_one_process_is_select_weights_to_reset(rule):
-    """Without ties (continuous ratios, some zero), the block rules select what the library's selection does."""
+def test_selection_rules_match_a_sort(rule):
+    """The library's selection rules (on one process, whole tensors) against sorts of the ratios: gamma, a global or
+    per-tensor share, and the cap, with some ratios at zero."""
     from hf_deepclean.unlearning.selection import select_weights_to_reset
-    from hf_deepclean.unlearning.top_k import select_blocks
 
     generator = torch.Generator().manual_seed(4)
     shapes = {"a": (4, 5), "b": (7,), "c": (3, 2, 2)}
     ratios = {n: torch.rand(s, generator=generator) ** 3 * 10 for n, s in shapes.items()}
     ratios["b"][:3] = 0
-    expected = select_weights_to_reset(ratios, **rule)
-    got = select_blocks(ratios, ratios, **rule)
-    for name in shapes:
-        assert torch.equal(got[name], expected[name]), name
+    names = list(shapes)
+    total = sum(r.numel() for r in ratios.values())
+    cap = round(rule.get("max_reset_fraction", 1.0) * total)
+    if rule["gamma"] is not None:
+        expected = [(ratios[n] > rule["gamma"]) for n in names]
+        if sum(int(m.sum()) for m in expected) > cap:
+            expected = _brute_top_k([ratios[n] for n in names], cap)
+    elif rule.get("selection_scope") == "per_parameter":
+        expected = [_brute_top_k([ratios[n]], round(rule["reset_fraction"] * ratios[n].numel()))[0] for n in names]
+        if sum(int(m.sum()) for m in expected) > cap:
+            expected = _brute_top_k([torch.where(m, ratios[n], 0) for m, n in zip(expected, names)], cap)
+    else:
+        expected = _brute_top_k([ratios[n] for n in names], min(round(rule["reset_fraction"] * total), cap))
+    got = select_weights_to_reset(ratios, **rule)
+    for name, mask in zip(names, expected, strict=True):
+        assert torch.equal(got[name], mask), name
     assert sum(int(m.sum()) for m in got.values()) > 0
 
 

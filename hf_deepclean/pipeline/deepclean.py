@@ -37,7 +37,6 @@ from ..unlearning.selection import (
     select_weights_to_reset,
     weigh_by_movement,
 )
-from ..unlearning.top_k import select_blocks
 from ..unlearning.training import TrainingSchedule, optimizer_steps_per_epoch, train_model
 
 
@@ -119,18 +118,8 @@ def run_deepclean(
     config = concrete_config(config, base_known=base_values is not None, language_model=is_language_model(rows))
     params = get_parameters_in_scope(accelerator.unwrap_model(model), config.scope)
     sharded = any_sharded(params)
-    if sharded and fisher_cache is not None:
-        refuse_fisher_cache_under_fsdp()
-    if sharded and (config.selection_weighting != "none" or config.min_movement_quantile):
-        raise DeepCleanError(
-            "--selection_weighting/--min_movement_quantile: weighing by movement is not available under FSDP; "
-            "expected --selection_weighting none and --min_movement_quantile 0."
-        )
-    if sharded and (config.selection_scope == "per_layer" or config.forget_ascent_weight):
-        raise DeepCleanError(
-            "--selection_scope/--forget_ascent_weight: per-layer selection and the forget-ascent repair are not "
-            "available under FSDP; expected --selection_scope global or per_parameter and --forget_ascent_weight 0."
-        )
+    if sharded:
+        check_fsdp_settings(config, fisher_cache)
     fisher, fisher_record = compute_fisher_diagonals(model, rows, config, accelerator, params, fisher_cache, timer)
     repair_loader = rows.loader(rows.retain, shuffle=True)
     # built before the reset: the recovery target is the original model's retain accuracy
@@ -305,6 +294,22 @@ def fisher_sums_over(
     )
 
 
+def check_fsdp_settings(config: DeepCleanConfig, fisher_cache: CachedFisherSums | None) -> None:
+    """Refuse the settings that do not run on FSDP-sharded weights in this version."""
+    if fisher_cache is not None:
+        refuse_fisher_cache_under_fsdp()
+    if config.selection_weighting != "none" or config.min_movement_quantile:
+        raise DeepCleanError(
+            "--selection_weighting/--min_movement_quantile: weighing by movement is not available under FSDP; "
+            "expected --selection_weighting none and --min_movement_quantile 0."
+        )
+    if config.selection_scope == "per_layer" or config.forget_ascent_weight:
+        raise DeepCleanError(
+            "--selection_scope/--forget_ascent_weight: per-layer selection and the forget-ascent repair are not "
+            "available under FSDP; expected --selection_scope global or per_parameter and --forget_ascent_weight 0."
+        )
+
+
 def refuse_fisher_cache_under_fsdp() -> None:
     raise DeepCleanError(
         "--fisher_cache: not available under FSDP in this version (the cache holds whole sums and whole-weight "
@@ -369,7 +374,7 @@ def select_on_every_process(
     The ratios come from reduced sums, which every process receives identically; the masks are still broadcast
     from the main process, so that the selection, the reset and the repair act on the very same elements
     everywhere even if a device computed a ratio differently in its last bit. Under FSDP each process holds its
-    rows of the ratios and gets the masks of those rows (`select_blocks`: the masks one process would select).
+    rows of the ratios and gets the masks of those rows (the masks one process would select).
     """
     rules = {
         "gamma": config.gamma,
@@ -378,7 +383,7 @@ def select_on_every_process(
         "selection_scope": config.selection_scope,
     }
     if any_sharded(params):
-        return select_blocks(ratios, params, **rules)
+        return select_weights_to_reset(ratios, params=params, **rules)
     masks = select_weights_to_reset(ratios, **rules)
     if accelerator.num_processes > 1:
         # as bytes: not every backend reduces or broadcasts bool tensors

@@ -13,7 +13,9 @@ from ..config import SELECTION_SCOPES, SELECTION_WEIGHTINGS
 from ..errors import DeepCleanError
 from ..fisher.engine import FisherDiagonal
 from ..records import ResetCount, ResetStatistics
+from ..sharding import is_sharded
 from .reset import ResetMasks
+from .top_k import Block, count_true, largest_value, positive_counts, top_k_masks
 
 
 logger = logging.getLogger(__name__)
@@ -93,11 +95,12 @@ def select_weights_to_reset(
     reset_fraction: float | None = None,
     max_reset_fraction: float = 1.0,
     selection_scope: str = "global",
+    params: Mapping[str, torch.Tensor] | None = None,
 ) -> ResetMasks:
     """Choose the elements to reset.
 
     Args:
-        ratios: Fisher ratios per parameter.
+        ratios: Fisher ratios per parameter (under FSDP, this process's rows of each; see `params`).
         gamma: select every element with `ratio > gamma` (takes precedence over `reset_fraction`).
         reset_fraction: otherwise, select the `reset_fraction` share of all elements with the largest ratio.
         max_reset_fraction: never select more than this share; when the rule asks for more, the elements with
@@ -106,10 +109,13 @@ def select_weights_to_reset(
             of every parameter tensor separately (`per_parameter`), or of every layer (`per_layer`: the tensors
             `layer_of` groups together), so every tensor or layer gets reset a little. `gamma` is an elementwise
             threshold and ignores it.
+        params: the parameters the ratios belong to, when some are sharded by FSDP2 (`ratios` then hold this
+            process's rows, and every process must call this function): each process gets the masks of its rows,
+            and together they are the masks one process would select. Default: the ratios are whole.
 
     Elements with a ratio of 0 (no Fisher information on the forget set) are never selected. A fraction rule
-    selects exactly the requested number of elements; ties at its threshold are broken by `torch.topk`
-    (deterministic for a given input on a given device).
+    selects exactly the requested number of elements (`hf_deepclean.unlearning.top_k`); ties at its threshold are
+    taken in the order of the elements' index, parameter after parameter.
 
     Returns:
         `{parameter name: bool mask}` for every parameter in `ratios`.
@@ -124,59 +130,48 @@ def select_weights_to_reset(
             f"--selection_scope: got {selection_scope!r}; expected one of {', '.join(SELECTION_SCOPES)}."
         )
     names = list(ratios)
-    sizes = [ratios[name].numel() for name in names]
-    flat = torch.cat([ratios[name].detach().reshape(-1).float() for name in names])
-    total = flat.numel()
+    params = ratios if params is None else params
+    blocks = [Block(ratios[name].detach().float(), replicated=not is_sharded(params[name])) for name in names]
+    total = sum(params[name].numel() for name in names)
     cap = round(max_reset_fraction * total)
     if gamma is not None:
-        selected = (flat > gamma) & (flat > 0)
-        if int(selected.sum()) > cap:
+        above = [(block.values > gamma) & (block.values > 0) for block in blocks]
+        if count_true(above, blocks) > cap:
             logger.warning(
-                f"gamma={gamma:g} selects {int(selected.sum())} of {total} elements, more than "
+                f"gamma={gamma:g} selects {count_true(above, blocks)} of {total} elements, more than "
                 f"--max_reset_fraction={max_reset_fraction:g}; keeping the top {cap} by ratio."
             )
-            selected = _top_k_mask(flat, cap)
+            above = top_k_masks(blocks, [cap])
+        selected = above
     elif selection_scope in ("per_parameter", "per_layer"):
-        parts = list(flat.split(sizes))
         key = layer_of if selection_scope == "per_layer" else str
-        groups: dict[str, list[int]] = {}
-        for index, name in enumerate(names):
-            groups.setdefault(key(name), []).append(index)
-        chosen: list[torch.Tensor] = [torch.empty(0, dtype=torch.bool)] * len(names)
-        for members in groups.values():
-            group = torch.cat([parts[i] for i in members])
-            pieces = _top_k_mask(group, round(reset_fraction * group.numel())).split([sizes[i] for i in members])
-            for i, piece in zip(members, pieces, strict=True):
-                chosen[i] = piece
-        selected = torch.cat(chosen) if chosen else torch.zeros_like(flat, dtype=torch.bool)
-        if int(selected.sum()) > cap:
-            selected = _top_k_mask(torch.where(selected, flat, torch.zeros_like(flat)), cap)
+        group_of: dict[str, int] = {}
+        for name in names:
+            group_of.setdefault(key(name), len(group_of))
+        sizes = [0] * len(group_of)
+        for name in names:
+            sizes[group_of[key(name)]] += params[name].numel()
+        grouped = [Block(b.values, group_of[key(n)], b.replicated) for n, b in zip(names, blocks, strict=True)]
+        selected = top_k_masks(grouped, [round(reset_fraction * size) for size in sizes])
+        if count_true(selected, blocks) > cap:
+            kept = [Block(torch.where(m, b.values, 0), 0, b.replicated) for m, b in zip(selected, blocks, strict=True)]
+            selected = top_k_masks(kept, [cap])
     else:
         k = min(round(reset_fraction * total), cap)
-        positive = int((flat > 0).sum())
+        positive = positive_counts(blocks, 1)[0]
         if k > positive:
             logger.warning(f"only {positive} elements have a positive Fisher ratio; selecting those, not {k}.")
-            k = positive
-        selected = _top_k_mask(flat, k)
-    if not bool(selected.any()):
-        largest = float(flat.max()) if total else float("nan")
+        selected = top_k_masks(blocks, [k])
+    if count_true(selected, blocks) == 0:
         hint = (
-            f"lower --gamma below the largest ratio {largest:.3g}" if gamma is not None else "raise --reset_fraction"
+            f"lower --gamma below the largest ratio {largest_value(blocks):.3g}"
+            if gamma is not None
+            else "raise --reset_fraction"
         )
         raise DeepCleanError(f"--gamma/--reset_fraction: the selection rule selects no weights; {hint}.")
-    masks, offset = {}, 0
-    for name in names:
-        n = ratios[name].numel()
-        masks[name] = selected[offset : offset + n].view_as(ratios[name]).to(ratios[name].device)
-        offset += n
-    return masks
-
-
-def _top_k_mask(flat: torch.Tensor, k: int) -> torch.Tensor:
-    mask = torch.zeros_like(flat, dtype=torch.bool)
-    if k > 0:
-        mask[torch.topk(flat, k, sorted=False).indices] = True
-    return mask & (flat > 0)
+    return {
+        name: mask.view_as(ratios[name]).to(ratios[name].device) for name, mask in zip(names, selected, strict=True)
+    }
 
 
 def reset_statistics(masks: Mapping[str, torch.Tensor]) -> ResetStatistics:

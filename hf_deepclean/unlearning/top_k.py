@@ -12,7 +12,8 @@ Values must be >= 0 (Fisher ratios); elements at 0 are never selected.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -112,47 +113,19 @@ def top_k_masks(blocks: Sequence[Block], ks: Sequence[int]) -> list[torch.Tensor
     return masks
 
 
-def select_blocks(
-    ratios: Mapping[str, torch.Tensor],
-    params: Mapping[str, torch.Tensor],
-    *,
-    gamma: float | None,
-    reset_fraction: float | None,
-    max_reset_fraction: float = 1.0,
-    selection_scope: str = "global",
-) -> dict[str, torch.Tensor]:
-    """`hf_deepclean.unlearning.selection.select_weights_to_reset`'s rules on ratios held in row blocks of FSDP-sharded
-    parameters (`ratios[name]`: this process's rows of `params[name]`), with the ties rule of `top_k_masks`: every
-    process gets the masks of its own rows, and together they are the masks one process would select.
+def count_true(masks: Sequence[torch.Tensor], blocks: Sequence[Block]) -> int:
+    """The number of selected elements over every process (each replicated block counted once)."""
+    _, rank = _world()
+    counts = torch.tensor(
+        [sum(int(m.sum()) for m, b in zip(masks, blocks, strict=True) if not (b.replicated and rank))]
+    )
+    return int(_sum(counts)[0])
 
-    Raises:
-        DeepCleanError: if nothing is selected.
-    """
-    from ..errors import DeepCleanError
-    from ..sharding import is_sharded
 
-    names = list(ratios)
-    replicated = {name: not is_sharded(params[name]) for name in names}
-    total = sum(params[name].numel() for name in names)
-    cap = round(max_reset_fraction * total)
-    blocks = [Block(ratios[name], replicated=replicated[name]) for name in names]
-    if gamma is not None:
-        above = [block.values > gamma for block in blocks]
-        count = _sum(
-            torch.tensor([sum(int(a.sum()) for a, b in zip(above, blocks) if not (b.replicated and _world()[1]))])
-        )
-        masks = top_k_masks(blocks, [cap]) if int(count) > cap else [a & (b.values > 0) for a, b in zip(above, blocks)]
-    elif selection_scope == "per_parameter":
-        per_group = [Block(b.values, group=i, replicated=b.replicated) for i, b in enumerate(blocks)]
-        masks = top_k_masks(per_group, [round(reset_fraction * params[name].numel()) for name in names])
-        kept = [
-            Block(torch.where(m, b.values, torch.zeros_like(b.values)), replicated=b.replicated)
-            for m, b in zip(masks, blocks)
-        ]
-        if sum(positive_counts(kept, 1)) > cap:
-            masks = top_k_masks(kept, [cap])
-    else:
-        masks = top_k_masks(blocks, [min(round(reset_fraction * total), cap)])
-    if not positive_counts([Block(m.float(), replicated=b.replicated) for m, b in zip(masks, blocks)], 1)[0]:
-        raise DeepCleanError("--gamma/--reset_fraction: the selection rule selects no weights; change the rule.")
-    return dict(zip(names, masks, strict=True))
+def largest_value(blocks: Sequence[Block]) -> float:
+    """The largest value over every process's blocks (NaN when there are no elements)."""
+    local = [float(b.values.max()) for b in blocks if b.values.numel()]
+    value = torch.tensor([max(local) if local else -math.inf], dtype=torch.float64)
+    if _world()[0] > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return float(value[0]) if math.isfinite(float(value[0])) else math.nan
