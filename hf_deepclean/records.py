@@ -163,15 +163,17 @@ class RepairRecord:
     final_loss: float | None
     stopped_early: bool
     learning_rate: float | None
-    # `{rate: retain loss}` of each rate the probe's last sweep tried, its steps per trial, and the retain loss before
-    # the trials; None when the rate was given
+    # `{rate: retain loss}` of each rate the probe's last sweep tried (empty, with 0 steps, when the reset did too
+    # little damage for trials), its steps per trial, the retain loss before the trials and the original model's
+    # before the reset; None when the rate was given
     learning_rate_probe: dict[str, float] | None = None
     learning_rate_probe_steps: int | None = None
     learning_rate_probe_start_loss: float | None = None
+    learning_rate_probe_reference_loss: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         record = asdict(self)
-        for key in ("learning_rate_probe", "learning_rate_probe_steps", "learning_rate_probe_start_loss"):
+        for key in [name for name in record if name.startswith("learning_rate_probe")]:
             if record[key] is None:
                 del record[key]
         return record

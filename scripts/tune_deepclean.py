@@ -14,6 +14,7 @@ them). Every variant runs the pipeline's `run_deepclean`, Fisher passes included
 import argparse
 import dataclasses
 import logging
+import math
 import sys
 
 from hf_deepclean.bench import baselines as baselines_module
@@ -23,6 +24,7 @@ from hf_deepclean.bench.report import format_benchmark_tables, write_benchmark_r
 from hf_deepclean.cli import parse_unlearn_args
 from hf_deepclean.config import DeepCleanConfig
 from hf_deepclean.hub.output import check_output_dir
+from hf_deepclean.unlearning import probe as probe_module
 
 
 GRID = {
@@ -109,10 +111,14 @@ GRID = {
     # the retain Fisher on a seeded sample of that many rows (`--max_retain_samples` of `hf-deepclean unlearn`)
     "retain256": {"max_retain_samples": 256},
     "retain512": {"max_retain_samples": 512},
+    # the probe's trials even when the reset barely raised the retain loss (the behaviour before PROBE_MIN_DAMAGE,
+    # 2026-12-06; `probe_trials_runs` sets it for these entries)
+    "probe_trials": {"probe_trials": True},
 }
 # not a DeepCleanConfig field: `hf-deepclean unlearn` takes it as a data argument, and the benchmark's DeepClean
 # does not, so `retain_sample_runs` passes it to the pipeline for the entries that set it
 RETAIN_SAMPLES = "max_retain_samples"
+PROBE_TRIALS = "probe_trials"
 
 
 def retain_sample_runs(samples: dict[int, int]) -> None:
@@ -127,6 +133,22 @@ def retain_sample_runs(samples: dict[int, int]) -> None:
     baselines_module.run_deepclean = run_deepclean
 
 
+def probe_trials_runs(configs: set[int]) -> None:
+    """Make the learning-rate probe run its trials for those configs however little the reset raised the loss."""
+    run = baselines_module.run_deepclean
+
+    def run_deepclean(model, rows, config, *args, **kwargs):
+        if id(config) not in configs:
+            return run(model, rows, config, *args, **kwargs)
+        default, probe_module.PROBE_MIN_DAMAGE = probe_module.PROBE_MIN_DAMAGE, -math.inf
+        try:
+            return run(model, rows, config, *args, **kwargs)
+        finally:
+            probe_module.PROBE_MIN_DAMAGE = default
+
+    baselines_module.run_deepclean = run_deepclean
+
+
 def main(argv: list[str]) -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     pre = argparse.ArgumentParser(add_help=False)
@@ -137,14 +159,18 @@ def main(argv: list[str]) -> int:
     )
     check_output_dir(args.output_dir, args.overwrite_output_dir)
     base = {key: value for key, value in vars(method).items()}
-    variants, samples = {}, {}
+    variants, samples, trials = {}, {}, set()
     for name in known.grid:
         entry = dict(GRID[name])
         rows = entry.pop(RETAIN_SAMPLES, None)
+        always_trials = entry.pop(PROBE_TRIALS, False)
         variants[f"dc_{name}"] = config = DeepCleanConfig(**{**base, **entry})
         if rows is not None:
             samples[id(config)] = rows
+        if always_trials:
+            trials.add(id(config))
     retain_sample_runs(samples)
+    probe_trials_runs(trials)
     results = run_benchmark(args, method, baselines, variants=variants)
     write_benchmark_report(results, args.output_dir, overwrite=args.overwrite_output_dir)
     print(format_benchmark_tables(results), end="")

@@ -194,3 +194,34 @@ def test_benchmark_help_lists_the_language_model_options(capsys):
     out = capsys.readouterr().out
     for option in ("--facts_people", "--npo_beta", "--simnpo_beta", "--simnpo_gamma", "--llm_retain_weight"):
         assert option in out
+
+
+@pytest.mark.parametrize("tolerance", [100.0, 0.0])
+def test_benchmark_early_stopping_watches_retain_perplexity_of_a_causal_lm(tmp_path, monkeypatch, tolerance):
+    """`--early_stopping` on a facts scenario: DeepClean's repair is watched on retain perplexity against the
+    original's. A tolerance no reset can exceed ends the repair at the first check; none leaves it running past it."""
+    from hf_deepclean.pipeline import deepclean as deepclean_module
+
+    monitors = []
+    build = deepclean_module.build_repair_monitor
+
+    def spy(*args, **kwargs):
+        monitors.append(build(*args, **kwargs))
+        return monitors[-1]
+
+    monkeypatch.setattr(deepclean_module, "build_repair_monitor", spy)
+    args = [
+        *("benchmark", "--output_dir", str(tmp_path / "bench"), "--scenarios", "facts_forget10", "--seeds", "0"),
+        *("--facts_people", str(PEOPLE), "--epochs", "6", "--repair_epochs", "2", "--max_eval_samples", "20"),
+        *("--methods", "original", "deepclean", "--early_stopping"),
+        *("--early_stopping_perplexity_tolerance", str(tolerance), "--learning_rate", "1e-3"),
+    ]
+    assert main(args) == 0
+    (monitor,) = monitors
+    assert monitor.language_model and monitor.target_retain_accuracy is None
+    history = monitor.history
+    assert history and all("retain_perplexity" in check for check in history)
+    if tolerance:
+        assert len(history) == 1 and history[0]["retain_perplexity"] <= monitor.target_retain_perplexity
+    else:  # the original's own perplexity is not reached at the first check (the reset raised it)
+        assert history[0]["retain_perplexity"] > monitor.target_retain_perplexity

@@ -11,6 +11,7 @@ import evaluate
 import pytest
 import torch
 from datasets import Dataset, DatasetDict
+from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2LMHeadModel, PreTrainedTokenizerFast
 
@@ -188,6 +189,16 @@ def test_card_shows_forget_quality_utility_and_privleak_against_the_reference(fa
         row = next(line for line in card.splitlines() if line.startswith(f"| {label} ("))
         assert f"| {reference['after'][key]:.4g} |" in row and f"{reference['before'][key]:.4g}" in row, row
     assert str(root) not in card  # a local folder is named by its last part only
+    # the model-index holds the three figures too, each naming the reference it was measured against
+    index = {
+        result.metric_type: result for result in ModelCard.load(tmp_path / "with" / "README.md").data.eval_results
+    }
+    for key, split in (("forget_quality", "train"), ("model_utility", "train"), ("privleak", "train")):
+        assert index[key].metric_value == round(reference["after"][key], 6), key
+        assert index[key].metric_args == {"reference_model": "reference (local folder)", "reference_revision": "main"}
+        assert index[key].dataset_split == split
+    without_index = ModelCard.load(tmp_path / "without" / "README.md").data.eval_results
+    assert not {"forget_quality", "model_utility", "privleak"} & {result.metric_type for result in without_index}
 
     no_reference = (tmp_path / "without" / "README.md").read_text()
     assert "Forget quality, model utility (TOFU) and PrivLeak (MUSE) were not measured" in no_reference

@@ -326,3 +326,52 @@ def test_base_reset_learning_rate_replaces_the_probe_after_a_reset_to_base_only(
     fresh = DeepCleanConfig(reset="init", base_reset_learning_rate=5e-5, repair_epochs=4)
     rate, probe = choose_repair_learning_rate(fresh, model, train, evaluation, accelerator, masks)
     assert probe is not None and rate == probe.rate and 5e-5 not in probe.losses
+
+
+def test_probe_runs_no_trial_when_the_reset_did_no_measurable_damage():
+    """Given the loss before the reset, a start within `min_damage` of it gets the smallest candidate and no trial;
+    a start further above it gets the very sweep it gets without a reference."""
+    train, evaluation = loaders()
+    candidates = (1e-1, 1e-2, 1e-3, 1e-4)
+
+    def probe(reference_loss):
+        torch.manual_seed(0)
+        model = Regressor()
+        before = state(model)
+        found = probe_learning_rate(
+            model,
+            train,
+            evaluation,
+            Accelerator(cpu=True),
+            candidates=candidates,
+            steps=6,
+            reference_loss=reference_loss,
+        )
+        assert all(torch.equal(value, before[name]) for name, value in model.state_dict().items())
+        return found
+
+    plain = probe(None)
+    assert plain.steps == 6 and plain.losses and plain.reference_loss is None
+    undamaged = probe(plain.start_loss / 1.04)  # the reset raised the loss 4%: within the default 5%
+    assert undamaged.undamaged and undamaged.steps == 0 and undamaged.losses == {}
+    assert undamaged.rate == 1e-4 and undamaged.start_loss == plain.start_loss
+    damaged = probe(plain.start_loss / 1.06)  # 6%: trials as without a reference
+    assert not damaged.undamaged and damaged.reference_loss == pytest.approx(plain.start_loss / 1.06)
+    assert (damaged.rate, damaged.losses, damaged.steps) == (plain.rate, plain.losses, plain.steps)
+
+
+def test_a_reset_that_did_damage_still_gets_trials_when_they_tie_at_chance():
+    """The case the damage rule must not catch: a trained model (loss far below chance) reset to the chance loss,
+    where short trials tie; the probe repeats them and picks the rate that repairs, as without a reference."""
+    train = DataLoader(sign_rows(64, 1), batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(0))
+    evaluation = DataLoader(sign_rows(64, 2), batch_size=16)
+    probe = probe_learning_rate(
+        SlowStart(0.3),
+        train,
+        evaluation,
+        Accelerator(cpu=True),
+        candidates=(3e-3, 1e-3, 3e-4, 1e-4, 3e-5),
+        max_steps=200,
+        reference_loss=0.1,
+    )
+    assert not probe.undamaged and probe.separated and probe.steps == 160 and probe.rate == 3e-3

@@ -59,7 +59,8 @@ class Scenario:
     training: TrainingSchedule
     pretrained: bool = False  # the initial weights are a pretrained model's (with a fresh head), not a random draw
     tokenizer: Any = None  # a language model's tokenizer
-    # scenarios with the same key train the very same original model (the facts levels of one seed), trained once
+    # scenarios with the same key train the very same original model (the facts levels, or the reviews scenarios, of
+    # one seed), trained once
     original_key: tuple | None = None
 
     @property
@@ -224,6 +225,8 @@ def build_reviews_scenario(
         collator=ClassificationCollator(tokenizer, Columns(label="label", text="text"), label_map=None, max_length=96),
         training=TrainingSchedule(epochs or 3, 5e-5, 0.01, 0.1, "linear", 32),
         pretrained=True,
+        # the three reviews scenarios of a seed train on the same rows from the same weights: one original model
+        original_key=("reviews", max_rows, epochs, model_name_or_path, data_file, seed),
     )
 
 

@@ -211,18 +211,48 @@ def reset_description(args: Mapping[str, Any], reset: ResetRecord) -> str:
 HUB_PIPELINE_TAGS = {"causal-lm": "text-generation", "seq2seq-lm": "text2text-generation"}
 
 
+# the rows each figure against a reference reads: forget questions, retain questions, forget rows against held-out ones
+REFERENCE_METRIC_ROWS = {"forget_quality": "forget", "model_utility": "retain", "privleak": "forget"}
+
+
+def reference_eval_results(
+    results: UnlearningResults, common: Mapping[str, Any], dataset: Mapping[str, Any]
+) -> list[EvalResult]:
+    """`model-index` entries of the figures measured against the reference model (forget quality, model utility,
+    PrivLeak), with the reference named in each entry's `args`; none without a reference."""
+    reference = results.reference
+    if reference is None:
+        return []
+    against = {"reference_model": display_name(reference.model), "reference_revision": reference.revision}
+    return [
+        EvalResult(
+            **common,
+            dataset_split=metric_split(f"{REFERENCE_METRIC_ROWS[name]}_", dataset),
+            metric_type=name,
+            metric_name=f"{name} (against the reference model)",
+            metric_value=round(float(reference.after[name]), 6),
+            metric_args=against,
+        )
+        for name in REFERENCE_METRICS
+        if name in reference.after
+    ]
+
+
 def build_card_data(config: RunRecord, results: UnlearningResults) -> ModelCardData:
     """Front matter: base model, datasets, tags and `model-index` results of the cleaned model."""
     args, dataset = config.arguments, config.dataset
     task = HUB_PIPELINE_TAGS.get(config.model.task, config.model.task)
     dataset_id = hub_id_or_none(args["dataset_name"])
+    common = {
+        "task_type": task,
+        "dataset_type": dataset_id or Path(args["dataset_name"]).name,
+        "dataset_name": display_name(args["dataset_name"]),
+        "dataset_config": args.get("dataset_config_name"),
+        "dataset_revision": args.get("dataset_revision"),
+    }
     eval_results = [
         EvalResult(
-            task_type=task,
-            dataset_type=dataset_id or Path(args["dataset_name"]).name,
-            dataset_name=display_name(args["dataset_name"]),
-            dataset_config=args.get("dataset_config_name"),
-            dataset_revision=args.get("dataset_revision"),
+            **common,
             dataset_split=metric_split(name, dataset),
             metric_type=name,
             metric_name=name,
@@ -231,6 +261,7 @@ def build_card_data(config: RunRecord, results: UnlearningResults) -> ModelCardD
         for name, value in results.metrics_after.items()
         if name in CARD_METRICS
     ]
+    eval_results += reference_eval_results(results, common, dataset)
     # The Hub only accepts repo ids in `base_model`/`datasets`; local folders are named in the card's body instead.
     return ModelCardData(
         base_model=hub_id_or_none(args["model_name_or_path"]),
@@ -309,6 +340,11 @@ def render_model_card(config: RunRecord, results: UnlearningResults) -> ModelCar
 
 def repair_learning_rate_text(repair: RepairRecord) -> str:
     """The repair's learning rate as the card states it."""
+    if repair.learning_rate_probe == {}:
+        return (
+            f"{repair.learning_rate:g} (the probe's smallest candidate, without trials: the reset barely raised the "
+            "retain loss)"
+        )
     if repair.learning_rate_probe is not None:
         return f"{repair.learning_rate:g} (chosen by the learning-rate probe)"
     return "none (no repair)" if repair.learning_rate is None else f"{repair.learning_rate:g}"

@@ -22,13 +22,14 @@ from ..config import DeepCleanConfig
 from ..data.collators import CausalLMCollator, Seq2SeqCollator, make_dataloader, subsample
 from ..distributed import process_shard
 from ..errors import DeepCleanError
+from ..evaluation.metrics import preserved_random_state
 from ..fisher.cache import CachedFisherSums, retain_sums_from_cache
 from ..fisher.engine import FisherDiagonal, FisherReport, accumulate_fisher_sums, accumulator_bytes, fisher_from_sums
 from ..hub.plots import fisher_ratio_histogram
 from ..modeling import get_parameters_in_scope
 from ..records import FisherRecord, RepairRecord, ResetRecord, StageTimer
 from ..sharding import WholeTensors, any_process, any_sharded, is_sharded_model
-from ..unlearning.probe import PROBE_EVAL_ROWS, choose_repair_learning_rate
+from ..unlearning.probe import PROBE_EVAL_ROWS, choose_repair_learning_rate, mean_loss, probe_needed
 from ..unlearning.repair import build_repair_monitor, repair_selected_weights
 from ..unlearning.reset import ResetMasks, reset_selected_weights
 from ..unlearning.selection import (
@@ -124,6 +125,11 @@ def run_deepclean(
     repair_loader = rows.loader(rows.retain, shuffle=True)
     # built before the reset: the recovery target is the original model's retain accuracy
     monitor = build_monitor(model, rows, config, accelerator, repair_loader) if config.early_stopping else None
+    probe_rows = rows.loader(rows.retain, max_rows=PROBE_EVAL_ROWS)
+    reference_loss = None
+    if probe_needed(config):  # the probe weighs the reset's damage against the original model's loss
+        with timer("probe_learning_rate"), preserved_random_state(accelerator):
+            reference_loss = mean_loss(model, probe_rows, accelerator)
     values = None
     if config.selection_weighting != "none" or config.min_movement_quantile:
         with timer("load_base"):  # every parameter's start values, which the reset then reuses
@@ -164,9 +170,10 @@ def run_deepclean(
             config,
             model,
             rows.loader(rows.retain, shuffle=True),
-            rows.loader(rows.retain, max_rows=PROBE_EVAL_ROWS),
+            probe_rows,
             accelerator,
             masks,
+            reference_loss=reference_loss,
         )
     with timer("repair"):
         schedule = TrainingSchedule.repair_budget(config, rows.batch_size, learning_rate)
@@ -202,6 +209,7 @@ def run_deepclean(
             learning_rate_probe=None if probe is None else {f"{rate:g}": loss for rate, loss in probe.losses.items()},
             learning_rate_probe_steps=None if probe is None else probe.steps,
             learning_rate_probe_start_loss=None if probe is None else probe.start_loss,
+            learning_rate_probe_reference_loss=None if probe is None else probe.reference_loss,
         ),
         ratio_histogram=ratio_histogram,
     )

@@ -48,6 +48,14 @@ PROBE_GROWTH = 4
 PROBE_ROUNDS = 3
 
 
+# A reset that left the retain loss within this much (relative) of the original model's did too little damage for
+# trials to measure: there is nothing to tell rates apart by, and a sweep of repeated trials would cost more than the
+# repair (on a fine-tuned MiniLM reset halfway to its pretrained values, 250 probe steps against a repair that early
+# stopping ends after 6-12). The repair then takes the smallest candidate, the one that disturbs the kept weights
+# least, and early stopping ends it once retain accuracy is back.
+PROBE_MIN_DAMAGE = 0.05
+
+
 @dataclass
 class LearningRateProbe:
     """What the learning-rate probe found.
@@ -59,6 +67,7 @@ class LearningRateProbe:
         start_loss: the loss before any trial (the reset model's).
         separated: whether some trial made progress (`PROBE_MIN_PROGRESS`); if none did in any sweep, the rate is
             the largest one whose trial did not make the loss worse.
+        reference_loss: the original model's loss on the same rows, before the reset, when it was given.
     """
 
     rate: float
@@ -66,6 +75,12 @@ class LearningRateProbe:
     steps: int
     start_loss: float
     separated: bool
+    reference_loss: float | None = None
+
+    @property
+    def undamaged(self) -> bool:
+        """No trial ran: the reset left the loss within `PROBE_MIN_DAMAGE` of `reference_loss`."""
+        return self.steps == 0
 
 
 def probe_learning_rate(
@@ -80,6 +95,8 @@ def probe_learning_rate(
     masks: Mapping[str, torch.Tensor] | None = None,
     tolerance: float = PROBE_TOLERANCE,
     min_progress: float = PROBE_MIN_PROGRESS,
+    reference_loss: float | None = None,
+    min_damage: float = PROBE_MIN_DAMAGE,
     **optimizer_arguments,
 ) -> LearningRateProbe:
     """Choose a learning rate by a short trial of each candidate from the same weights (a learning-rate probe).
@@ -98,6 +115,9 @@ def probe_learning_rate(
     choice is the largest rate whose trial did not make the loss worse: a small rate that cannot move the model in a
     trial cannot repair it either.
 
+    With `reference_loss` (the model's loss on `eval_dataloader` before the reset), a reset that left the loss at
+    most `min_damage` (relative) above it gets no trial at all: the choice is the smallest candidate.
+
     Args:
         model: the model as `train_model` takes it; it comes back with the weights and buffers it had.
         train_dataloader: a plain DataLoader of the training rows (the first batches of each trial are used).
@@ -109,6 +129,8 @@ def probe_learning_rate(
         masks: as for `train_model`.
         tolerance: relative difference of losses that counts as a tie.
         min_progress: relative loss decrease that some trial must reach for a sweep to separate the rates.
+        reference_loss: the loss before the reset, on the rows of `eval_dataloader`.
+        min_damage: relative loss increase over `reference_loss` below which no trial runs.
         optimizer_arguments: other `train_model` arguments (`weight_decay`, `max_grad_norm`); the schedule is
             constant and without warm-up during trials.
 
@@ -158,18 +180,20 @@ def probe_learning_rate(
     with preserved_random_state(accelerator):
         start_loss = mean_loss(model, eval_dataloader, accelerator)
     rates = sorted(set(candidates), reverse=True)
+    if reference_loss is not None and start_loss <= reference_loss * (1 + min_damage):
+        return LearningRateProbe(rates[-1], {}, 0, start_loss, separated=False, reference_loss=reference_loss)
     trial_steps = steps
     for _ in range(PROBE_ROUNDS):
         chosen, losses = sweep(rates, lambda rate, n=trial_steps: trial(rate, n), tolerance)
         if min(losses.values()) <= start_loss * (1 - min_progress):
-            return LearningRateProbe(chosen, losses, trial_steps, start_loss, separated=True)
+            return LearningRateProbe(chosen, losses, trial_steps, start_loss, True, reference_loss)
         if max_steps is None or trial_steps * PROBE_GROWTH > max_steps:
             break
         trial_steps *= PROBE_GROWTH
     # no sweep separated the rates: the largest rate that did not make things worse (else the best one tried)
     harmless = [rate for rate, loss in losses.items() if loss <= start_loss * (1 + tolerance)]
     chosen = harmless[0] if harmless else min(losses, key=losses.get)
-    return LearningRateProbe(chosen, losses, trial_steps, start_loss, separated=False)
+    return LearningRateProbe(chosen, losses, trial_steps, start_loss, False, reference_loss)
 
 
 def sweep(
@@ -186,6 +210,15 @@ def sweep(
     return chosen, losses
 
 
+def probe_needed(config: DeepCleanConfig) -> bool:
+    """Whether `choose_repair_learning_rate` runs the probe: a repair with no rate given (`--learning_rate`, or
+    `--base_reset_learning_rate` after a reset to a base model)."""
+    given = config.learning_rate is not None or (
+        config.reset == "base" and config.base_reset_learning_rate is not None
+    )
+    return bool(config.repair_epochs) and not given
+
+
 def choose_repair_learning_rate(
     config: DeepCleanConfig,
     model: nn.Module,
@@ -193,25 +226,28 @@ def choose_repair_learning_rate(
     eval_dataloader: DataLoader,
     accelerator: Accelerator,
     masks: Mapping[str, torch.Tensor],
+    *,
+    reference_loss: float | None = None,
 ) -> tuple[float | None, LearningRateProbe | None]:
     """The rate of DeepClean's repair of the reset elements (`masks`): `config.learning_rate` when set; else, after a
     reset to a base model's values (`config.reset == "base"`, as `run_deepclean` decides it),
     `config.base_reset_learning_rate` when set; else the one `probe_learning_rate` chooses with the run's optimizer
-    settings (logged). A repeated sweep may take up to half the repair's steps per trial.
+    settings (logged), given the original model's loss on `eval_dataloader` as `reference_loss`. A repeated sweep
+    may take up to half the repair's steps per trial.
 
     Returns:
         `(rate, probe)`; `(config.learning_rate, None)` without a probe, and the rate is `None` when nothing is
         repaired and none was set.
     """
-    if config.learning_rate is not None or not config.repair_epochs:
+    if not probe_needed(config):
+        if config.learning_rate is None and config.repair_epochs:
+            logger.info(
+                f"Repair learning rate {config.base_reset_learning_rate:g} (--base_reset_learning_rate: the reset went "
+                "to the base model's values, so no probe).",
+                main_process_only=True,
+            )
+            return config.base_reset_learning_rate, None
         return config.learning_rate, None
-    if config.reset == "base" and config.base_reset_learning_rate is not None:
-        logger.info(
-            f"Repair learning rate {config.base_reset_learning_rate:g} (--base_reset_learning_rate: the reset went to "
-            "the base model's values, so no probe).",
-            main_process_only=True,
-        )
-        return config.base_reset_learning_rate, None
     repair_steps = math.ceil(config.repair_epochs * optimizer_steps_per_epoch(train_dataloader, accelerator))
     probe = probe_learning_rate(
         model,
@@ -220,9 +256,19 @@ def choose_repair_learning_rate(
         accelerator,
         max_steps=max(PROBE_STEPS, repair_steps // 2),
         masks=masks,
+        reference_loss=reference_loss,
+        min_damage=PROBE_MIN_DAMAGE,  # read at call time (scripts/tune_deepclean.py compares it with trials always)
         weight_decay=config.weight_decay,
         max_grad_norm=config.max_grad_norm,
     )
+    if probe.undamaged:
+        logger.info(
+            f"Repair learning rate {probe.rate:g}, the smallest candidate, without trials: the reset left the retain "
+            f"loss at {probe.start_loss:.4g} against the original model's {probe.reference_loss:.4g} (within "
+            f"{PROBE_MIN_DAMAGE:.0%}), too close for trials to tell rates apart.",
+            main_process_only=True,
+        )
+        return probe.rate, probe
     tried = ", ".join(f"{r:g}: {loss:.4g}" for r, loss in probe.losses.items())
     message = (
         f"Repair learning rate {probe.rate:g} (probe losses after {probe.steps} steps {tried}; "
