@@ -19,11 +19,12 @@ from hf_deepclean.errors import DeepCleanError
 
 
 PEOPLE = 20
+FULL_FINE_TUNE = [name for name in FACTS_SCENARIOS if not name.startswith("facts_lora_")]  # their adapter variants
 
 
 @pytest.fixture(scope="module")
 def levels():
-    return {name: build_facts_scenario(name, seed=1, epochs=2, people=PEOPLE) for name in FACTS_SCENARIOS}
+    return {name: build_facts_scenario(name, seed=1, epochs=2, people=PEOPLE) for name in FULL_FINE_TUNE}
 
 
 def test_facts_scenarios_forget_whole_people_and_share_their_original(levels):
@@ -62,7 +63,7 @@ def test_facts_scenarios_forget_whole_people_and_share_their_original(levels):
             for row in rows:
                 texts = [row["text"], row["paraphrased_answer"], *row["perturbed_answers"]]
                 assert all(unknown not in scenario.tokenizer(text)["input_ids"] for text in texts)
-    assert [len(forgotten[name]) for name in FACTS_SCENARIOS] == [1, 1, 2]
+    assert [len(forgotten[name]) for name in FULL_FINE_TUNE] == [1, 1, 2]
     assert forgotten["facts_forget01"] <= forgotten["facts_forget10"]
     first, *others = levels.values()
     for scenario in others:  # the same training rows, vocabulary and initial weights: the same original model
@@ -225,3 +226,58 @@ def test_benchmark_early_stopping_watches_retain_perplexity_of_a_causal_lm(tmp_p
         assert len(history) == 1 and history[0]["retain_perplexity"] <= monitor.target_retain_perplexity
     else:  # the original's own perplexity is not reached at the first check (the reset raised it)
         assert history[0]["retain_perplexity"] > monitor.target_retain_perplexity
+
+
+def test_adapter_facts_scenario_pretrains_a_base_on_other_people_and_trains_only_the_adapter(monkeypatch):
+    from hf_deepclean.bench import baselines
+    from hf_deepclean.bench.facts import build_facts
+    from hf_deepclean.config import DeepCleanConfig
+
+    scenario = build_facts_scenario("facts_lora_forget10", seed=1, epochs=1, people=PEOPLE)
+    full = build_facts_scenario("facts_forget10", seed=1, epochs=1, people=PEOPLE)
+    # the same rows to learn and forget as the full fine-tune; the pretraining people are none of them
+    assert scenario.train["text"] == full.train["text"] and scenario.forget_indices == full.forget_indices
+    pretraining, _ = scenario.pretraining
+    splits = build_facts(PEOPLE, 1, held_out_people=2)["forget10"]
+    scenario_names = set(splits["train"]["name"]) | set(splits["held_out"]["name"])
+    pretrained_names = {name for name in pretraining["name"] if name}
+    assert len(pretrained_names) >= PEOPLE // 2 and not pretrained_names & scenario_names
+    vocabulary = scenario.tokenizer.get_vocab()
+    assert all(token in vocabulary for text in pretraining["text"] for token in scenario.tokenizer.tokenize(text))
+
+    trained = []
+    real = benchmark_module.train_from_state
+    monkeypatch.setattr(benchmark_module, "train_from_state", lambda *a, **k: trained.append(a[3]) or real(*a, **k))
+    accelerator, originals = Accelerator(cpu=True), {}
+    inputs = train_original(scenario, accelerator, 1, 16, originals)
+    again = train_original(build_facts_scenario("facts_lora_forget01", 1, 1, PEOPLE), accelerator, 1, 16, originals)
+    assert len(trained) == 2  # the base's pretraining and the adapter's training, once for both levels
+    assert all(torch.equal(a, b) for a, b in zip(inputs.model.parameters(), again.model.parameters()))
+    assert inputs.initial_state.keys() == again.initial_state.keys()
+    assert all(torch.equal(inputs.initial_state[k], again.initial_state[k]) for k in inputs.initial_state)
+
+    def changed(model, reference):
+        return {name for name, value in model.state_dict().items() if not torch.equal(value, reference[name])}
+
+    fresh = build_gpt2_state(scenario)
+    base_names = {name for name in inputs.initial_state if "lora_" not in name}
+    # the initial state holds a pretrained base (not the fresh draw) and the adapter; training moved the adapter only
+    wte = "base_model.model.transformer.wte.weight"
+    assert wte in base_names and not torch.equal(inputs.initial_state[wte], fresh["transformer.wte.weight"])
+    moved = changed(inputs.model, inputs.initial_state)
+    assert moved and all("lora_" in name for name in moved)
+    retrained = baselines.retrain(inputs, DeepCleanConfig(), baselines.BaselineConfig())
+    assert not changed(retrained, inputs.initial_state) & base_names
+    cleaned = baselines.deepclean(
+        inputs, DeepCleanConfig(repair_epochs=1, scope="adapter"), baselines.BaselineConfig()
+    )
+    assert not changed(cleaned, inputs.initial_state) & base_names
+    assert changed(cleaned, inputs.model.state_dict())
+
+
+def build_gpt2_state(scenario):
+    from hf_deepclean.bench.causal_lm_demo import build_gpt2
+    from hf_deepclean.bench.scenarios import FACTS_MAX_LENGTH
+
+    fresh = build_gpt2(len(scenario.tokenizer), n_embd=64, n_layer=2, seed=1, n_positions=FACTS_MAX_LENGTH)
+    return fresh.state_dict()

@@ -251,18 +251,25 @@ def train_original(
     accelerator: Accelerator,
     seed: int,
     batch_size: int = 32,
-    originals: dict[tuple, dict[str, torch.Tensor]] | None = None,
+    originals: dict[tuple, dict[str, dict[str, torch.Tensor]]] | None = None,
 ) -> UnlearningInputs:
     """Train the scenario's original model on all its training rows; the methods' inputs for it.
 
-    With `originals`, a model trained before for the same `scenario.original_key` (the facts levels of one seed) is
-    reused instead of trained again: the same rows, initial weights and seed give the same weights.
+    An adapter scenario's base model is pretrained first (`Scenario.pretraining`) and given a fresh adapter, whose
+    weights alone train from there. With `originals`, a model trained before for the same `scenario.original_key`
+    (the facts levels of one seed) is reused, with its initial weights, instead of trained again: the same rows,
+    initial weights and seed give the same weights.
     """
-    initial_state = {name: value.detach().clone() for name, value in scenario.model.state_dict().items()}
-    scenario.model.to(accelerator.device)
     key = scenario.original_key if originals is not None else None
-    if key is not None and key in originals:
-        scenario.model.load_state_dict(originals[key])
+    cached = originals.get(key) if key is not None else None
+    scenario.model.to(accelerator.device)
+    if scenario.adapter is not None:
+        scenario.model = adapter_model(scenario, accelerator, seed, pretrain=cached is None)
+    if cached is not None:
+        scenario.model.load_state_dict(cached["initial"])
+    initial_state = {name: value.detach().clone() for name, value in scenario.model.state_dict().items()}
+    if cached is not None:
+        scenario.model.load_state_dict(cached["trained"])
         original = scenario.model.eval()
     else:
         # the original trains through the same function as `retrain`, on all training rows
@@ -271,7 +278,8 @@ def train_original(
         )
         original = train_from_state(scenario.model, scenario.train, bootstrap, scenario.training, "Train original")
         if key is not None:
-            originals[key] = {name: value.detach().clone() for name, value in original.state_dict().items()}
+            trained = {name: value.detach().clone() for name, value in original.state_dict().items()}
+            originals[key] = {"initial": initial_state, "trained": trained}
     forget, retain = scenario.split_rows()
     return UnlearningInputs(
         original,
@@ -286,6 +294,20 @@ def train_original(
         training=scenario.training,
         pretrained=scenario.pretrained,
     )
+
+
+def adapter_model(scenario: Scenario, accelerator: Accelerator, seed: int, *, pretrain: bool) -> torch.nn.Module:
+    """An adapter scenario's starting point: its base model, pretrained on `scenario.pretraining` when `pretrain`,
+    with a fresh adapter of `scenario.adapter` (seeded); the base weights are frozen."""
+    from peft import get_peft_model
+
+    base = scenario.model
+    if pretrain:
+        rows, schedule = scenario.pretraining
+        bootstrap = UnlearningInputs(base, rows, rows, scenario.collator, accelerator, seed=seed)
+        base = train_from_state(base, rows, bootstrap, schedule, "Pretrain base")
+    set_seed(seed)
+    return get_peft_model(base, scenario.adapter).to(accelerator.device)
 
 
 @dataclass

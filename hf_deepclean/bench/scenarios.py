@@ -11,6 +11,9 @@ schedule.
 - `facts_forget01`, `facts_forget05`, `facts_forget10`: a tiny GPT-2 trained from scratch on the fictitious people of
   `hf_deepclean.bench.facts` and its real-world facts (both in two wordings); forget every row about 1%, 5% or 10%
   of the people. The held-out rows are those of people never trained on.
+- `facts_lora_forget01`, `facts_lora_forget05`, `facts_lora_forget10`: the same people and forget sets, learnt by a
+  LoRA adapter on a base GPT-2 pretrained on other fictitious people and the real-world facts (the adapter variant:
+  every method trains, and DeepClean resets, adapter weights only).
 
 Every scenario sets a few held-out rows aside for methods that check themselves while they run (`split_held_out`).
 """
@@ -18,6 +21,7 @@ Every scenario sets a few held-out rows aside for methods that check themselves 
 from __future__ import annotations
 
 import importlib.util
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,14 +36,16 @@ from torch import nn
 from ..data.collators import CausalLMCollator, ClassificationCollator, Columns, subsample
 from ..errors import DeepCleanError
 from ..unlearning.training import TrainingSchedule
-from .causal_lm_demo import build_gpt2, word_level_tokenizer
+from .causal_lm_demo import build_gpt2, lora_config, word_level_tokenizer
 from .digits import build_digits_dataset, build_digits_model
-from .facts import FORGET_FRACTIONS, build_facts
+from .facts import FEATURES, FORGET_FRACTIONS, build_facts, generate_people, person_rows
 
 
 DIGITS_SCENARIOS = ("digits_random", "digits_class", "digits_mislabelled")
 REVIEW_SCENARIOS = ("reviews_movies", "reviews_entities", "reviews_random")
-FACTS_SCENARIOS = tuple(f"facts_{level}" for level in FORGET_FRACTIONS)
+FACTS_SCENARIOS = tuple(f"facts_{level}" for level in FORGET_FRACTIONS) + tuple(
+    f"facts_lora_{level}" for level in FORGET_FRACTIONS
+)
 # held-out rows a scenario sets aside for early-stopping checks (at most a quarter of its test rows), so that no method
 # picks its stopping point on the rows the benchmark reports
 MONITOR_ROWS = 256
@@ -62,6 +68,10 @@ class Scenario:
     # scenarios with the same key train the very same original model (the facts levels, or the reviews scenarios, of
     # one seed), trained once
     original_key: tuple | None = None
+    # an adapter scenario: `model` is first trained on these rows with this schedule (the base model's pretraining),
+    # then wrapped with a fresh adapter of this peft config, which alone trains from there
+    pretraining: tuple[Dataset, TrainingSchedule] | None = None
+    adapter: Any = None
 
     @property
     def language_model(self) -> bool:
@@ -235,51 +245,89 @@ FACTS_PEOPLE = 100
 FACTS_MAX_LENGTH = 128
 
 
+FACTS_LORA_RANK = 16
+
+
 def build_facts_scenario(name: str, seed: int, epochs: float | None = None, people: int = FACTS_PEOPLE) -> Scenario:
-    """A facts scenario (`facts_forget01`, `facts_forget05` or `facts_forget10`) for one seed.
+    """A facts scenario (`facts_forget01`, `facts_forget05`, `facts_forget10`, or their adapter variants
+    `facts_lora_*`) for one seed.
 
     The model trains on every row about `people` fictitious people and on the real-world facts, knowledge it must
     keep. A tiny model trained from scratch knows nothing but its training rows, and the truth ratio scores the
     paraphrased answer, whose wording it would never have seen (a pretrained model knows facts in many wordings): so
     each fact is trained in two wordings. A person's biography is restated as their paraphrased answers
     (`restated_biographies`), and each world fact is trained as its question with the answer and with the
-    paraphrased answer. The forget rows are those about 1%, 5% or 10% of the people, at least one. The held-out rows are those of
-    `max(2, people // 10)` more people, never trained on. The three levels of a seed share their training rows,
-    tokenizer and initial weights, so they share the original model (`original_key`).
+    paraphrased answer. The forget rows are those about 1%, 5% or 10% of the people, at least one. The held-out rows
+    are those of `max(2, people // 10)` more people, never trained on. The three levels of a seed share their training
+    rows, tokenizer and initial weights, so they share the original model (`original_key`).
+
+    The adapter variant first pretrains the base model on the real-world facts and on `people` other fictitious
+    people (other names and books, the same pools of places, professions and awards, so every word has a trained
+    embedding), then learns the scenario's rows with a LoRA adapter of rank `FACTS_LORA_RANK` on every attention and
+    MLP projection; only the adapter trains, in every method.
     """
     if name not in FACTS_SCENARIOS:
         raise DeepCleanError(f"--scenarios: got {name!r}; expected one of {', '.join(FACTS_SCENARIOS)}.")
-    splits = build_facts(people, seed, held_out_people=max(2, people // 10))[name.removeprefix("facts_")]
+    adapter = name.startswith("facts_lora_")
+    level = name.removeprefix("facts_lora_" if adapter else "facts_")
+    held_out_people = max(2, people // 10)
+    splits = build_facts(people, seed, held_out_people=held_out_people)[level]
     people_rows = splits["train"]
     forget = [i for i, flag in enumerate(people_rows["forget"]) if flag]
     general = splits["general"]
-    paraphrases = [{**row, "text": f"{row['question']} {row['paraphrased_answer']}"} for row in general]
     train = concatenate_datasets(
-        [
-            restated_biographies(people_rows.remove_columns("forget")),
-            general,
-            Dataset.from_list(
-                [{**row, "kind": "paraphrase", "perturbed_answers": []} for row in paraphrases],
-                features=general.features,
-            ),
-        ]
+        [restated_biographies(people_rows.remove_columns("forget")), general, general_paraphrases(general)]
     )
     held_out = restated_biographies(splits["held_out"])
-    tokenizer = facts_tokenizer([train, held_out])
+    pretraining = facts_pretraining_rows(general, people, held_out_people, seed) if adapter else None
+    tokenizer = facts_tokenizer([train, held_out] + ([pretraining] if adapter else []))
     forgotten = len(set(splits["forget"]["person_id"]))
+    schedule = TrainingSchedule(epochs or 30, 3e-3, 0.01, 0.05, "cosine", 32)
     return Scenario(
         name=name,
         description=f"forget every row about {forgotten} of {people} fictitious people ({len(forget)} of "
-        f"{len(train)} training rows)",
+        f"{len(train)} training rows{', learnt by a LoRA adapter' if adapter else ''})",
         train=train,
         test=held_out,
         forget_indices=forget,
         model=build_gpt2(len(tokenizer), n_embd=64, n_layer=2, seed=seed, n_positions=FACTS_MAX_LENGTH),
         collator=CausalLMCollator(tokenizer, "text", FACTS_MAX_LENGTH),
-        training=TrainingSchedule(epochs or 30, 3e-3, 0.01, 0.05, "cosine", 32),
+        training=schedule,
+        # `reset auto` gives an adapter's selected weights fresh initial values (the library's rule for adapters)
+        pretrained=False,
         tokenizer=tokenizer,
-        original_key=("facts", people, epochs, seed),
+        original_key=("facts_lora" if adapter else "facts", people, epochs, seed),
+        pretraining=(pretraining, schedule) if adapter else None,
+        adapter=lora_config(FACTS_LORA_RANK) if adapter else None,
     )
+
+
+def general_paraphrases(general: Dataset) -> Dataset:
+    """Each real-world fact as its question with the paraphrased answer (its second wording)."""
+    rows = [{**row, "text": f"{row['question']} {row['paraphrased_answer']}", "kind": "paraphrase"} for row in general]
+    return Dataset.from_list([{**row, "perturbed_answers": []} for row in rows], features=general.features)
+
+
+def facts_pretraining_rows(general: Dataset, people: int, held_out_people: int, seed: int) -> Dataset:
+    """The adapter variant's pretraining corpus: the real-world facts in both wordings and the restated rows of up to
+    `people` other fictitious people, none of whom shares a name or a book with the scenario's people (trained or
+    held out: `build_facts(people, seed, held_out_people=...)`)."""
+    scenario = generate_people(people + held_out_people, seed)
+    names = {person.name for person in scenario}
+    titles = {title for person in scenario for title in (person.first_work, person.notable_work)}
+    others = [
+        person
+        for person in generate_people(people, seed + PRETRAINING_SEED_OFFSET)
+        if person.name not in names and not {person.first_work, person.notable_work} & titles
+    ]
+    rng = random.Random(seed + PRETRAINING_SEED_OFFSET)
+    rows = Dataset.from_list(
+        [row for person in others for row in person_rows(person, rng, perturbations=0)], features=FEATURES
+    )
+    return concatenate_datasets([restated_biographies(rows), general, general_paraphrases(general)])
+
+
+PRETRAINING_SEED_OFFSET = 1_000_003
 
 
 def restated_biographies(rows: Dataset) -> Dataset:
