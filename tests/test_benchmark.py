@@ -94,6 +94,12 @@ def test_benchmark_command_writes_tables_json_and_plots(tmp_path, capsys):
     assert methods["original"]["mean"]["gap_closed"] == 0.0
     for run in results["runs"]:
         assert run["time_share_of_retrain"] == pytest.approx(run["seconds"] / methods["retrain"]["mean"]["seconds"])
+        # DeepClean's runs say where their time went; the stages are timed within the run's own time
+        stages = run.get("stage_seconds", {})
+        assert (run["method"] == "deepclean") == bool(stages)
+        if stages:
+            assert {"fisher_forget", "fisher_retain", "select_and_reset", "repair"} <= set(stages)
+            assert 0 < sum(stages.values()) <= run["seconds"]
     table = (output / "results.md").read_text()
     assert table.count("\n| ") == 6 and "gap_closed" in table
     assert (output / "plots" / "digits_class.png").read_bytes()[:4] == b"\x89PNG"

@@ -57,6 +57,7 @@ from ..errors import DeepCleanError
 from ..fisher.engine import FisherDiagonal, accumulate_fisher_sums
 from ..modeling import get_parameters_in_scope
 from ..pipeline.deepclean import UnlearningRows, run_deepclean
+from ..records import StageTimer
 from ..unlearning.training import TrainingSchedule, release_training, train_model
 from .llm_baselines import LANGUAGE_MODEL_METHODS, LanguageModelBaselineConfig
 from .salun_scrub import (
@@ -177,7 +178,8 @@ class UnlearningInputs:
 
     Fisher sums of the trained model are computed once and shared by the methods that need them; a method that
     reuses sums another method computed is charged their computing time in `charged_seconds`, so each method's
-    time (its wall time plus its charge) is what it would take on its own.
+    time (its wall time plus its charge) is what it would take on its own. `deepclean` adds the seconds of each of
+    its stages (Fisher passes, selection and reset, probe, repair) to `stage_seconds`.
     """
 
     model: nn.Module
@@ -192,6 +194,7 @@ class UnlearningInputs:
     training: TrainingSchedule | None = None
     pretrained: bool = False
     charged_seconds: float = 0.0
+    stage_seconds: dict[str, float] = field(default_factory=dict)
     _fisher_cache: dict = field(default_factory=dict, repr=False)
 
     def loader(self, rows: Dataset, *, shuffle: bool = False, batch_size: int | None = None) -> DataLoader:
@@ -380,7 +383,8 @@ def deepclean(inputs: UnlearningInputs, config: DeepCleanConfig, baselines: Base
     )
     known_base = config.reset == "base" or (config.reset == "auto" and inputs.pretrained)
     base_values = inputs.initial_state if known_base else None
-    run_deepclean(prepared, rows, config, inputs.accelerator, base_values=base_values)
+    timer = StageTimer(inputs.stage_seconds)  # the benchmark reports where the time went
+    run_deepclean(prepared, rows, config, inputs.accelerator, base_values=base_values, timer=timer)
     return inputs.accelerator.unwrap_model(prepared).eval()
 
 

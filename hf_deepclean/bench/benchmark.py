@@ -373,12 +373,16 @@ def run_scenario(
         set_seed(seed)
         accelerator.wait_for_everyone()
         inputs.charged_seconds = 0.0
+        inputs.stage_seconds = {}
         start = time.perf_counter()
         model = METHODS[function](inputs, config, baseline_config)
         accelerator.wait_for_everyone()
         seconds = time.perf_counter() - start + inputs.charged_seconds
         metrics = evaluation.measure(name, model)
-        runs.append({"scenario": scenario.name, "seed": seed, "method": name, "seconds": seconds, "metrics": metrics})
+        run = {"scenario": scenario.name, "seed": seed, "method": name, "seconds": seconds, "metrics": metrics}
+        if inputs.stage_seconds:  # DeepClean's Fisher passes, selection, probe and repair
+            run["stage_seconds"] = dict(inputs.stage_seconds)
+        runs.append(run)
         logger.info(
             f"{scenario.name} seed {seed} {name}: {_short(metrics)} in {seconds:.1f} s", main_process_only=True
         )
