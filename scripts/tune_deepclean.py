@@ -111,6 +111,8 @@ GRID = {
     # the retain Fisher on a seeded sample of that many rows (`--max_retain_samples` of `hf-deepclean unlearn`)
     "retain256": {"max_retain_samples": 256},
     "retain512": {"max_retain_samples": 512},
+    "retain1024": {"max_retain_samples": 1024},
+    "retain2048": {"max_retain_samples": 2048},
     # the probe's trials even when the reset barely raised the retain loss (the behaviour before PROBE_MIN_DAMAGE,
     # 2026-12-06; `probe_trials_runs` sets it for these entries)
     "probe_trials": {"probe_trials": True},
