@@ -63,10 +63,12 @@ def test_summary_means_and_gap_closed():
             "avg_gap": gap,
             "gap_closed": closed,
             "time_share_of_retrain": 0.1,
+            "stage_seconds": {"fisher_retain": 1.0 + seed, "repair": 0.5},
         }
         for seed, acc, gap, closed in ((0, 0.2, 10.0, 0.5), (1, 0.4, 30.0, 0.7))
     ]
     entry = summarize(runs)["s"]["m"]
+    assert entry["stage_seconds"] == {"fisher_retain": 1.5, "repair": 0.5}
     assert entry["seeds"] == 2
     assert entry["mean"]["forget_accuracy"] == pytest.approx(0.3) and entry["std"]["forget_accuracy"] == pytest.approx(
         0.1
@@ -102,6 +104,7 @@ def test_benchmark_command_writes_tables_json_and_plots(tmp_path, capsys):
             assert 0 < sum(stages.values()) <= run["seconds"]
     table = (output / "results.md").read_text()
     assert table.count("\n| ") == 6 and "gap_closed" in table
+    assert "`deepclean` by stage (mean over seeds): fisher_forget" in table
     assert (output / "plots" / "digits_class.png").read_bytes()[:4] == b"\x89PNG"
     assert "digits_class" in capsys.readouterr().out
     # an existing report is not overwritten

@@ -58,6 +58,12 @@ def summarize(runs: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, dict[str
                 "mean": {key: float(np.nanmean(v)) if np.isfinite(v).any() else math.nan for key, v in values.items()},
                 "std": {key: float(np.nanstd(v)) if np.isfinite(v).any() else math.nan for key, v in values.items()},
             }
+            stages: dict[str, list[float]] = {}
+            for run in method_runs:
+                for stage, seconds in run.get("stage_seconds", {}).items():
+                    stages.setdefault(stage, []).append(seconds)
+            if stages:  # DeepClean's time by stage, mean over seeds
+                summary[scenario][method]["stage_seconds"] = {stage: float(np.mean(v)) for stage, v in stages.items()}
             if "forget_quality" in values:
                 passed = int(np.sum(np.asarray(values["forget_quality"]) >= FORGET_QUALITY_THRESHOLD))
                 summary[scenario][method]["forget_quality_passed"] = passed
@@ -156,6 +162,9 @@ def format_benchmark_tables(results: Mapping[str, Any]) -> str:
         lines.append("|---" * len(rows[0]) + "|")
         lines += ["| " + " | ".join(row) + " |" for row in rows[1:]]
         lines.append("")
+        lines += [_stage_line(method, entry) for method, entry in methods.items() if entry.get("stage_seconds")]
+        if any(entry.get("stage_seconds") for entry in methods.values()):
+            lines.append("")
     if False in kinds:
         lines.append(
             "avg_gap: mean absolute difference to `retrain` of forget/retain/test accuracy and mia_efficacy, in "
@@ -172,6 +181,16 @@ def format_benchmark_tables(results: Mapping[str, Any]) -> str:
             "rows against held-out people's rows; times include each method's Fisher passes."
         )
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _stage_line(method: str, entry: Mapping[str, Any]) -> str:
+    """Where a DeepClean run's time went: seconds per stage (mean over seeds) and each stage's share of the time."""
+    total = entry["mean"]["seconds"]
+    stages = ", ".join(
+        f"{stage} {seconds:.1f} s ({seconds / total:.0%})" if total else f"{stage} {seconds:.1f} s"
+        for stage, seconds in entry["stage_seconds"].items()
+    )
+    return f"`{method}` by stage (mean over seeds): {stages}."
 
 
 def _classifier_rows(methods: Mapping[str, Mapping[str, Any]]) -> list[list[str]]:
