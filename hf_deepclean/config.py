@@ -28,6 +28,10 @@ SELECTION_WEIGHTINGS = ("none", "movement")
 EARLY_STOPPING_CRITERIA = ("retain", "retain_and_mia")
 # what selected elements become; `auto` is decided by the run (`base` when the base model is known, else `init`)
 RESET_VALUES = ("init", "zero", "base")
+# The retain Fisher's rows by default: the ratio's denominator is an average, which a seeded sample of this size
+# estimates closely enough that the selection barely moves, while the pass no longer grows with the training set
+# (docs/decisions.md, 2026-12-06). Every report at 2,000 rows or fewer reads all its retain rows.
+DEFAULT_MAX_RETAIN_SAMPLES = 2048
 RESET_MODES = ("auto", *RESET_VALUES)
 # `datasets` builders that read local files given with --data_files (a --dataset_name, but never a Hub id)
 FILE_BUILDERS = ("csv", "json", "parquet", "text")
@@ -167,8 +171,11 @@ class DataArguments:
         },
     )
     max_retain_samples: int | None = field(
-        default=None,
-        metadata={"help": "Use a seeded random subsample of this many retain rows for the retain Fisher pass."},
+        default=DEFAULT_MAX_RETAIN_SAMPLES,
+        metadata={
+            "help": "The retain Fisher pass reads a seeded random sample of at most this many retain rows "
+            f"(default {DEFAULT_MAX_RETAIN_SAMPLES}; 0 reads every retain row)."
+        },
     )
     max_eval_samples: int | None = field(
         default=None,
@@ -185,10 +192,13 @@ class DataArguments:
         elif not isinstance(self.forget, str) or not self.forget.strip():
             raise DeepCleanError(f"--forget: got {self.forget!r}; expected a forget specification such as random:0.1.")
         check_fraction("min_k_fraction", self.min_k_fraction)
+        if self.max_retain_samples == 0 and not isinstance(self.max_retain_samples, bool):
+            self.max_retain_samples = None  # every retain row
         for name in ("max_length", "max_retain_samples", "max_eval_samples"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise DeepCleanError(f"--{name}: got {value!r}; expected a positive integer.")
+                every = ", or 0 for every retain row" if name == "max_retain_samples" else ""
+                raise DeepCleanError(f"--{name}: got {value!r}; expected a positive integer{every}.")
 
 
 @dataclass

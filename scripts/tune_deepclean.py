@@ -113,12 +113,13 @@ GRID = {
     "retain512": {"max_retain_samples": 512},
     "retain1024": {"max_retain_samples": 1024},
     "retain2048": {"max_retain_samples": 2048},
+    "retain_all": {"max_retain_samples": 0},  # every retain row (the default before 2026-12-06)
     # the probe's trials even when the reset barely raised the retain loss (the behaviour before PROBE_MIN_DAMAGE,
     # 2026-12-06; `probe_trials_runs` sets it for these entries)
     "probe_trials": {"probe_trials": True},
 }
 # not a DeepCleanConfig field: `hf-deepclean unlearn` takes it as a data argument, and the benchmark's DeepClean
-# does not, so `retain_sample_runs` passes it to the pipeline for the entries that set it
+# reads the library's default, so `retain_sample_runs` passes it to the pipeline for the entries that set it
 RETAIN_SAMPLES = "max_retain_samples"
 PROBE_TRIALS = "probe_trials"
 
@@ -168,7 +169,7 @@ def main(argv: list[str]) -> int:
         always_trials = entry.pop(PROBE_TRIALS, False)
         variants[f"dc_{name}"] = config = DeepCleanConfig(**{**base, **entry})
         if rows is not None:
-            samples[id(config)] = rows
+            samples[id(config)] = rows or None  # 0: every retain row
         if always_trials:
             trials.add(id(config))
     retain_sample_runs(samples)

@@ -210,8 +210,9 @@ def test_card_front_matter_names_hub_ids(tmp_path, text_model_dir, text_csv_file
     assert "my-org/tiny-bert (revision `v1`)" in card.text
 
 
-def test_forget_split_and_retain_subsample(tmp_path, image_model_dir):
-    """`split:NAME` forgets a whole split; `--max_retain_samples` bounds the retain Fisher pass."""
+@pytest.mark.parametrize(("max_retain_samples", "read"), [("25", 25), ("0", 60)])
+def test_forget_split_and_retain_subsample(tmp_path, image_model_dir, max_retain_samples, read):
+    """`split:NAME` forgets a whole split; `--max_retain_samples` bounds the retain Fisher pass (0: every row)."""
     from conftest import make_image_splits
     from datasets import DatasetDict
 
@@ -228,7 +229,7 @@ def test_forget_split_and_retain_subsample(tmp_path, image_model_dir):
         "--forget",
         "split:leaked",
         "--max_retain_samples",
-        "25",
+        max_retain_samples,
         "--repair_epochs",
         "0.5",
         "--output_dir",
@@ -240,7 +241,7 @@ def test_forget_split_and_retain_subsample(tmp_path, image_model_dir):
     assert config["forget"] == {**config["forget"], "split": "leaked", "num_rows": 10, "kind": "split"}
     assert config["dataset"]["num_rows"]["retain"] == 60
     fisher = {key: results["fisher"][key] for key in ("forget_samples", "retain_samples", "retain_source")}
-    assert fisher == {"forget_samples": 10, "retain_samples": 25, "retain_source": "pass"}
+    assert fisher == {"forget_samples": 10, "retain_samples": read, "retain_source": "pass"}
     assert results["fisher"]["accumulator_bytes"] == {
         "params_in_scope": 3306, "fisher_sums": 8 * 3306, "ratio": 4 * 3306, "mask": 3306, "total": 13 * 3306,
     }  # fmt: skip

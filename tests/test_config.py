@@ -10,6 +10,7 @@ import pytest
 from hf_deepclean.cli import main, parse_unlearn_args
 from hf_deepclean.config import (
     ARGUMENT_CLASSES,
+    DEFAULT_MAX_RETAIN_SAMPLES,
     DataArguments,
     DeepCleanConfig,
     ModelArguments,
@@ -17,6 +18,7 @@ from hf_deepclean.config import (
     arguments_to_dict,
 )
 from hf_deepclean.errors import DeepCleanError
+from hf_deepclean.pipeline.deepclean import UnlearningRows
 
 
 REQUIRED = {
@@ -181,6 +183,18 @@ def test_parse_every_flag_into_the_four_dataclasses():
         output_dir="o", overwrite_output_dir=True, seed=3, reference_model="org/retrained", reference_revision="v2"
     )
     assert debug is True
+
+
+def test_retain_fisher_reads_a_bounded_sample_unless_told_to_read_every_row():
+    """The retain Fisher pass reads at most DEFAULT_MAX_RETAIN_SAMPLES rows by default, in the CLI and in the library;
+    `--max_retain_samples 0` reads every retain row."""
+    assert DataArguments(dataset_name="csv", forget="class:1").max_retain_samples == DEFAULT_MAX_RETAIN_SAMPLES == 2048
+    fields = {field.name: field.default for field in dataclasses.fields(UnlearningRows)}
+    assert fields["max_retain_samples"] == DEFAULT_MAX_RETAIN_SAMPLES
+    _, data_args, _, _, _ = parse_unlearn_args([*REQUIRED_FLAGS, "--max_retain_samples", "0"])
+    assert data_args.max_retain_samples is None
+    with pytest.raises(DeepCleanError, match="--max_retain_samples: got -5; expected a positive integer, or 0"):
+        DataArguments(dataset_name="csv", forget="class:1", max_retain_samples=-5)
 
 
 def test_parse_required_flags_only_gives_defaults():

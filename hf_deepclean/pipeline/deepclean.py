@@ -18,7 +18,7 @@ from datasets import Dataset
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..config import DeepCleanConfig
+from ..config import DEFAULT_MAX_RETAIN_SAMPLES, DeepCleanConfig
 from ..data.collators import CausalLMCollator, Seq2SeqCollator, make_dataloader, subsample
 from ..distributed import process_shard
 from ..errors import DeepCleanError
@@ -59,7 +59,7 @@ class UnlearningRows:
         collator: turns rows into model inputs with `labels`.
         batch_size: per-process batch size of the Fisher passes, the probe and the repair.
         seed: seed of shuffling, subsampling, fresh values and label sampling.
-        max_retain_samples: the retain Fisher pass reads a seeded sample of at most this many rows.
+        max_retain_samples: the retain Fisher pass reads a seeded sample of at most this many rows (None: all).
     """
 
     forget: Dataset
@@ -68,7 +68,7 @@ class UnlearningRows:
     collator: Callable
     batch_size: int = 32
     seed: int = 0
-    max_retain_samples: int | None = None
+    max_retain_samples: int | None = DEFAULT_MAX_RETAIN_SAMPLES
 
     def loader(self, rows: Dataset, *, shuffle: bool = False, max_rows: int | None = None) -> DataLoader:
         """A plain DataLoader of (a seeded sample of at most `max_rows` of) `rows`."""
