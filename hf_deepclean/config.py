@@ -28,9 +28,8 @@ SELECTION_WEIGHTINGS = ("none", "movement")
 EARLY_STOPPING_CRITERIA = ("retain", "retain_and_mia")
 # what selected elements become; `auto` is decided by the run (`base` when the base model is known, else `init`)
 RESET_VALUES = ("init", "zero", "base")
-# The retain Fisher's rows by default: the ratio's denominator is an average, which a seeded sample of this size
-# estimates closely enough that the selection barely moves, while the pass no longer grows with the training set
-# (docs/decisions.md, 2026-12-06). Every report at 2,000 rows or fewer reads all its retain rows.
+# retain rows of the retain Fisher pass by default: a sample this large barely moves the selection, and the pass
+# stops growing with the training set (docs/decisions.md, 2026-12-06)
 DEFAULT_MAX_RETAIN_SAMPLES = 2048
 RESET_MODES = ("auto", *RESET_VALUES)
 # `datasets` builders that read local files given with --data_files (a --dataset_name, but never a Hub id)
@@ -172,10 +171,7 @@ class DataArguments:
     )
     max_retain_samples: int | None = field(
         default=DEFAULT_MAX_RETAIN_SAMPLES,
-        metadata={
-            "help": "The retain Fisher pass reads a seeded random sample of at most this many retain rows "
-            f"(default {DEFAULT_MAX_RETAIN_SAMPLES}; 0 reads every retain row)."
-        },
+        metadata={"help": "The retain Fisher pass reads a seeded sample of at most this many retain rows (0: all)."},
     )
     max_eval_samples: int | None = field(
         default=None,

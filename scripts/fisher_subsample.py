@@ -54,6 +54,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenario", default="reviews_random")
     parser.add_argument("--max_train_rows", type=int, default=None)
+    parser.add_argument("--epochs", type=float, default=None, help="Training epochs of the original model.")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256, 512, 1024])
     parser.add_argument("--draws", type=int, default=3, help="Samples of each size (seeds 0 .. draws-1).")
@@ -69,7 +70,9 @@ def main(argv: list[str]) -> int:
         "selection_scope": args.selection_scope or defaults.selection_scope,
     }
     accelerator = default_accelerator()
-    benchmark_args = BenchmarkArguments(scenarios=[args.scenario], max_train_rows=args.max_train_rows)
+    benchmark_args = BenchmarkArguments(
+        scenarios=[args.scenario], max_train_rows=args.max_train_rows, epochs=args.epochs
+    )
     results = {"arguments": vars(args), "rule": rule, "seeds": {}}
     for seed in args.seeds:
         set_seed(seed)

@@ -52,3 +52,32 @@ def test_repair_trajectory_prints_a_line_per_quarter_epoch():
     checks = [line for line in lines if line.startswith("share 0.5 epoch ")]
     assert [line.split()[3].rstrip(":") for line in checks] == ["0.24", "0.49"]  # 41 steps an epoch, checks every 10
     assert all("avg_gap" in line and "mia_efficacy" in line for line in checks)
+
+
+def test_fisher_subsample_compares_sample_selections_with_the_full_one(tmp_path):
+    import importlib.util
+    import json
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("fisher_subsample", SCRIPTS / "fisher_subsample.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    reference = {"a": torch.tensor([True, True, False, False]), "b": torch.tensor([True, False])}
+    assert module.agreement(reference, reference) == 1.0
+    assert module.agreement({"a": ~reference["a"], "b": ~reference["b"]}, reference) == 0.0
+    assert module.agreement({"a": torch.tensor([True, False, True, False]), "b": reference["b"]}, reference) == 2 / 3
+
+    result = run_script(
+        "fisher_subsample.py",
+        *("--scenario", "digits_class", "--max_train_rows", "150", "--epochs", "2", "--seeds", "0"),
+        *("--sizes", "16", "64", "--draws", "2", "--output_dir", str(tmp_path)),
+    )
+    lines = [line for line in result.stdout.splitlines() if line.startswith("seed 0:")]
+    assert [line.split(" of ")[0] for line in lines] == ["seed 0: 16", "seed 0: 64"]
+    saved = json.loads((tmp_path / "fisher_subsample.json").read_text())
+    scores = saved["seeds"]["0"]["agreement"]
+    assert sorted(scores) == ["16", "64"] and all(
+        len(draws) == 2 and all(0 <= s <= 1 for s in draws) for draws in scores.values()
+    )
+    assert (tmp_path / "fisher_subsample.png").read_bytes()[:4] == b"\x89PNG"
