@@ -281,3 +281,31 @@ def build_gpt2_state(scenario):
 
     fresh = build_gpt2(len(scenario.tokenizer), n_embd=64, n_layer=2, seed=1, n_positions=FACTS_MAX_LENGTH)
     return fresh.state_dict()
+
+
+def test_language_model_benchmark_on_two_processes_writes_one_report(tmp_path):
+    """The facts benchmark under torchrun: data-parallel training, Fisher passes and LM metrics, one report."""
+    from pathlib import Path
+
+    from conftest import torchrun_process
+
+    output = tmp_path / "bench"
+    script = str(Path(__file__).parents[1] / "scripts" / "benchmark.py")
+    methods = ["original", "retrain", "npo", "deepclean"]
+    arguments = [
+        *("--output_dir", str(output), "--scenarios", "facts_forget10", "--seeds", "0", "--methods", *methods),
+        *("--facts_people", str(PEOPLE), "--epochs", "3", "--repair_epochs", "1", "--max_eval_samples", "20"),
+    ]
+    launch = torchrun_process([script, *arguments], timeout=600)
+    assert launch.returncode == 0, launch.stdout[-3000:]
+    results = json.loads((output / "results.json").read_text())
+    assert results["environment"]["num_processes"] == 2
+    assert list(results["summary"]["facts_forget10"]) == methods
+    runs = {run["method"]: run["metrics"] for run in results["runs"]}
+    # the metrics gathered from both processes: the reference against itself, valid values for every method
+    assert runs["retrain"]["forget_quality"] == 1.0 and runs["retrain"]["privleak"] == 0.0
+    for metrics in runs.values():
+        assert 0 <= metrics["forget_quality"] <= 1 and 0 < metrics["model_utility"] <= 1
+        assert 0 <= metrics["mia_min_k_auc"] <= 1 and metrics["retain_perplexity"] > 1
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["bench"]
+    assert launch.stdout.count("### facts_forget10") == 1
