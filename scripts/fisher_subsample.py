@@ -12,6 +12,7 @@ selection's own share: no better than chance). Prints one line per size and writ
 """
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -23,24 +24,9 @@ from accelerate.utils import set_seed
 
 from hf_deepclean.bench.benchmark import BenchmarkArguments, build_scenario, train_original
 from hf_deepclean.config import DeepCleanConfig
-from hf_deepclean.data.collators import make_dataloader, subsample
+from hf_deepclean.data.collators import subsample
 from hf_deepclean.distributed import default_accelerator
-from hf_deepclean.fisher.engine import accumulate_fisher_sums
-from hf_deepclean.modeling import get_parameters_in_scope
 from hf_deepclean.unlearning.selection import compute_fisher_ratio, select_weights_to_reset
-
-
-def fisher(model, rows, collator, accelerator, seed: int, desc: str) -> dict[str, torch.Tensor]:
-    """The mean squared per-sample gradient over `rows` (the pipeline's empirical Fisher)."""
-    sums, count = accumulate_fisher_sums(
-        model,
-        make_dataloader(rows, collator, 32),
-        params=get_parameters_in_scope(model),
-        accelerator=accelerator,
-        seed=seed,
-        desc=desc,
-    )
-    return {name: total / count for name, total in sums.items()}
 
 
 def agreement(masks: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> float:
@@ -78,16 +64,14 @@ def main(argv: list[str]) -> int:
         set_seed(seed)
         scenario = build_scenario(args.scenario, seed, benchmark_args)
         inputs = train_original(scenario, accelerator, seed)
-        model = inputs.model
-        forget = fisher(model, inputs.forget, inputs.collator, accelerator, seed, "Fisher forget")
-        full = fisher(model, inputs.retain, inputs.collator, accelerator, seed, "Fisher retain (all rows)")
+        forget, full = inputs.fisher("forget"), inputs.fisher("retain")  # the benchmark's Fisher passes
         reference = select_weights_to_reset(compute_fisher_ratio(forget, full), **rule)
         sizes = {}
         for size in (size for size in args.sizes if size < len(inputs.retain)):
             scores = []
             for draw in range(args.draws):
-                rows = subsample(inputs.retain, size, draw)
-                sample = fisher(model, rows, inputs.collator, accelerator, seed, f"Fisher retain ({size} rows)")
+                sampled = dataclasses.replace(inputs, retain=subsample(inputs.retain, size, draw), _fisher_cache={})
+                sample = sampled.fisher("retain")
                 scores.append(
                     agreement(select_weights_to_reset(compute_fisher_ratio(forget, sample), **rule), reference)
                 )

@@ -162,9 +162,8 @@ def format_benchmark_tables(results: Mapping[str, Any]) -> str:
         lines.append("|---" * len(rows[0]) + "|")
         lines += ["| " + " | ".join(row) + " |" for row in rows[1:]]
         lines.append("")
-        lines += [_stage_line(method, entry) for method, entry in methods.items() if entry.get("stage_seconds")]
-        if any(entry.get("stage_seconds") for entry in methods.values()):
-            lines.append("")
+        stage_lines = [_stage_line(method, entry) for method, entry in methods.items() if entry.get("stage_seconds")]
+        lines += [*stage_lines, ""] if stage_lines else []
     if False in kinds:
         lines.append(
             "avg_gap: mean absolute difference to `retrain` of forget/retain/test accuracy and mia_efficacy, in "
