@@ -157,7 +157,8 @@ class FisherRecord:
 
 @dataclass
 class RepairRecord:
-    """The masked repair: steps taken, last loss, whether early stopping ended it, and its learning rate."""
+    """The masked repair: steps taken (those of a probe trial it continued from included), last loss, whether early
+    stopping ended it, and its learning rate."""
 
     steps: int
     final_loss: float | None
@@ -165,11 +166,13 @@ class RepairRecord:
     learning_rate: float | None
     # `{rate: retain loss}` of each rate the probe's last sweep tried (empty, with 0 steps, when the reset did too
     # little damage for trials), its steps per trial, the retain loss before the trials and the original model's
-    # before the reset; None when the rate was given
+    # before the reset, and the steps of the chosen rate's trial the repair continued from (0: none); None when the
+    # rate was given
     learning_rate_probe: dict[str, float] | None = None
     learning_rate_probe_steps: int | None = None
     learning_rate_probe_start_loss: float | None = None
     learning_rate_probe_reference_loss: float | None = None
+    learning_rate_probe_kept_steps: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         record = asdict(self)

@@ -105,6 +105,10 @@ GRID = {
     "ascent0.03": {"forget_ascent_weight": 0.03},
     "ascent0.1": {"forget_ascent_weight": 0.1},
     "per_param_ascent0.01": {"selection_scope": "per_parameter", "forget_ascent_weight": 0.01},
+    # issue 18 (docs/decisions.md): forget ascent inside the masked repair of an adapter
+    "ascent0.3": {"forget_ascent_weight": 0.3},
+    "ascent1": {"forget_ascent_weight": 1.0},
+    "frac0.1_ascent0.1": {"reset_fraction": 0.1, "forget_ascent_weight": 0.1},
     "fisher_true": {"fisher_type": "true"},
     "lr5e-5": {"learning_rate": 5e-5},
     "lr3e-3": {"learning_rate": 3e-3},
@@ -114,14 +118,16 @@ GRID = {
     "retain1024": {"max_retain_samples": 1024},
     "retain2048": {"max_retain_samples": 2048},
     "retain_all": {"max_retain_samples": 0},  # every retain row (the default before 2026-12-06)
-    # the probe's trials even when the reset barely raised the retain loss (the behaviour before PROBE_MIN_DAMAGE,
-    # 2026-12-06; `probe_trials_runs` sets it for these entries)
-    "probe_trials": {"probe_trials": True},
+    # probe settings (`probe_setting_runs` sets them for these entries): trials even when the reset barely raised the
+    # retain loss (the behaviour before PROBE_MIN_DAMAGE, 2026-12-06); the repair from the reset weights rather than
+    # from the chosen trial's (the behaviour before KEEP_CHOSEN_TRIAL, 2026-12-07)
+    "probe_trials": {"probe": {"PROBE_MIN_DAMAGE": -math.inf}},
+    "probe_restart": {"probe": {"KEEP_CHOSEN_TRIAL": False}},
 }
 # not a DeepCleanConfig field: `hf-deepclean unlearn` takes it as a data argument, and the benchmark's DeepClean
 # reads the library's default, so `retain_sample_runs` passes it to the pipeline for the entries that set it
 RETAIN_SAMPLES = "max_retain_samples"
-PROBE_TRIALS = "probe_trials"
+PROBE_SETTINGS = "probe"
 
 
 def retain_sample_runs(samples: dict[int, int]) -> None:
@@ -136,18 +142,21 @@ def retain_sample_runs(samples: dict[int, int]) -> None:
     baselines_module.run_deepclean = run_deepclean
 
 
-def probe_trials_runs(configs: set[int]) -> None:
-    """Make the learning-rate probe run its trials for those configs however little the reset raised the loss."""
+def probe_setting_runs(settings: dict[int, dict[str, object]]) -> None:
+    """Make the learning-rate probe module read `settings[id(config)]` (constants it reads at call time) during the
+    runs of those configs."""
     run = baselines_module.run_deepclean
 
     def run_deepclean(model, rows, config, *args, **kwargs):
-        if id(config) not in configs:
-            return run(model, rows, config, *args, **kwargs)
-        default, probe_module.PROBE_MIN_DAMAGE = probe_module.PROBE_MIN_DAMAGE, -math.inf
+        changed = settings.get(id(config), {})
+        defaults = {name: getattr(probe_module, name) for name in changed}
+        for name, value in changed.items():
+            setattr(probe_module, name, value)
         try:
             return run(model, rows, config, *args, **kwargs)
         finally:
-            probe_module.PROBE_MIN_DAMAGE = default
+            for name, value in defaults.items():
+                setattr(probe_module, name, value)
 
     baselines_module.run_deepclean = run_deepclean
 
@@ -162,18 +171,18 @@ def main(argv: list[str]) -> int:
     )
     check_output_dir(args.output_dir, args.overwrite_output_dir)
     base = {key: value for key, value in vars(method).items()}
-    variants, samples, trials = {}, {}, set()
+    variants, samples, probe_settings = {}, {}, {}
     for name in known.grid:
         entry = dict(GRID[name])
         rows = entry.pop(RETAIN_SAMPLES, None)
-        always_trials = entry.pop(PROBE_TRIALS, False)
+        probe = entry.pop(PROBE_SETTINGS, None)
         variants[f"dc_{name}"] = config = DeepCleanConfig(**{**base, **entry})
         if rows is not None:
             samples[id(config)] = rows or None  # 0: every retain row
-        if always_trials:
-            trials.add(id(config))
+        if probe:
+            probe_settings[id(config)] = probe
     retain_sample_runs(samples)
-    probe_trials_runs(trials)
+    probe_setting_runs(probe_settings)
     results = run_benchmark(args, method, baselines, variants=variants)
     write_benchmark_report(results, args.output_dir, overwrite=args.overwrite_output_dir)
     print(format_benchmark_tables(results), end="")

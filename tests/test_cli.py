@@ -390,6 +390,7 @@ def test_early_stopping_and_per_parameter_selection(tmp_path, image_model_dir, i
         "learning_rate_probe_steps",
         "learning_rate_probe_start_loss",
         "learning_rate_probe_reference_loss",
+        "learning_rate_probe_kept_steps",
     }
     assert results["repair"]["steps"] <= 2 * 3  # 2 epochs of 3 batches (64 retain rows, batch 32) at most
     config = json.loads((output_dir / "deepclean_config.json").read_text())["arguments"]

@@ -3,6 +3,8 @@ movement-weighted selection and the forget-ascent repair keep every unselected e
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from accelerate import Accelerator
@@ -92,3 +94,32 @@ def test_options_without_an_fsdp_path_are_refused_under_fsdp(trained, monkeypatc
     monkeypatch.setattr(pipeline, "any_sharded", lambda params: True)  # as if the parameters were FSDP-sharded
     with pytest.raises(DeepCleanError, match=f"^{argument}: .* not available under FSDP"):
         clean(trained, DeepCleanConfig(**flags, repair_epochs=0))
+
+
+@pytest.fixture(scope="module")
+def well_trained():
+    """A model that fits its rows, so that the reset does damage that probe trials can tell rates apart by."""
+    return train_original(
+        build_digits_scenario("digits_random", SEED, epochs=15, max_rows=200), Accelerator(cpu=True), SEED
+    )
+
+
+def test_the_repair_continues_from_the_probes_trial_within_its_budget(well_trained, monkeypatch):
+    """With the probe, the repair goes on from the chosen rate's trial: the trial's steps count against the budget
+    (steps in all = the budget's, without early stopping), and unselected elements stay bit-for-bit the original's."""
+    from hf_deepclean.unlearning import probe as probe_module
+
+    monkeypatch.setattr(probe_module, "PROBE_MIN_DAMAGE", -math.inf)  # trials however little this reset did
+    config = DeepCleanConfig(repair_epochs=2, early_stopping=False)
+    model, outcome = clean(well_trained, config)
+    budget = 2 * -(-len(well_trained.retain) // 16)  # 2 epochs of batches of 16
+    repair = outcome.repair
+    assert repair.learning_rate_probe_kept_steps == repair.learning_rate_probe_steps == 10
+    assert repair.steps == budget
+    assert_only_selected_changed(model, well_trained.model, outcome.masks)
+    monkeypatch.setattr(probe_module, "KEEP_CHOSEN_TRIAL", False)
+    restarted_model, restarted = clean(well_trained, config)
+    assert restarted.repair.learning_rate_probe_kept_steps == 0 and restarted.repair.steps == budget
+    assert restarted.repair.learning_rate == repair.learning_rate
+    assert restarted.reset.selection_sha256 == outcome.reset.selection_sha256
+    assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), restarted_model.parameters(), strict=True))

@@ -81,3 +81,34 @@ def test_fisher_subsample_compares_sample_selections_with_the_full_one(tmp_path)
         len(draws) == 2 and all(0 <= s <= 1 for s in draws) for draws in scores.values()
     )
     assert (tmp_path / "fisher_subsample.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_tune_deepclean_sets_the_probe_settings_of_a_grid_entry_for_its_runs_only(monkeypatch):
+    import importlib.util
+
+    from hf_deepclean.bench import baselines
+    from hf_deepclean.unlearning import probe
+
+    spec = importlib.util.spec_from_file_location("tune_deepclean", SCRIPTS / "tune_deepclean.py")
+    tune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tune)
+    seen = []
+
+    def run_deepclean(model, rows, config, *args, **kwargs):
+        seen.append((config, probe.KEEP_CHOSEN_TRIAL, probe.PROBE_MIN_DAMAGE))
+
+    monkeypatch.setattr(baselines, "run_deepclean", run_deepclean)
+    restart, trials, plain = object(), object(), object()
+    tune.probe_setting_runs(
+        {id(restart): tune.GRID["probe_restart"]["probe"], id(trials): tune.GRID["probe_trials"]["probe"]}
+    )
+    for config in (restart, plain, trials, plain):
+        baselines.run_deepclean(None, None, config)
+    default = (probe.KEEP_CHOSEN_TRIAL, probe.PROBE_MIN_DAMAGE)
+    assert default == (True, 0.05)
+    assert [values for _, *values in seen] == [
+        [False, 0.05],
+        list(default),
+        [True, float("-inf")],
+        list(default),
+    ]

@@ -375,3 +375,109 @@ def test_a_reset_that_did_damage_still_gets_trials_when_they_tie_at_chance():
         reference_loss=0.1,
     )
     assert not probe.undamaged and probe.separated and probe.steps == 160 and probe.rate == 3e-3
+
+
+def trial_state(rate: float, steps: int, masks=None) -> dict[str, torch.Tensor]:
+    """Brute force: the weights one trial leaves, from a fresh copy of the same model, data order and random state."""
+    torch.manual_seed(0)
+    model = Regressor()
+    train, _ = loaders()
+    torch.manual_seed(99)
+    train_model(
+        model,
+        train,
+        Accelerator(cpu=True),
+        epochs=steps / len(train),
+        learning_rate=rate,
+        lr_scheduler_type="constant",
+        masks=masks,
+    )
+    return state(model)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_probe_can_leave_the_model_with_the_chosen_trials_weights(masked):
+    """`keep_chosen_trial`: the same sweep and choice, and the model ends exactly as a separate trial at the chosen
+    rate leaves it (so a repair can go on from it); a masked trial's unselected elements stay the original's."""
+    masks = {"linear.weight": torch.tensor([[True, False, True, False]])} if masked else None
+    candidates = (1e-1, 1e-2, 1e-3, 1e-4)
+
+    def probe(keep: bool):
+        torch.manual_seed(0)
+        model = Regressor()
+        train, evaluation = loaders()
+        torch.manual_seed(99)
+        found = probe_learning_rate(
+            model,
+            train,
+            evaluation,
+            Accelerator(cpu=True),
+            candidates=candidates,
+            steps=6,
+            masks=masks,
+            keep_chosen_trial=keep,
+        )
+        return model, found
+
+    before = state(probe(False)[0])
+    model, kept = probe(True)
+    _, plain = probe(False)
+    assert (kept.rate, kept.losses, kept.steps) == (plain.rate, plain.losses, plain.steps)
+    assert plain.kept_steps == 0 and kept.kept_steps == 6
+    expected = trial_state(kept.rate, 6, masks)
+    after = state(model)
+    assert all(torch.equal(after[name], expected[name]) for name in after)
+    assert not torch.equal(after["linear.weight"], before["linear.weight"])
+    if masked:
+        assert torch.equal(after["linear.weight"][0, 1::2], before["linear.weight"][0, 1::2])
+        assert torch.equal(after["linear.bias"], before["linear.bias"])
+    # the sweep went on past the chosen rate: what the model kept is not merely the last trial's weights
+    assert list(kept.losses)[-1] != kept.rate
+
+
+def test_probe_keeps_the_last_sweeps_trial_and_none_from_a_sweep_that_did_not_separate():
+    train = DataLoader(sign_rows(64, 1), batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(0))
+    evaluation = DataLoader(sign_rows(64, 2), batch_size=16)
+    candidates = (3e-3, 1e-3, 3e-4, 1e-4, 3e-5)
+    for max_steps, kept_steps in ((200, 160), (None, 0)):
+        model = SlowStart(0.3)
+        found = probe_learning_rate(
+            model,
+            train,
+            evaluation,
+            Accelerator(cpu=True),
+            candidates=candidates,
+            max_steps=max_steps,
+            keep_chosen_trial=True,
+        )
+        assert found.kept_steps == kept_steps and found.rate == 3e-3
+        weight = model.linear.weight.detach()
+        if kept_steps:  # the 160-step trial at 3e-3, the one that separated the rates
+            reference = SlowStart(0.3)
+            train.generator.manual_seed(0)
+            train_model(
+                reference,
+                train,
+                Accelerator(cpu=True),
+                epochs=160 / len(train),
+                learning_rate=3e-3,
+                lr_scheduler_type="constant",
+            )
+            assert torch.equal(weight, reference.linear.weight.detach())
+        else:  # the rates were never told apart: nothing to continue from
+            assert torch.equal(weight, torch.zeros_like(weight))
+
+
+@pytest.mark.parametrize("epochs", [0.5, 1.0, 2.0, 4.0, 7 / 3])
+@pytest.mark.parametrize("steps_per_epoch", [1, 3, 47, 314])
+def test_a_schedule_after_some_steps_trains_exactly_the_steps_left(epochs, steps_per_epoch):
+    from hf_deepclean.unlearning.training import TrainingSchedule
+
+    schedule = TrainingSchedule(epochs=epochs, learning_rate=1e-3)
+    total = math.ceil(epochs * steps_per_epoch)
+    for taken in sorted({0, 1, 10, 40, total - 1, total, total + 5}):
+        if taken < 0:
+            continue
+        rest = schedule.after_steps(taken, steps_per_epoch)
+        assert math.ceil(rest.epochs * steps_per_epoch) == max(0, total - taken)
+        assert rest.learning_rate == schedule.learning_rate and rest.lr_scheduler_type == schedule.lr_scheduler_type

@@ -175,8 +175,11 @@ def run_deepclean(
             masks,
             reference_loss=reference_loss,
         )
+    kept_steps = probe.kept_steps if probe is not None else 0
     with timer("repair"):
         schedule = TrainingSchedule.repair_budget(config, rows.batch_size, learning_rate)
+        if kept_steps:  # the probe's trial at the chosen rate was the repair's first steps
+            schedule = schedule.after_steps(kept_steps, optimizer_steps_per_epoch(repair_loader, accelerator))
         if config.forget_ascent_weight:  # DeepClean with forget ascent: L_retain - w L_forget on the selection
             repair = train_model(
                 model,
@@ -204,12 +207,13 @@ def run_deepclean(
         ),
         fisher=fisher_record,
         repair=RepairRecord(
-            **repair,
+            **{**repair, "steps": repair["steps"] + kept_steps},
             learning_rate=learning_rate,
             learning_rate_probe=None if probe is None else {f"{rate:g}": loss for rate, loss in probe.losses.items()},
             learning_rate_probe_steps=None if probe is None else probe.steps,
             learning_rate_probe_start_loss=None if probe is None else probe.start_loss,
             learning_rate_probe_reference_loss=None if probe is None else probe.reference_loss,
+            learning_rate_probe_kept_steps=None if probe is None else probe.kept_steps,
         ),
         ratio_histogram=ratio_histogram,
     )

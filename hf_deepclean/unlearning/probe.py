@@ -56,6 +56,12 @@ PROBE_ROUNDS = 3
 PROBE_MIN_DAMAGE = 0.05
 
 
+# The repair continues from the chosen rate's trial, whose steps count against its budget, instead of starting over
+# from the reset weights: the trial is the repair's first steps at that rate. Read at call time
+# (scripts/tune_deepclean.py compares it with restarting).
+KEEP_CHOSEN_TRIAL = True
+
+
 @dataclass
 class LearningRateProbe:
     """What the learning-rate probe found.
@@ -68,6 +74,8 @@ class LearningRateProbe:
         separated: whether some trial made progress (`PROBE_MIN_PROGRESS`); if none did in any sweep, the rate is
             the largest one whose trial did not make the loss worse.
         reference_loss: the original model's loss on the same rows, before the reset, when it was given.
+        kept_steps: with `keep_chosen_trial`, the steps of the chosen rate's trial, whose weights the model kept
+            (0: the model came back as it was).
     """
 
     rate: float
@@ -76,6 +84,7 @@ class LearningRateProbe:
     start_loss: float
     separated: bool
     reference_loss: float | None = None
+    kept_steps: int = 0
 
     @property
     def undamaged(self) -> bool:
@@ -97,6 +106,7 @@ def probe_learning_rate(
     min_progress: float = PROBE_MIN_PROGRESS,
     reference_loss: float | None = None,
     min_damage: float = PROBE_MIN_DAMAGE,
+    keep_chosen_trial: bool = False,
     **optimizer_arguments,
 ) -> LearningRateProbe:
     """Choose a learning rate by a short trial of each candidate from the same weights (a learning-rate probe).
@@ -118,8 +128,14 @@ def probe_learning_rate(
     With `reference_loss` (the model's loss on `eval_dataloader` before the reset), a reset that left the loss at
     most `min_damage` (relative) above it gets no trial at all: the choice is the smallest candidate.
 
+    With `keep_chosen_trial`, the model ends with the weights and buffers the chosen rate's trial (of the last sweep)
+    left, so that a training at that rate can go on from them (`kept_steps`); the weights of the trials are kept on
+    the side meanwhile (of a masked parameter its selected elements only, the rest does not move). Without it, or
+    when no sweep separated the rates, the model comes back as it was.
+
     Args:
-        model: the model as `train_model` takes it; it comes back with the weights and buffers it had.
+        model: the model as `train_model` takes it; it comes back with the weights and buffers it had, or with
+            `keep_chosen_trial` those of the chosen trial.
         train_dataloader: a plain DataLoader of the training rows (the first batches of each trial are used).
         eval_dataloader: a plain DataLoader of the rows the loss is measured on.
         accelerator: the run's Accelerator.
@@ -131,6 +147,7 @@ def probe_learning_rate(
         min_progress: relative loss decrease that some trial must reach for a sweep to separate the rates.
         reference_loss: the loss before the reset, on the rows of `eval_dataloader`.
         min_damage: relative loss increase over `reference_loss` below which no trial runs.
+        keep_chosen_trial: leave the model with the chosen trial's weights (see above).
         optimizer_arguments: other `train_model` arguments (`weight_decay`, `max_grad_norm`); the schedule is
             constant and without warm-up during trials.
 
@@ -159,6 +176,9 @@ def probe_learning_rate(
     steps_per_epoch = max(1, optimizer_steps_per_epoch(train_dataloader, accelerator))
     arguments = {**optimizer_arguments, "warmup_ratio": 0.0, "lr_scheduler_type": "constant"}
 
+    # the weights the last trial left, and those of the current sweep's choice (with `keep_chosen_trial`)
+    trained: dict[str, dict[str, torch.Tensor]] = {}
+
     def trial(rate: float, trial_steps: int) -> float:
         try:
             # every trial sees the same batches (the restored generator) and the same dropout draws
@@ -173,9 +193,16 @@ def probe_learning_rate(
                     desc=f"Probe lr {rate:g}",
                     **arguments,
                 )
-                return mean_loss(model, eval_dataloader, accelerator)
+                loss = mean_loss(model, eval_dataloader, accelerator)
+            if keep_chosen_trial:
+                trained["last"] = capture_trained(state, masks)
+            return loss
         finally:
             restore()
+
+    def keep_choice(rate: float) -> None:  # the sweep chose `rate`: keep its trial's weights
+        if "last" in trained:
+            trained["chosen"] = trained.pop("last")
 
     with preserved_random_state(accelerator):
         start_loss = mean_loss(model, eval_dataloader, accelerator)
@@ -184,12 +211,18 @@ def probe_learning_rate(
         return LearningRateProbe(rates[-1], {}, 0, start_loss, separated=False, reference_loss=reference_loss)
     trial_steps = steps
     for _ in range(PROBE_ROUNDS):
-        chosen, losses = sweep(rates, lambda rate, n=trial_steps: trial(rate, n), tolerance)
+        trained.clear()
+        choice, losses = sweep(rates, lambda rate, n=trial_steps: trial(rate, n), tolerance, on_choice=keep_choice)
         if min(losses.values()) <= start_loss * (1 - min_progress):
-            return LearningRateProbe(chosen, losses, trial_steps, start_loss, True, reference_loss)
+            kept = 0
+            if "chosen" in trained:
+                apply_trained(state, trained.pop("chosen"), masks)
+                kept = trial_steps
+            return LearningRateProbe(choice, losses, trial_steps, start_loss, True, reference_loss, kept)
         if max_steps is None or trial_steps * PROBE_GROWTH > max_steps:
             break
         trial_steps *= PROBE_GROWTH
+    trained.clear()
     # no sweep separated the rates: the largest rate that did not make things worse (else the best one tried)
     harmless = [rate for rate, loss in losses.items() if loss <= start_loss * (1 + tolerance)]
     chosen = harmless[0] if harmless else min(losses, key=losses.get)
@@ -197,9 +230,13 @@ def probe_learning_rate(
 
 
 def sweep(
-    rates: Sequence[float], loss_of: Callable[[float], float], tolerance: float
+    rates: Sequence[float],
+    loss_of: Callable[[float], float],
+    tolerance: float,
+    on_choice: Callable[[float], None] | None = None,
 ) -> tuple[float, dict[float, float]]:
-    """One sweep over `rates` (largest first) with the tie rule of `probe_learning_rate`: `(choice, {rate: loss})`."""
+    """One sweep over `rates` (largest first) with the tie rule of `probe_learning_rate`: `(choice, {rate: loss})`.
+    `on_choice(rate)` is called right after the trial of each rate that becomes the choice."""
     losses: dict[float, float] = {}
     chosen, lowest = None, math.inf
     for rate in rates:
@@ -207,7 +244,53 @@ def sweep(
         if chosen is not None and not loss <= lowest * (1 + tolerance):
             break
         chosen, lowest = rate, min(lowest, loss)
+        if on_choice is not None:
+            on_choice(rate)
     return chosen, losses
+
+
+def capture_trained(
+    state: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor] | None
+) -> dict[str, torch.Tensor]:
+    """What a trial changed in `state`: the selected elements of a masked parameter (the others cannot move in a
+    masked training), a copy of anything else it may change (buffers, an unmasked training's parameters, a sharded
+    parameter whole: its mask holds this process's rows)."""
+    return {
+        name: value.detach()[masks[name].to(value.device)].clone()
+        if masked_in_place(name, value, masks)
+        else value.detach().clone()
+        for name, value in state.items()
+        if may_change(name, value, masks)
+    }
+
+
+@torch.no_grad()
+def apply_trained(
+    state: Mapping[str, torch.Tensor], trained: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor] | None
+) -> None:
+    """Put the values `capture_trained` took back into `state`."""
+    for name, value in state.items():
+        if not may_change(name, value, masks):
+            continue
+        if masked_in_place(name, value, masks):
+            value[masks[name].to(value.device)] = trained[name]
+        else:
+            value.copy_(trained[name])
+
+
+def may_change(name: str, value: torch.Tensor, masks: Mapping[str, torch.Tensor] | None) -> bool:
+    """Whether a training with `masks` can change `value`: a masked training moves masked parameters only."""
+    return masks is None or name in masks or not isinstance(value, nn.Parameter)
+
+
+def masked_in_place(name: str, value: torch.Tensor, masks: Mapping[str, torch.Tensor] | None) -> bool:
+    """Whether `value` is a plain tensor that only the `True` elements of its mask change in a masked training."""
+    return (
+        masks is not None
+        and name in masks
+        and type(value.data) is torch.Tensor
+        and tuple(masks[name].shape) == tuple(value.shape)
+    )
 
 
 def probe_needed(config: DeepCleanConfig) -> bool:
@@ -233,7 +316,8 @@ def choose_repair_learning_rate(
     reset to a base model's values (`config.reset == "base"`, as `run_deepclean` decides it),
     `config.base_reset_learning_rate` when set; else the one `probe_learning_rate` chooses with the run's optimizer
     settings (logged), given the original model's loss on `eval_dataloader` as `reference_loss`. A repeated sweep
-    may take up to half the repair's steps per trial.
+    may take up to half the repair's steps per trial. The model keeps the chosen trial's weights
+    (`KEEP_CHOSEN_TRIAL`): the repair goes on from them (`probe.kept_steps`).
 
     Returns:
         `(rate, probe)`; `(config.learning_rate, None)` without a probe, and the rate is `None` when nothing is
@@ -258,6 +342,7 @@ def choose_repair_learning_rate(
         masks=masks,
         reference_loss=reference_loss,
         min_damage=PROBE_MIN_DAMAGE,  # read at call time (scripts/tune_deepclean.py compares it with trials always)
+        keep_chosen_trial=KEEP_CHOSEN_TRIAL and repair_steps >= PROBE_STEPS,  # no trial longer than the repair
         weight_decay=config.weight_decay,
         max_grad_norm=config.max_grad_norm,
     )
@@ -273,6 +358,7 @@ def choose_repair_learning_rate(
     message = (
         f"Repair learning rate {probe.rate:g} (probe losses after {probe.steps} steps {tried}; "
         f"{probe.start_loss:.4g} before)."
+        + (f" The repair continues from that rate's trial ({probe.kept_steps} steps)." if probe.kept_steps else "")
     )
     if probe.separated:
         logger.info(message, main_process_only=True)

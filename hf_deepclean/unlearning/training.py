@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -255,6 +255,16 @@ class TrainingSchedule:
             batch_size=batch_size,
             max_grad_norm=config.max_grad_norm,
         )
+
+    def after_steps(self, steps: int, steps_per_epoch: int) -> TrainingSchedule:
+        """The rest of this schedule's budget once `steps` optimizer steps of it were taken elsewhere (a probe trial
+        at its rate): the epochs of the steps left, which `train_model` turns into exactly that many steps."""
+        total = math.ceil(self.epochs * steps_per_epoch)
+        left = max(0, total - steps)
+        epochs = left / steps_per_epoch
+        while math.ceil(epochs * steps_per_epoch) > left:  # float rounding must not add a step
+            epochs = math.nextafter(epochs, 0.0)
+        return replace(self, epochs=epochs)
 
     def optimizer_arguments(self) -> dict[str, Any]:
         """The keyword arguments of `train_model` / `repair_selected_weights` (all but the batch size)."""
