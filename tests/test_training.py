@@ -45,11 +45,11 @@ def state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: value.detach().clone() for name, value in model.state_dict().items()}
 
 
-def trial_loss(rate: float, steps: int, masks=None) -> float:
+def trial_model(rate: float, steps: int, masks=None) -> nn.Module:
     """Brute force: one trial from a fresh copy of the same model, data order and random state."""
     torch.manual_seed(0)
     model = Regressor()
-    train, evaluation = loaders()
+    train, _ = loaders()
     torch.manual_seed(99)
     train_model(
         model,
@@ -60,7 +60,11 @@ def trial_loss(rate: float, steps: int, masks=None) -> float:
         lr_scheduler_type="constant",
         masks=masks,
     )
-    return mean_loss(model, evaluation, Accelerator(cpu=True))
+    return model
+
+
+def trial_loss(rate: float, steps: int, masks=None) -> float:
+    return mean_loss(trial_model(rate, steps, masks), loaders()[1], Accelerator(cpu=True))
 
 
 @pytest.mark.parametrize("masked", [False, True])
@@ -377,24 +381,6 @@ def test_a_reset_that_did_damage_still_gets_trials_when_they_tie_at_chance():
     assert not probe.undamaged and probe.separated and probe.steps == 160 and probe.rate == 3e-3
 
 
-def trial_state(rate: float, steps: int, masks=None) -> dict[str, torch.Tensor]:
-    """Brute force: the weights one trial leaves, from a fresh copy of the same model, data order and random state."""
-    torch.manual_seed(0)
-    model = Regressor()
-    train, _ = loaders()
-    torch.manual_seed(99)
-    train_model(
-        model,
-        train,
-        Accelerator(cpu=True),
-        epochs=steps / len(train),
-        learning_rate=rate,
-        lr_scheduler_type="constant",
-        masks=masks,
-    )
-    return state(model)
-
-
 @pytest.mark.parametrize("masked", [False, True])
 def test_probe_can_leave_the_model_with_the_chosen_trials_weights(masked):
     """`keep_chosen_trial`: the same sweep and choice, and the model ends exactly as a separate trial at the chosen
@@ -424,7 +410,7 @@ def test_probe_can_leave_the_model_with_the_chosen_trials_weights(masked):
     _, plain = probe(False)
     assert (kept.rate, kept.losses, kept.steps) == (plain.rate, plain.losses, plain.steps)
     assert plain.kept_steps == 0 and kept.kept_steps == 6
-    expected = trial_state(kept.rate, 6, masks)
+    expected = state(trial_model(kept.rate, 6, masks))
     after = state(model)
     assert all(torch.equal(after[name], expected[name]) for name in after)
     assert not torch.equal(after["linear.weight"], before["linear.weight"])
