@@ -67,6 +67,19 @@ def trial_loss(rate: float, steps: int, masks=None) -> float:
     return mean_loss(trial_model(rate, steps, masks), loaders()[1], Accelerator(cpu=True))
 
 
+def probe_fresh_regressor(**kwargs):
+    """The probe over four rates of 6-step trials on a fresh seeded Regressor: `(model, its weights before, probe)`."""
+    torch.manual_seed(0)
+    model = Regressor()
+    before = state(model)
+    train, evaluation = loaders()
+    torch.manual_seed(99)
+    found = probe_learning_rate(
+        model, train, evaluation, Accelerator(cpu=True), candidates=(1e-1, 1e-2, 1e-3, 1e-4), steps=6, **kwargs
+    )
+    return model, before, found
+
+
 @pytest.mark.parametrize("masked", [False, True])
 def test_probe_matches_separate_trials_and_restores_the_model(masked):
     torch.manual_seed(0)
@@ -335,22 +348,9 @@ def test_base_reset_learning_rate_replaces_the_probe_after_a_reset_to_base_only(
 def test_probe_runs_no_trial_when_the_reset_did_no_measurable_damage():
     """Given the loss before the reset, a start within `min_damage` of it gets the smallest candidate and no trial;
     a start further above it gets the very sweep it gets without a reference."""
-    train, evaluation = loaders()
-    candidates = (1e-1, 1e-2, 1e-3, 1e-4)
 
     def probe(reference_loss):
-        torch.manual_seed(0)
-        model = Regressor()
-        before = state(model)
-        found = probe_learning_rate(
-            model,
-            train,
-            evaluation,
-            Accelerator(cpu=True),
-            candidates=candidates,
-            steps=6,
-            reference_loss=reference_loss,
-        )
+        model, before, found = probe_fresh_regressor(reference_loss=reference_loss)
         assert all(torch.equal(value, before[name]) for name, value in model.state_dict().items())
         return found
 
@@ -386,28 +386,8 @@ def test_probe_can_leave_the_model_with_the_chosen_trials_weights(masked):
     """`keep_chosen_trial`: the same sweep and choice, and the model ends exactly as a separate trial at the chosen
     rate leaves it (so a repair can go on from it); a masked trial's unselected elements stay the original's."""
     masks = {"linear.weight": torch.tensor([[True, False, True, False]])} if masked else None
-    candidates = (1e-1, 1e-2, 1e-3, 1e-4)
-
-    def probe(keep: bool):
-        torch.manual_seed(0)
-        model = Regressor()
-        train, evaluation = loaders()
-        torch.manual_seed(99)
-        found = probe_learning_rate(
-            model,
-            train,
-            evaluation,
-            Accelerator(cpu=True),
-            candidates=candidates,
-            steps=6,
-            masks=masks,
-            keep_chosen_trial=keep,
-        )
-        return model, found
-
-    before = state(probe(False)[0])
-    model, kept = probe(True)
-    _, plain = probe(False)
+    model, before, kept = probe_fresh_regressor(masks=masks, keep_chosen_trial=True)
+    _, _, plain = probe_fresh_regressor(masks=masks, keep_chosen_trial=False)
     assert (kept.rate, kept.losses, kept.steps) == (plain.rate, plain.losses, plain.steps)
     assert plain.kept_steps == 0 and kept.kept_steps == 6
     expected = state(trial_model(kept.rate, 6, masks))

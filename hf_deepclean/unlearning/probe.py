@@ -269,13 +269,12 @@ def apply_trained(
     state: Mapping[str, torch.Tensor], trained: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor] | None
 ) -> None:
     """Put the values `capture_trained` took back into `state`."""
-    for name, value in state.items():
-        if not may_change(name, value, masks):
-            continue
+    for name, values in trained.items():
+        value = state[name]
         if masked_in_place(name, value, masks):
-            value[masks[name].to(value.device)] = trained[name]
+            value[masks[name].to(value.device)] = values
         else:
-            value.copy_(trained[name])
+            value.copy_(values)
 
 
 def may_change(name: str, value: torch.Tensor, masks: Mapping[str, torch.Tensor] | None) -> bool:
