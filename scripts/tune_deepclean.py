@@ -30,6 +30,7 @@ from hf_deepclean.unlearning import probe as probe_module
 GRID = {
     "frac0.05": {"reset_fraction": 0.05},
     "frac0.1": {"reset_fraction": 0.1},
+    "frac0.2": {"reset_fraction": 0.2},
     "frac0.3": {"reset_fraction": 0.3},
     "frac0.5": {"reset_fraction": 0.5},
     "per_param0.2": {"selection_scope": "per_parameter", "reset_fraction": 0.2},
@@ -109,6 +110,10 @@ GRID = {
     "ascent0.3": {"forget_ascent_weight": 0.3},
     "ascent1": {"forget_ascent_weight": 1.0},
     "frac0.1_ascent0.1": {"reset_fraction": 0.1, "forget_ascent_weight": 0.1},
+    # issue 18: early stopping of a language model's repair on retain perplexity (off by default for them)
+    "lm_stop0": {"early_stopping": True, "early_stopping_perplexity_tolerance": 0.0},
+    "lm_stop0.02": {"early_stopping": True, "early_stopping_perplexity_tolerance": 0.02},
+    "lm_stop0.05": {"early_stopping": True, "early_stopping_perplexity_tolerance": 0.05},
     "fisher_true": {"fisher_type": "true"},
     "lr5e-5": {"learning_rate": 5e-5},
     "lr3e-3": {"learning_rate": 3e-3},
