@@ -367,14 +367,15 @@ def test_unlearn_causal_lm_under_two_processes_measures_what_one_process_does(lm
 
 
 def test_unlearn_causal_lm_with_early_stopping(lm_folders, tmp_path):
-    """`hf-deepclean unlearn --task causal-lm --early_stopping` runs end to end: 22 retain rows in batches of 8 are
-    3 repair steps, a check after each; a tolerance no model misses stops the repair at the first check. With
+    """`hf-deepclean unlearn --task causal-lm` stops the repair early by default, on retain perplexity, end to end:
+    22 retain rows in batches of 8 are 3 repair steps, a check after each; a tolerance no model misses stops the
+    repair at the first check. With
     `retain_and_mia` the check judges the attack on 4 of the 8 held-out rows, which the reports leave out."""
     from hf_deepclean.cli import main
 
     (lm_folders / "forget.txt").write_text("0\n1\n")
     runs = {
-        "default": ["--early_stopping"],
+        "default": [],
         "loose": ["--early_stopping", "--early_stopping_perplexity_tolerance", "1e6"],
         "attack": ["--early_stopping", "--early_stopping_criterion", "retain_and_mia"],
     }
@@ -383,7 +384,7 @@ def test_unlearn_causal_lm_with_early_stopping(lm_folders, tmp_path):
         assert main(_lm_args(lm_folders, tmp_path / name, "--task", "causal-lm", *flags)) == 0, name
         results[name] = json.loads((tmp_path / name / "deepclean_results.json").read_text())
     config = json.loads((tmp_path / "default" / "deepclean_config.json").read_text())["arguments"]
-    assert config["early_stopping"] is True and config["early_stopping_perplexity_tolerance"] == 0.02
+    assert config["early_stopping"] is True and config["early_stopping_perplexity_tolerance"] == 0.05
     assert results["loose"]["repair"]["stopped_early"] and results["loose"]["repair"]["steps"] == 1
     assert 1 <= results["default"]["repair"]["steps"] <= 3
     assert results["default"]["evaluated_rows"]["test"] == 8 and results["attack"]["evaluated_rows"]["test"] == 4
