@@ -127,7 +127,8 @@ GRID = {
     # retain loss (the behaviour before PROBE_MIN_DAMAGE, 2026-12-06); the repair from the reset weights rather than
     # from the chosen trial's (the behaviour before KEEP_CHOSEN_TRIAL, 2026-12-07)
     "probe_trials": {"probe": {"PROBE_MIN_DAMAGE": -math.inf}},
-    "probe_restart": {"probe": {"KEEP_CHOSEN_TRIAL": False}},
+    "probe_restart": {"probe": {"KEEP_CHOSEN_TRIAL": False}},  # the default again since 2026-12-07
+    "probe_keep": {"probe": {"KEEP_CHOSEN_TRIAL": True}},
 }
 # not a DeepCleanConfig field: `hf-deepclean unlearn` takes it as a data argument, and the benchmark's DeepClean
 # reads the library's default, so `retain_sample_runs` passes it to the pipeline for the entries that set it

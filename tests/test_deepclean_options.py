@@ -105,11 +105,14 @@ def well_trained():
 
 
 def test_the_repair_continues_from_the_probes_trial_within_its_budget(well_trained, monkeypatch):
-    """With the probe, the repair goes on from the chosen rate's trial: the trial's steps count against the budget
-    (steps in all = the budget's, without early stopping), and unselected elements stay bit-for-bit the original's."""
+    """With `KEEP_CHOSEN_TRIAL`, the repair goes on from the chosen rate's trial: the trial's steps count against the
+    budget (steps in all = the budget's, without early stopping), and unselected elements stay bit-for-bit the
+    original's. By default the repair starts over from the reset weights, at the same rate and selection."""
     from hf_deepclean.unlearning import probe as probe_module
 
+    assert probe_module.KEEP_CHOSEN_TRIAL is False
     monkeypatch.setattr(probe_module, "PROBE_MIN_DAMAGE", -math.inf)  # trials however little this reset did
+    monkeypatch.setattr(probe_module, "KEEP_CHOSEN_TRIAL", True)
     config = DeepCleanConfig(repair_epochs=2, early_stopping=False)
     model, outcome = clean(well_trained, config)
     budget = 2 * -(-len(well_trained.retain) // 16)  # 2 epochs of batches of 16

@@ -98,17 +98,17 @@ def test_tune_deepclean_sets_the_probe_settings_of_a_grid_entry_for_its_runs_onl
         seen.append((config, probe.KEEP_CHOSEN_TRIAL, probe.PROBE_MIN_DAMAGE))
 
     monkeypatch.setattr(baselines, "run_deepclean", run_deepclean)
-    restart, trials, plain = object(), object(), object()
+    keep, trials, plain = object(), object(), object()
     tune.probe_setting_runs(
-        {id(restart): tune.GRID["probe_restart"]["probe"], id(trials): tune.GRID["probe_trials"]["probe"]}
+        {id(keep): tune.GRID["probe_keep"]["probe"], id(trials): tune.GRID["probe_trials"]["probe"]}
     )
-    for config in (restart, plain, trials, plain):
+    for config in (keep, plain, trials, plain):
         baselines.run_deepclean(None, None, config)
     default = (probe.KEEP_CHOSEN_TRIAL, probe.PROBE_MIN_DAMAGE)
-    assert default == (True, 0.05)
+    assert default == (False, 0.05)
     assert [values for _, *values in seen] == [
-        [False, 0.05],
+        [True, 0.05],
         list(default),
-        [True, float("-inf")],
+        [False, float("-inf")],
         list(default),
     ]

@@ -56,10 +56,11 @@ PROBE_ROUNDS = 3
 PROBE_MIN_DAMAGE = 0.05
 
 
-# The repair continues from the chosen rate's trial, whose steps count against its budget, instead of starting over
-# from the reset weights: the trial is the repair's first steps at that rate. Read at call time
-# (scripts/tune_deepclean.py compares it with restarting).
-KEEP_CHOSEN_TRIAL = True
+# Whether the repair continues from the chosen rate's trial, whose steps then count against its budget, instead of
+# starting over from the reset weights. Off: on the reviews tuning seeds 0-2 restarting left the smaller gap to the
+# retrained model on average (docs/decisions.md, 2026-12-07). Read at call time (scripts/tune_deepclean.py's
+# `probe_keep` turns it on).
+KEEP_CHOSEN_TRIAL = False
 
 
 @dataclass
@@ -315,8 +316,8 @@ def choose_repair_learning_rate(
     reset to a base model's values (`config.reset == "base"`, as `run_deepclean` decides it),
     `config.base_reset_learning_rate` when set; else the one `probe_learning_rate` chooses with the run's optimizer
     settings (logged), given the original model's loss on `eval_dataloader` as `reference_loss`. A repeated sweep
-    may take up to half the repair's steps per trial. The model keeps the chosen trial's weights
-    (`KEEP_CHOSEN_TRIAL`): the repair goes on from them (`probe.kept_steps`).
+    may take up to half the repair's steps per trial. With `KEEP_CHOSEN_TRIAL` the model keeps the chosen trial's
+    weights and the repair goes on from them (`probe.kept_steps`); otherwise it comes back as it was.
 
     Returns:
         `(rate, probe)`; `(config.learning_rate, None)` without a probe, and the rate is `None` when nothing is
