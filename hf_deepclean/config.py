@@ -316,7 +316,6 @@ class DeepCleanConfig:
     base_reset_learning_rate: float | None = field(
         default=None, metadata={"help": "After a reset to a base model, repair at this rate instead of probing."}
     )
-    # on for language models too since 2026-12-07 (with the 5% perplexity tolerance below; docs/decisions.md)
     early_stopping: bool = field(
         default=True,
         metadata={
@@ -340,8 +339,6 @@ class DeepCleanConfig:
         default=0.0,
         metadata={"help": "Retain accuracy counts as recovered within this distance of the original model's."},
     )
-    # 0.05 rather than 0.02 or 0: on the facts tuning seeds the tighter ones rarely stopped the repair before its end
-    # and forgot less on 10% of the people (docs/decisions.md, 2026-12-07)
     early_stopping_perplexity_tolerance: float = field(
         default=0.05,
         metadata={"help": "LMs: retain perplexity counts as recovered up to this relative rise over the original's."},
