@@ -110,7 +110,7 @@ GRID = {
     "ascent0.3": {"forget_ascent_weight": 0.3},
     "ascent1": {"forget_ascent_weight": 1.0},
     "frac0.1_ascent0.1": {"reset_fraction": 0.1, "forget_ascent_weight": 0.1},
-    # issue 18: early stopping of a language model's repair on retain perplexity (off by default for them)
+    # issue 18: early stopping of a language model's repair on retain perplexity (on at 0.05 since 2026-12-07)
     "lm_stop0": {"early_stopping": True, "early_stopping_perplexity_tolerance": 0.0},
     "lm_stop0.02": {"early_stopping": True, "early_stopping_perplexity_tolerance": 0.02},
     "lm_stop0.05": {"early_stopping": True, "early_stopping_perplexity_tolerance": 0.05},

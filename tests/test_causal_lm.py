@@ -369,8 +369,8 @@ def test_unlearn_causal_lm_under_two_processes_measures_what_one_process_does(lm
 def test_unlearn_causal_lm_with_early_stopping(lm_folders, tmp_path):
     """`hf-deepclean unlearn --task causal-lm` stops the repair early by default, on retain perplexity, end to end:
     22 retain rows in batches of 8 are 3 repair steps, a check after each; a tolerance no model misses stops the
-    repair at the first check. With
-    `retain_and_mia` the check judges the attack on 4 of the 8 held-out rows, which the reports leave out."""
+    repair at the first check. With `retain_and_mia` the check judges the attack on 4 of the 8 held-out rows,
+    which the reports leave out."""
     from hf_deepclean.cli import main
 
     (lm_folders / "forget.txt").write_text("0\n1\n")
