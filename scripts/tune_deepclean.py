@@ -129,6 +129,9 @@ GRID = {
     "probe_trials": {"probe": {"PROBE_MIN_DAMAGE": -math.inf}},
     "probe_restart": {"probe": {"KEEP_CHOSEN_TRIAL": False}},  # the default again since 2026-12-07
     "probe_keep": {"probe": {"KEEP_CHOSEN_TRIAL": True}},
+    # the probe's separation and tie rules in percent of the loss only (before PROBE_DAMAGE_PROGRESS and
+    # PROBE_DAMAGE_TOLERANCE, 2026-12-07)
+    "probe_loss_rules": {"probe": {"PROBE_DAMAGE_PROGRESS": math.inf, "PROBE_DAMAGE_TOLERANCE": math.inf}},
 }
 # not a DeepCleanConfig field: `hf-deepclean unlearn` takes it as a data argument, and the benchmark's DeepClean
 # reads the library's default, so `retain_sample_runs` passes it to the pipeline for the entries that set it

@@ -190,6 +190,36 @@ def test_probe_repeats_a_sweep_that_cannot_tell_rates_apart_with_more_steps():
     assert list(probe.losses) == [3e-3, 1e-3] and probe.losses[1e-3] > probe.losses[3e-3] * 1.02
 
 
+def test_probe_after_a_light_reset_measures_progress_and_ties_against_the_damage():
+    """A reset that raised the loss 6% above the original's: the first sweep's best trial won back more than a quarter
+    of that damage, though not 5% of the loss, so it separates the rates, and the rate that won back five times more
+    than 1e-3 is no tie with it. Without the original's loss the same choice takes 40-step trials."""
+    train = DataLoader(sign_rows(64, 1), batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(0))
+    evaluation = DataLoader(sign_rows(64, 2), batch_size=16)
+    candidates = (3e-3, 1e-3, 3e-4, 1e-4, 3e-5)
+
+    def probe(reference_loss):
+        return probe_learning_rate(
+            SlowStart(1.0),
+            train,
+            evaluation,
+            Accelerator(cpu=True),
+            candidates=candidates,
+            max_steps=200,
+            reference_loss=reference_loss,
+        )
+
+    plain = probe(None)
+    assert plain.separated and plain.steps == 40 and plain.rate == 3e-3
+    reference = math.log(2) / 1.06
+    light = probe(reference)
+    damage = light.start_loss - reference
+    assert light.separated and light.steps == 10 and light.rate == 3e-3 and list(light.losses) == [3e-3, 1e-3]
+    best, next_rate = light.losses[3e-3], light.losses[1e-3]
+    assert light.start_loss - best >= 0.25 * damage and best > light.start_loss * 0.95  # progress: damage rule only
+    assert next_rate - best > 0.10 * damage and next_rate <= best * 1.02  # a tie by the loss rule alone
+
+
 def test_mean_loss_is_row_weighted_and_inf_when_not_finite():
     model = Regressor().eval()
     evaluation = DataLoader(rows(10, 3), batch_size=4)  # batches of 4, 4 and 2 rows

@@ -48,6 +48,17 @@ PROBE_GROWTH = 4
 PROBE_ROUNDS = 3
 
 
+# Given the original model's loss, both rules above are also measured against the reset's damage (the reset model's
+# loss less the original's): a sweep also separates once some trial won back PROBE_DAMAGE_PROGRESS of the damage,
+# and a tie must also be a difference within PROBE_DAMAGE_TOLERANCE of it. After a light reset (a small share of an
+# adapter's elements) the damage is a few percent of the loss, and rules in percent of the loss cannot tell rates
+# apart: a 10-step sweep that won back 41% of the damage read as no progress and was repeated with 40-step trials,
+# most of DeepClean's time. Where the damage is a fifth of the loss or more (the reviews, digits and full fine-tune
+# facts resets), the rules in percent of the loss are the binding ones and decide as before.
+PROBE_DAMAGE_PROGRESS = 0.25
+PROBE_DAMAGE_TOLERANCE = 0.10
+
+
 # A reset that left the retain loss within this much (relative) of the original model's did too little damage for
 # trials to measure: there is nothing to tell rates apart by, and the repeated sweeps would cost more than the repair.
 # The repair then takes the smallest candidate, the one that disturbs the kept weights least, and early stopping ends
@@ -127,7 +138,10 @@ def probe_learning_rate(
     trial cannot repair it either.
 
     With `reference_loss` (the model's loss on `eval_dataloader` before the reset), a reset that left the loss at
-    most `min_damage` (relative) above it gets no trial at all: the choice is the smallest candidate.
+    most `min_damage` (relative) above it gets no trial at all: the choice is the smallest candidate. Otherwise the
+    rules are also measured against the damage, `start_loss - reference_loss`: a trial that won back
+    `PROBE_DAMAGE_PROGRESS` of it separates the rates too, and a tie must also be within `PROBE_DAMAGE_TOLERANCE`
+    of it.
 
     With `keep_chosen_trial`, the model ends with the weights and buffers the chosen rate's trial (of the last sweep)
     left, so that a training at that rate can go on from them (`kept_steps`); the weights of the trials are kept on
@@ -210,11 +224,21 @@ def probe_learning_rate(
     rates = sorted(set(candidates), reverse=True)
     if reference_loss is not None and start_loss <= reference_loss * (1 + min_damage):
         return LearningRateProbe(rates[-1], {}, 0, start_loss, separated=False, reference_loss=reference_loss)
+    # the progress that separates rates and the difference that is a tie, in loss units (module constants above)
+    damage = start_loss - reference_loss if reference_loss is not None else math.inf
+    needed = min(min_progress * start_loss, PROBE_DAMAGE_PROGRESS * damage)
+    tie_margin = PROBE_DAMAGE_TOLERANCE * damage
     trial_steps = steps
     for _ in range(PROBE_ROUNDS):
         trained.clear()
-        choice, losses = sweep(rates, lambda rate, n=trial_steps: trial(rate, n), tolerance, on_choice=keep_choice)
-        if min(losses.values()) <= start_loss * (1 - min_progress):
+        choice, losses = sweep(
+            rates,
+            lambda rate, n=trial_steps: trial(rate, n),
+            tolerance,
+            on_choice=keep_choice,
+            tie_margin=tie_margin,
+        )
+        if min(losses.values()) <= start_loss - needed:
             kept = 0
             if "chosen" in trained:
                 apply_trained(state, trained.pop("chosen"), masks)
@@ -235,14 +259,16 @@ def sweep(
     loss_of: Callable[[float], float],
     tolerance: float,
     on_choice: Callable[[float], None] | None = None,
+    tie_margin: float = math.inf,
 ) -> tuple[float, dict[float, float]]:
     """One sweep over `rates` (largest first) with the tie rule of `probe_learning_rate`: `(choice, {rate: loss})`.
-    `on_choice(rate)` is called right after the trial of each rate that becomes the choice."""
+    A loss ties with the lowest so far when it is within `tolerance` of it (relative) and within `tie_margin` of it
+    (absolute). `on_choice(rate)` is called right after the trial of each rate that becomes the choice."""
     losses: dict[float, float] = {}
     chosen, lowest = None, math.inf
     for rate in rates:
         loss = losses[rate] = loss_of(rate)
-        if chosen is not None and not loss <= lowest * (1 + tolerance):
+        if chosen is not None and not (loss <= lowest * (1 + tolerance) and loss <= lowest + tie_margin):
             break
         chosen, lowest = rate, min(lowest, loss)
         if on_choice is not None:
