@@ -64,11 +64,13 @@ def test_summary_means_and_gap_closed():
             "gap_closed": closed,
             "time_share_of_retrain": 0.1,
             "stage_seconds": {"fisher_retain": 1.0 + seed, "repair": 0.5},
+            "repair": {"steps": 10 * (seed + 1), "stopped_early": bool(seed), "learning_rate": 1e-3},
         }
         for seed, acc, gap, closed in ((0, 0.2, 10.0, 0.5), (1, 0.4, 30.0, 0.7))
     ]
     entry = summarize(runs)["s"]["m"]
     assert entry["stage_seconds"] == {"fisher_retain": 1.5, "repair": 0.5}
+    assert [(r["seed"], r["steps"], r["stopped_early"]) for r in entry["repairs"]] == [(0, 10, False), (1, 20, True)]
     assert entry["seeds"] == 2
     assert entry["mean"]["forget_accuracy"] == pytest.approx(0.3) and entry["std"]["forget_accuracy"] == pytest.approx(
         0.1
@@ -102,9 +104,22 @@ def test_benchmark_command_writes_tables_json_and_plots(tmp_path, capsys):
         if stages:
             assert {"fisher_forget", "fisher_retain", "select_and_reset", "repair"} <= set(stages)
             assert 0 < sum(stages.values()) <= run["seconds"]
+        # and what their repair did: the rate the probe chose among the rates it tried, and the steps taken
+        if run["method"] == "deepclean":
+            repair = run["repair"]
+            tried = repair["learning_rate_probe"]  # no trial when the reset did too little damage to tell rates apart
+            assert f"{repair['learning_rate']:g}" in tried if tried else repair["learning_rate_probe_steps"] == 0
+            assert repair["steps"] > 0
+        else:
+            assert "repair" not in run
     table = (output / "results.md").read_text()
     assert table.count("\n| ") == 6 and "gap_closed" in table
     assert "`deepclean` by stage (mean over seeds): fisher_forget" in table
+    repair = next(run["repair"] for run in results["runs"] if run["method"] == "deepclean")
+    assert (
+        f"`deepclean` repair (seeds 0): rate {repair['learning_rate']:g}, steps {repair['steps']}, stopped early "
+        f"{int(repair['stopped_early'])}/1, probe steps per trial {repair['learning_rate_probe_steps']}." in table
+    )
     assert (output / "plots" / "digits_class.png").read_bytes()[:4] == b"\x89PNG"
     assert "digits_class" in capsys.readouterr().out
     # an existing report is not overwritten

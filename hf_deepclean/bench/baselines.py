@@ -41,6 +41,7 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -179,7 +180,8 @@ class UnlearningInputs:
     Fisher sums of the trained model are computed once and shared by the methods that need them; a method that
     reuses sums another method computed is charged their computing time in `charged_seconds`, so each method's
     time (its wall time plus its charge) is what it would take on its own. `deepclean` adds the seconds of each of
-    its stages (Fisher passes, selection and reset, probe, repair) to `stage_seconds`.
+    its stages (Fisher passes, selection and reset, probe, repair) to `stage_seconds`, and its repair's record
+    (`RepairRecord.to_dict()`: steps, early stop, rate and probe) to `repair`.
     """
 
     model: nn.Module
@@ -195,6 +197,7 @@ class UnlearningInputs:
     pretrained: bool = False
     charged_seconds: float = 0.0
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    repair: dict[str, Any] | None = None
     _fisher_cache: dict = field(default_factory=dict, repr=False)
 
     def loader(self, rows: Dataset, *, shuffle: bool = False, batch_size: int | None = None) -> DataLoader:
@@ -384,7 +387,8 @@ def deepclean(inputs: UnlearningInputs, config: DeepCleanConfig, baselines: Base
     known_base = config.reset == "base" or (config.reset == "auto" and inputs.pretrained)
     base_values = inputs.initial_state if known_base else None
     timer = StageTimer(inputs.stage_seconds)  # the benchmark reports where the time went
-    run_deepclean(prepared, rows, config, inputs.accelerator, base_values=base_values, timer=timer)
+    outcome = run_deepclean(prepared, rows, config, inputs.accelerator, base_values=base_values, timer=timer)
+    inputs.repair = outcome.repair.to_dict()  # the benchmark reports the rate and the steps it took
     return inputs.accelerator.unwrap_model(prepared).eval()
 
 

@@ -373,7 +373,7 @@ def run_scenario(
         set_seed(seed)
         accelerator.wait_for_everyone()
         inputs.charged_seconds = 0.0
-        inputs.stage_seconds = {}
+        inputs.stage_seconds, inputs.repair = {}, None
         start = time.perf_counter()
         model = METHODS[function](inputs, config, baseline_config)
         accelerator.wait_for_everyone()
@@ -382,6 +382,8 @@ def run_scenario(
         run = {"scenario": scenario.name, "seed": seed, "method": name, "seconds": seconds, "metrics": metrics}
         if inputs.stage_seconds:  # DeepClean's Fisher passes, selection, probe and repair
             run["stage_seconds"] = dict(inputs.stage_seconds)
+        if inputs.repair is not None:  # DeepClean's repair: steps, early stop, the probed rate and its trials
+            run["repair"] = inputs.repair
         runs.append(run)
         logger.info(
             f"{scenario.name} seed {seed} {name}: {_short(metrics)} in {seconds:.1f} s", main_process_only=True

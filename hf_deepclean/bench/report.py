@@ -64,6 +64,9 @@ def summarize(runs: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, dict[str
                     stages.setdefault(stage, []).append(seconds)
             if stages:  # DeepClean's time by stage, mean over seeds
                 summary[scenario][method]["stage_seconds"] = {stage: float(np.mean(v)) for stage, v in stages.items()}
+            repairs = [{"seed": run["seed"], **run["repair"]} for run in method_runs if "repair" in run]
+            if repairs:  # DeepClean's repair, per seed: rate, steps, early stop, probe
+                summary[scenario][method]["repairs"] = repairs
             if "forget_quality" in values:
                 passed = int(np.sum(np.asarray(values["forget_quality"]) >= FORGET_QUALITY_THRESHOLD))
                 summary[scenario][method]["forget_quality_passed"] = passed
@@ -163,6 +166,9 @@ def format_benchmark_tables(results: Mapping[str, Any]) -> str:
         lines += ["| " + " | ".join(row) + " |" for row in rows[1:]]
         lines.append("")
         stage_lines = [_stage_line(method, entry) for method, entry in methods.items() if entry.get("stage_seconds")]
+        stage_lines += [
+            _repair_line(method, entry["repairs"]) for method, entry in methods.items() if "repairs" in entry
+        ]
         lines += [*stage_lines, ""] if stage_lines else []
     if False in kinds:
         lines.append(
@@ -190,6 +196,22 @@ def _stage_line(method: str, entry: Mapping[str, Any]) -> str:
         for stage, seconds in entry["stage_seconds"].items()
     )
     return f"`{method}` by stage (mean over seeds): {stages}."
+
+
+def _repair_line(method: str, repairs: list[Mapping[str, Any]]) -> str:
+    """A DeepClean method's repair per seed: the rate, the steps, whether early stopping ended it, the probe's
+    steps per trial (`-`: the rate was given)."""
+
+    def join(values) -> str:
+        return " / ".join(str(value) for value in values)
+
+    rates = join(f"{r['learning_rate']:g}" if r.get("learning_rate") is not None else "-" for r in repairs)
+    probes = join(r.get("learning_rate_probe_steps", "-") for r in repairs)
+    stopped = sum(bool(r.get("stopped_early")) for r in repairs)
+    return (
+        f"`{method}` repair (seeds {join(r['seed'] for r in repairs)}): rate {rates}, steps "
+        f"{join(r['steps'] for r in repairs)}, stopped early {stopped}/{len(repairs)}, probe steps per trial {probes}."
+    )
 
 
 def _classifier_rows(methods: Mapping[str, Mapping[str, Any]]) -> list[list[str]]:
