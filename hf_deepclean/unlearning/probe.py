@@ -383,7 +383,9 @@ def choose_repair_learning_rate(
     tried = ", ".join(f"{r:g}: {loss:.4g}" for r, loss in probe.losses.items())
     message = (
         f"Repair learning rate {probe.rate:g} (probe losses after {probe.steps} steps {tried}; "
-        f"{probe.start_loss:.4g} before)."
+        f"{probe.start_loss:.4g} before"
+        + (f", the original model's {probe.reference_loss:.4g}" if probe.reference_loss is not None else "")
+        + ")."
         + (f" The repair continues from that rate's trial ({probe.kept_steps} steps)." if probe.kept_steps else "")
     )
     if probe.separated:
