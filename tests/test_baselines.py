@@ -9,12 +9,14 @@ from dataclasses import replace
 import pytest
 import torch
 from accelerate import Accelerator
+from accelerate.utils import set_seed
 from conftest import build_tiny_vit, make_image_splits
 from datasets import Dataset
 from transformers import get_scheduler
 
 from hf_deepclean.bench.baselines import (
     METHODS,
+    RESEED_OFFSET,
     BaselineConfig,
     UnlearningInputs,
     baseline_rate,
@@ -97,6 +99,20 @@ def test_retrain_starts_from_the_same_initialisation(inputs):
     fresh.load_state_dict(inputs.initial_state)
     expected = train_from_state(fresh, inputs.retain, inputs, SCHEDULE)
     assert all(torch.equal(p, dict(expected.named_parameters())[n]) for n, p in retrained.named_parameters())
+
+
+def test_retrain_reseeded_is_retrain_with_another_shuffling_seed(inputs):
+    reseeded, _ = _run("retrain_reseeded", inputs)
+    retrained, _ = _run("retrain", inputs)
+    # exactly the original's training on the retain rows, shuffled with the offset seed
+    fresh, _ = build_tiny_vit()
+    fresh.load_state_dict(inputs.initial_state)
+    other = replace(inputs, seed=inputs.seed + RESEED_OFFSET)
+    set_seed(other.seed)
+    expected = dict(train_from_state(fresh, inputs.retain, other, SCHEDULE).named_parameters())
+    assert all(torch.equal(p, expected[name]) for name, p in reseeded.named_parameters())
+    # and a different model from `retrain`'s, from the same initial weights
+    assert any(not torch.equal(p, dict(retrained.named_parameters())[n]) for n, p in reseeded.named_parameters())
 
 
 def test_retrain_needs_the_initialisation(inputs):

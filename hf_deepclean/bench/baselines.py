@@ -6,6 +6,8 @@ returns a new model; the trained model itself is never modified. `METHODS` maps 
 - `original`: do nothing. Its distance to `retrain` is the gap every method must close.
 - `retrain`: train from the original's initial weights on the retain rows only, with the original's schedule:
   the gold standard.
+- `retrain_reseeded`: the same retraining with another seed for shuffling and dropout (from the same initial
+  weights). Its distance to `retrain` is how far two retrainings lie apart: the smallest gap a method can expect.
 - `finetune`: fine-tune every weight on the retain rows with DeepClean's repair budget (epochs, learning rate).
 - `neggrad_plus`: the same budget, descending `alpha * L_retain - (1 - alpha) * L_forget` (gradient ascent on the
   forget rows, descent on the retain rows; Kurmanji et al. 2023).
@@ -40,11 +42,12 @@ import itertools
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import set_seed
 from datasets import Dataset
 from torch import nn
 from torch.utils.data import DataLoader
@@ -257,6 +260,17 @@ def retrain(inputs: UnlearningInputs, config: DeepCleanConfig, baselines: Baseli
     return train_from_state(model, inputs.retain, inputs, inputs.training, desc="Retrain")
 
 
+RESEED_OFFSET = 1_000_003  # `retrain_reseeded` shuffles with `seed + RESEED_OFFSET`, apart from every scenario seed
+
+
+def retrain_reseeded(inputs: UnlearningInputs, config: DeepCleanConfig, baselines: BaselineConfig) -> nn.Module:
+    """`retrain` with another seed for the order of the retain rows and for dropout: a second retrained model, whose
+    distance to the first measures how much retraining itself varies (the noise floor of `avg_gap`)."""
+    seed = inputs.seed + RESEED_OFFSET
+    set_seed(seed)
+    return retrain(replace(inputs, seed=seed), config, baselines)
+
+
 def train_from_state(
     model: nn.Module, rows: Dataset, inputs: UnlearningInputs, schedule: TrainingSchedule, desc: str = "Train"
 ) -> nn.Module:
@@ -439,6 +453,7 @@ def scrub(inputs: UnlearningInputs, config: DeepCleanConfig, baselines: Baseline
 METHODS: dict[str, Callable[[UnlearningInputs, DeepCleanConfig, BaselineConfig], nn.Module]] = {
     "original": original,
     "retrain": retrain,
+    "retrain_reseeded": retrain_reseeded,
     "finetune": finetune,
     "neggrad_plus": neggrad_plus,
     "ssd": ssd,
