@@ -316,11 +316,11 @@ class DeepCleanConfig:
     base_reset_learning_rate: float | None = field(
         default=None, metadata={"help": "After a reset to a base model, repair at this rate instead of probing."}
     )
-    early_stopping: bool = field(
-        default=True,
+    early_stopping: bool | None = field(
+        default=None,
         metadata={
             "help": "Stop the repair early once --early_stopping_criterion holds (checked 4 times per epoch on "
-            "samples of 256 rows): retain accuracy for classifiers, retain perplexity for language models."
+            "samples of 256 rows). Default: on for classifiers (retain accuracy), off for language models."
         },
     )
     early_stopping_criterion: str = field(
@@ -340,7 +340,7 @@ class DeepCleanConfig:
         metadata={"help": "Retain accuracy counts as recovered within this distance of the original model's."},
     )
     early_stopping_perplexity_tolerance: float = field(
-        default=0.05,
+        default=0.02,
         metadata={"help": "LMs: retain perplexity counts as recovered up to this relative rise over the original's."},
     )
     max_accuracy_drop: float = field(
@@ -390,7 +390,7 @@ class DeepCleanConfig:
         check_choice("early_stopping_criterion", self.early_stopping_criterion, EARLY_STOPPING_CRITERIA)
         for name in ("early_stopping_tolerance", "early_stopping_perplexity_tolerance"):
             check_positive(name, getattr(self, name), allow_zero=True)
-        if not isinstance(self.early_stopping, bool):
+        if self.early_stopping is not None and not isinstance(self.early_stopping, bool):
             raise DeepCleanError(f"--early_stopping: got {self.early_stopping!r}; expected true or false.")
         check_fraction("max_accuracy_drop", self.max_accuracy_drop)
 

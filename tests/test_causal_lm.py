@@ -367,27 +367,31 @@ def test_unlearn_causal_lm_under_two_processes_measures_what_one_process_does(lm
 
 
 def test_unlearn_causal_lm_with_early_stopping(lm_folders, tmp_path):
-    """`hf-deepclean unlearn --task causal-lm` stops the repair early by default, on retain perplexity, end to end:
-    22 retain rows in batches of 8 are 3 repair steps, a check after each; a tolerance no model misses stops the
-    repair at the first check. With `retain_and_mia` the check judges the attack on 4 of the 8 held-out rows,
-    which the reports leave out."""
+    """`hf-deepclean unlearn --task causal-lm` repairs for the whole budget by default (early stopping is off for
+    language models) and stops early on retain perplexity when asked, end to end: 22 retain rows in batches of 8 are
+    3 repair steps, a check after each; a tolerance no model misses stops the repair at the first check. With
+    `retain_and_mia` the check judges the attack on 4 of the 8 held-out rows, which the reports leave out."""
     from hf_deepclean.cli import main
 
     (lm_folders / "forget.txt").write_text("0\n1\n")
     runs = {
         "default": [],
+        "on": ["--early_stopping"],
         "loose": ["--early_stopping", "--early_stopping_perplexity_tolerance", "1e6"],
         "attack": ["--early_stopping", "--early_stopping_criterion", "retain_and_mia"],
     }
-    results = {}
+    results, configs = {}, {}
     for name, flags in runs.items():
         assert main(_lm_args(lm_folders, tmp_path / name, "--task", "causal-lm", *flags)) == 0, name
         results[name] = json.loads((tmp_path / name / "deepclean_results.json").read_text())
-    config = json.loads((tmp_path / "default" / "deepclean_config.json").read_text())["arguments"]
-    assert config["early_stopping"] is True and config["early_stopping_perplexity_tolerance"] == 0.05
+        configs[name] = json.loads((tmp_path / name / "deepclean_config.json").read_text())["arguments"]
+    # the record keeps the arguments as given: None is "the task's default"
+    assert configs["default"]["early_stopping"] is None and configs["on"]["early_stopping"] is True
+    assert configs["on"]["early_stopping_perplexity_tolerance"] == 0.02
+    assert not results["default"]["repair"]["stopped_early"] and results["default"]["repair"]["steps"] == 3
     assert results["loose"]["repair"]["stopped_early"] and results["loose"]["repair"]["steps"] == 1
-    assert 1 <= results["default"]["repair"]["steps"] <= 3
-    assert results["default"]["evaluated_rows"]["test"] == 8 and results["attack"]["evaluated_rows"]["test"] == 4
+    assert 1 <= results["on"]["repair"]["steps"] <= 3
+    assert results["on"]["evaluated_rows"]["test"] == 8 and results["attack"]["evaluated_rows"]["test"] == 4
     for name, result in results.items():
         assert math.isfinite(result["metrics"]["after"]["retain_perplexity"]), name
 

@@ -197,6 +197,18 @@ def test_retain_fisher_reads_a_bounded_sample_unless_told_to_read_every_row():
         DataArguments(dataset_name="csv", forget="class:1", max_retain_samples=-5)
 
 
+@pytest.mark.parametrize(
+    ("given", "language_model", "expected"),
+    [(None, False, True), (None, True, False), (True, True, True), (False, False, False)],
+)
+def test_early_stopping_default_is_on_for_classifiers_and_off_for_language_models(given, language_model, expected):
+    """`--early_stopping` left unset is decided per model type; a value given is kept either way."""
+    from hf_deepclean.pipeline.deepclean import concrete_config
+
+    config = concrete_config(DeepCleanConfig(early_stopping=given), base_known=False, language_model=language_model)
+    assert config.early_stopping is expected and config.reset == "init"
+
+
 def test_parse_required_flags_only_gives_defaults():
     model_args, data_args, method, output_args, debug = parse_unlearn_args(REQUIRED_FLAGS)
     assert model_args == ModelArguments("m")

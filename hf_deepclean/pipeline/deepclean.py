@@ -116,7 +116,7 @@ def run_deepclean(
         The selection and the records of the run.
     """
     timer = timer if timer is not None else StageTimer()
-    config = concrete_config(config, base_known=base_values is not None)
+    config = concrete_config(config, base_known=base_values is not None, language_model=is_language_model(rows))
     params = get_parameters_in_scope(accelerator.unwrap_model(model), config.scope)
     sharded = any_sharded(params)
     if sharded:
@@ -340,12 +340,16 @@ def is_language_model(rows: UnlearningRows) -> bool:
     return isinstance(rows.collator, (CausalLMCollator, Seq2SeqCollator))
 
 
-def concrete_config(config: DeepCleanConfig, *, base_known: bool) -> DeepCleanConfig:
-    """`config` with its automatic default decided: `reset="auto"` is `base` when the base values are known, else
-    `init`."""
+def concrete_config(config: DeepCleanConfig, *, base_known: bool, language_model: bool) -> DeepCleanConfig:
+    """`config` with its automatic defaults decided: `reset="auto"` is `base` when the base values are known, else
+    `init`; `early_stopping=None` is on for classifiers and off for language models (causal or sequence-to-sequence),
+    where it met TOFU's target less often (docs/decisions.md, 2026-12-07)."""
+    changes = {}
     if config.reset == "auto":
-        return dataclasses.replace(config, reset="base" if base_known else "init")
-    return config
+        changes["reset"] = "base" if base_known else "init"
+    if config.early_stopping is None:
+        changes["early_stopping"] = not language_model
+    return dataclasses.replace(config, **changes) if changes else config
 
 
 def build_monitor(

@@ -19,6 +19,7 @@ from accelerate.utils import set_seed
 from transformers import PretrainedConfig
 
 from ..config import (
+    GENERATIVE_TASKS,
     DataArguments,
     DeepCleanConfig,
     ModelArguments,
@@ -149,14 +150,18 @@ def unlearn(
 def load_session(
     config: DeepCleanConfig, model_args: ModelArguments, data_args: DataArguments, seed: int, accelerator: Accelerator
 ) -> tuple[DeepCleanSession, DeepCleanConfig, PretrainedConfig | None]:
-    """Load the session, and decide the settings left to the run: the reset mode (`auto`) and which held-out rows
-    the repair's early-stopping check may use. Returns the session, the run's config and the base's config."""
+    """Load the session, and decide the settings left to the run: the reset mode (`auto`), whether the repair stops
+    early, and which held-out rows its check may use. Returns the session, the run's config and the base's config."""
     reset, model_args, base_config = resolve_reset(config.reset, model_args, accelerator)
     session = DeepCleanSession.load(
         model_args, data_args, seed=seed, batch_size=config.per_device_batch_size, accelerator=accelerator
     )
     get_parameters_in_scope(session.unwrapped_model, config.scope)  # an empty scope is refused before any work
-    run_config = concrete_config(dataclasses.replace(config, reset=reset), base_known=base_config is not None)
+    run_config = concrete_config(
+        dataclasses.replace(config, reset=reset),
+        base_known=base_config is not None,
+        language_model=session.task in GENERATIVE_TASKS,
+    )
     if run_config.early_stopping and run_config.early_stopping_criterion == "retain_and_mia":
         session.reserve_monitor_rows(MONITOR_ROWS)
     return session, run_config, base_config
