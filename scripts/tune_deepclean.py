@@ -110,13 +110,18 @@ GRID = {
     "ascent0.3": {"forget_ascent_weight": 0.3},
     "ascent1": {"forget_ascent_weight": 1.0},
     "frac0.1_ascent0.1": {"reset_fraction": 0.1, "forget_ascent_weight": 0.1},
-    # issue 18: early stopping of a language model's repair on retain perplexity (on at 0.05 since 2026-12-07)
+    # issue 18: a larger share of an adapter with a longer repair to bring its utility back
+    "frac0.1_epochs8": {"reset_fraction": 0.1, "repair_epochs": 8.0},
+    "frac0.2_epochs8": {"reset_fraction": 0.2, "repair_epochs": 8.0},
+    "frac0.3_epochs8": {"reset_fraction": 0.3, "repair_epochs": 8.0},
+    # issue 18: early stopping of a language model's repair on retain perplexity (off by default; 0.02 when asked for)
     "lm_stop0": {"early_stopping": True, "early_stopping_perplexity_tolerance": 0.0},
     "lm_stop0.02": {"early_stopping": True, "early_stopping_perplexity_tolerance": 0.02},
     "lm_stop0.05": {"early_stopping": True, "early_stopping_perplexity_tolerance": 0.05},
     "fisher_true": {"fisher_type": "true"},
     "lr5e-5": {"learning_rate": 5e-5},
     "lr3e-3": {"learning_rate": 3e-3},
+    "lr1e-3": {"learning_rate": 1e-3},
     # the retain Fisher on a seeded sample of that many rows (`--max_retain_samples` of `hf-deepclean unlearn`)
     "retain256": {"max_retain_samples": 256},
     "retain512": {"max_retain_samples": 512},
