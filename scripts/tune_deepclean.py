@@ -122,6 +122,8 @@ GRID = {
     "lr5e-5": {"learning_rate": 5e-5},
     "lr3e-3": {"learning_rate": 3e-3},
     "lr1e-3": {"learning_rate": 1e-3},
+    # issue 18, LM time: a shorter repair at the rate the probe picks on every full fine-tune facts run (no probe)
+    "epochs2_lr3e-3": {"repair_epochs": 2.0, "learning_rate": 3e-3},
     # the retain Fisher on a seeded sample of that many rows (`--max_retain_samples` of `hf-deepclean unlearn`)
     "retain256": {"max_retain_samples": 256},
     "retain512": {"max_retain_samples": 512},
