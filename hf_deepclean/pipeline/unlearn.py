@@ -19,7 +19,6 @@ from accelerate.utils import set_seed
 from transformers import PretrainedConfig
 
 from ..config import (
-    GENERATIVE_TASKS,
     DataArguments,
     DeepCleanConfig,
     ModelArguments,
@@ -38,7 +37,7 @@ from ..sharding import full_state_dict, is_sharded_model
 from ..unlearning.repair import MONITOR_ROWS
 from ..unlearning.reset import ResetMasks
 from .assessment import ReferenceMeasures, compare_with_reference, measure_questions, measure_reference
-from .deepclean import concrete_config, refuse_fisher_cache_under_fsdp, run_deepclean
+from .deepclean import concrete_config, is_language_model, refuse_fisher_cache_under_fsdp, run_deepclean
 from .fisher_sums import load_checked_fisher_cache
 from .session import DeepCleanSession, checked_accelerator, library_versions, resolve_reset
 
@@ -160,7 +159,7 @@ def load_session(
     run_config = concrete_config(
         dataclasses.replace(config, reset=reset),
         base_known=base_config is not None,
-        language_model=session.task in GENERATIVE_TASKS,
+        language_model=is_language_model(session.rows()),
     )
     if run_config.early_stopping and run_config.early_stopping_criterion == "retain_and_mia":
         session.reserve_monitor_rows(MONITOR_ROWS)

@@ -62,8 +62,8 @@ PROBE_DAMAGE_TOLERANCE = 0.10
 # A reset that left the retain loss within this much (relative) of the original model's did too little damage for
 # trials to measure: there is nothing to tell rates apart by, and the repeated sweeps would cost more than the repair.
 # The repair then takes the smallest candidate, the one that disturbs the kept weights least, and early stopping (on
-# for classifiers) ends it once retain accuracy is back. (On the reviews and facts tuning runs every default reset raised the loss by
-# more, and the rule changed no figure; docs/decisions.md.)
+# for classifiers) ends it once retain accuracy is back. (On the reviews and facts tuning runs every default reset
+# raised the loss by more, and the rule changed no figure; docs/decisions.md.)
 PROBE_MIN_DAMAGE = 0.05
 
 
