@@ -26,6 +26,7 @@ GENERATIVE_TASKS = ("causal-lm", "seq2seq-lm")
 SELECTION_SCOPES = ("global", "per_parameter", "per_layer")
 SELECTION_WEIGHTINGS = ("none", "movement")
 EARLY_STOPPING_CRITERIA = ("retain", "retain_and_mia")
+FORGET_LOSSES = ("ascent", "simnpo")  # the forget term of the forget-ascent repair
 # what selected elements become; `auto` is decided by the run (`base` when the base model is known, else `init`)
 RESET_VALUES = ("init", "zero", "base")
 # retain rows of the retain Fisher pass by default: a sample this large barely moves the selection, and the pass
@@ -311,7 +312,14 @@ class DeepCleanConfig:
         metadata={"help": "Select only elements whose |θ - θ_start| reaches this quantile of their tensor's."},
     )
     forget_ascent_weight: float = field(
-        default=0.0, metadata={"help": "DeepClean with forget ascent: repair on L_retain - w L_forget (w = this)."}
+        default=0.0, metadata={"help": "DeepClean with forget ascent: repair on L_retain + w forget term (w = this)."}
+    )
+    forget_loss: str = field(
+        default="ascent",
+        metadata={
+            "help": "The forget term: `ascent` (-L_forget) or `simnpo` (SimNPO's bounded loss).",
+            "choices": FORGET_LOSSES,
+        },
     )
     base_reset_learning_rate: float | None = field(
         default=None, metadata={"help": "After a reset to a base model, repair at this rate instead of probing."}
@@ -386,6 +394,7 @@ class DeepCleanConfig:
         if not (isinstance(self.min_movement_quantile, int | float) and 0 <= self.min_movement_quantile < 1):
             raise DeepCleanError(f"--min_movement_quantile: got {self.min_movement_quantile!r}; expected [0, 1).")
         check_positive("forget_ascent_weight", self.forget_ascent_weight, allow_zero=True)
+        check_choice("forget_loss", self.forget_loss, FORGET_LOSSES)
         check_positive("base_reset_learning_rate", self.base_reset_learning_rate)
         check_choice("early_stopping_criterion", self.early_stopping_criterion, EARLY_STOPPING_CRITERIA)
         for name in ("early_stopping_tolerance", "early_stopping_perplexity_tolerance"):

@@ -110,6 +110,11 @@ GRID = {
     "ascent0.3": {"forget_ascent_weight": 0.3},
     "ascent1": {"forget_ascent_weight": 1.0},
     "frac0.1_ascent0.1": {"reset_fraction": 0.1, "forget_ascent_weight": 0.1},
+    # issue 18: SimNPO's bounded forget loss inside the masked repair instead of plain ascent (`--forget_loss simnpo`)
+    "simnpo0.1": {"forget_ascent_weight": 0.1, "forget_loss": "simnpo"},
+    "simnpo0.3": {"forget_ascent_weight": 0.3, "forget_loss": "simnpo"},
+    "simnpo1": {"forget_ascent_weight": 1.0, "forget_loss": "simnpo"},
+    "simnpo3": {"forget_ascent_weight": 3.0, "forget_loss": "simnpo"},
     # issue 18: a larger share of an adapter with a longer repair to bring its utility back
     "frac0.1_epochs8": {"reset_fraction": 0.1, "repair_epochs": 8.0},
     "frac0.2_epochs8": {"reset_fraction": 0.2, "repair_epochs": 8.0},

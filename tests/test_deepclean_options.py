@@ -72,12 +72,17 @@ def test_movement_weighting_never_selects_elements_that_did_not_move(trained):
 
 
 def test_forget_ascent_repair_changes_only_selected_elements(trained):
-    config = DeepCleanConfig(forget_ascent_weight=0.5, repair_epochs=1, learning_rate=1e-3, weight_decay=0.1)
-    model, outcome = clean(trained, config)
-    assert outcome.repair.steps > 0
-    assert_only_selected_changed(model, trained.model, outcome.masks)
-    plain, _ = clean(trained, DeepCleanConfig(repair_epochs=1, learning_rate=1e-3, weight_decay=0.1))
-    assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), plain.parameters(), strict=True))
+    settings = {"repair_epochs": 1, "learning_rate": 1e-3, "weight_decay": 0.1}
+    models = {}
+    for forget_loss in ("ascent", "simnpo"):
+        config = DeepCleanConfig(forget_ascent_weight=0.5, forget_loss=forget_loss, **settings)
+        models[forget_loss], outcome = clean(trained, config)
+        assert outcome.repair.steps > 0
+        assert_only_selected_changed(models[forget_loss], trained.model, outcome.masks)
+    models["plain"], _ = clean(trained, DeepCleanConfig(**settings))
+    for first, second in (("ascent", "plain"), ("simnpo", "plain"), ("ascent", "simnpo")):
+        pairs = zip(models[first].parameters(), models[second].parameters(), strict=True)
+        assert any(not torch.equal(a, b) for a, b in pairs), (first, second)
 
 
 @pytest.mark.parametrize(

@@ -3,8 +3,6 @@ loop descends, and a few steps of each on a tiny LM trained on fictitious facts.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import torch
@@ -18,58 +16,15 @@ from hf_deepclean.bench.llm_baselines import (
     ForgetRetainPairs,
     PairCollator,
     UnlearningObjective,
-    npo_loss,
-    sequence_log_likelihoods,
-    simnpo_loss,
 )
 from hf_deepclean.bench.scenarios import build_facts_scenario
 from hf_deepclean.config import DeepCleanConfig
 from hf_deepclean.errors import DeepCleanError
 from hf_deepclean.evaluation.lm_attacks import answer_log_probs
+from hf_deepclean.unlearning.forget_losses import npo_loss, sequence_log_likelihoods, simnpo_loss
 
 
 SPLITS = ("forget", "retain")
-
-
-def test_sequence_log_likelihoods_sum_the_predicted_tokens():
-    # vocabulary of 2; position 0 predicts (0.5, 0.5), position 1 predicts (0.75, 0.25)
-    logits = torch.tensor([[[0.0, 0.0], [math.log(3.0), 0.0], [0.0, 0.0]]] * 2)
-    labels = torch.tensor([[1, 0, 1], [0, 1, -100]])
-    log_likelihoods, lengths = sequence_log_likelihoods(logits, labels)
-    # row 0: log P(0 | pos 0) + log P(1 | pos 1) = log 0.5 + log 0.25; row 1: log P(1 | pos 0) = log 0.5, then padding
-    torch.testing.assert_close(log_likelihoods, torch.tensor([math.log(0.125), math.log(0.5)]))
-    assert lengths.tolist() == [2, 1]
-
-
-def test_npo_loss_is_the_hand_computed_value_and_lowers_the_likelihood():
-    log_likelihoods = torch.tensor([-2.0, -3.0], requires_grad=True)
-    reference = torch.tensor([-2.5, -1.0])
-    # -(2 / 0.1) * mean(log sigmoid(-0.1 * 0.5), log sigmoid(-0.1 * -2))
-    #   = 10 * (log(1 + e^0.05) + log(1 + e^-0.2)) = 10 * (0.7184596 + 0.5981389)
-    loss = npo_loss(log_likelihoods, reference, beta=0.1)
-    assert loss.item() == pytest.approx(13.165985, abs=1e-5)
-    # at the reference: (2 / beta) log 2, and dL/dlog p = (2 / n) sigmoid(0) = 1 / n > 0: descent lowers log p
-    at_reference = reference.clone().requires_grad_(True)
-    start = npo_loss(at_reference, reference, beta=0.1)
-    assert start.item() == pytest.approx(20 * math.log(2), rel=1e-6)
-    start.backward()
-    torch.testing.assert_close(at_reference.grad, torch.tensor([0.5, 0.5]))
-    # bounded below by 0 however unlikely the forget rows become (gradient ascent is not)
-    assert 0 <= npo_loss(torch.tensor([-1e4]), torch.tensor([-1.0]), beta=0.1).item() < 1e-6
-
-
-def test_simnpo_loss_normalises_by_length_and_shifts_by_gamma():
-    # log p / |y| is -2 for both rows: -(2.5 / 3)(-6) - 0.5 = -(2.5 / 1)(-2) - 0.5 = 4.5
-    log_likelihoods, lengths = torch.tensor([-6.0, -2.0]), torch.tensor([3, 1])
-    loss = simnpo_loss(log_likelihoods, lengths, beta=2.5, gamma=0.5)
-    # -(2 / 2.5) log sigmoid(4.5) = 0.8 log(1 + e^-4.5) = 0.8 * 0.0110477
-    assert loss.item() == pytest.approx(0.8 * 0.01104774, rel=1e-5)
-    # gamma 0: 0.8 log(1 + e^-5) = 0.8 * 0.0067153
-    assert simnpo_loss(log_likelihoods, lengths, beta=2.5, gamma=0.0).item() == pytest.approx(
-        0.8 * 0.00671535, rel=1e-5
-    )
-    # no reference: its value depends on the model's own likelihood only, and falls as it falls
-    assert simnpo_loss(torch.tensor([-30.0]), torch.tensor([3]), 2.5, 0.5) < loss
 
 
 def _batches():

@@ -36,14 +36,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from datasets import Dataset
 from torch import nn
 from transformers.utils import ModelOutput
 
 from ..data.collators import CausalLMCollator, make_dataloader
 from ..errors import DeepCleanError
-from ..evaluation.causal_lm import token_log_likelihoods
+from ..unlearning.forget_losses import npo_loss, sequence_log_likelihoods, simnpo_loss
 from ..unlearning.training import train_model
 
 
@@ -95,23 +94,6 @@ class LanguageModelBaselineConfig:
 # --------------------------------------------------------------------------------------------------------------
 # Losses
 # --------------------------------------------------------------------------------------------------------------
-
-
-def sequence_log_likelihoods(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`(log p(y), |y|)` per sequence of a causal LM: the sum of its predicted tokens' log-probabilities (labels
-    shifted by one, -100 left out) and their count."""
-    log_probs, valid = token_log_likelihoods(logits, labels)
-    return log_probs.sum(-1), valid.sum(-1)
-
-
-def npo_loss(log_likelihoods: torch.Tensor, reference_log_likelihoods: torch.Tensor, beta: float) -> torch.Tensor:
-    """NPO's forget loss: `-(2 / beta) mean log sigmoid(-beta (log p_theta(y) - log p_ref(y)))` over sequences."""
-    return -(2.0 / beta) * F.logsigmoid(-beta * (log_likelihoods - reference_log_likelihoods)).mean()
-
-
-def simnpo_loss(log_likelihoods: torch.Tensor, lengths: torch.Tensor, beta: float, gamma: float) -> torch.Tensor:
-    """SimNPO's forget loss: `-(2 / beta) mean log sigmoid(-(beta / |y|) log p_theta(y) - gamma)` over sequences."""
-    return -(2.0 / beta) * F.logsigmoid(-beta * log_likelihoods / lengths.clamp(min=1) - gamma).mean()
 
 
 @dataclass

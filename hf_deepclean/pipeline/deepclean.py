@@ -29,6 +29,7 @@ from ..hub.plots import fisher_ratio_histogram
 from ..modeling import get_parameters_in_scope
 from ..records import FisherRecord, RepairRecord, ResetRecord, StageTimer
 from ..sharding import WholeTensors, any_process, any_sharded, is_sharded_model
+from ..unlearning.forget_losses import forget_term
 from ..unlearning.probe import PROBE_EVAL_ROWS, choose_repair_learning_rate, mean_loss, probe_needed
 from ..unlearning.repair import build_repair_monitor, repair_selected_weights
 from ..unlearning.reset import ResetMasks, reset_selected_weights
@@ -180,7 +181,7 @@ def run_deepclean(
         schedule = TrainingSchedule.repair_budget(config, rows.batch_size, learning_rate)
         if kept_steps:  # the probe's trial at the chosen rate was the repair's first steps
             schedule = schedule.after_steps(kept_steps, optimizer_steps_per_epoch(repair_loader, accelerator))
-        if config.forget_ascent_weight:  # DeepClean with forget ascent: L_retain - w L_forget on the selection
+        if config.forget_ascent_weight:  # DeepClean with forget ascent: L_retain + w forget term on the selection
             repair = train_model(
                 model,
                 repair_loader,
@@ -191,6 +192,7 @@ def run_deepclean(
                 desc="Repair",
                 ascent_dataloader=rows.loader(rows.forget, shuffle=True),
                 ascent_weight=config.forget_ascent_weight,
+                forget_term=forget_term(config.forget_loss),
             )
         else:
             repair = repair_selected_weights(

@@ -33,6 +33,7 @@ from transformers import get_scheduler
 
 from ..distributed import transient_preparations
 from ..sharding import any_process, any_sharded, like_parameter, local_tensor
+from .forget_losses import ForgetTerm, ascent_term
 
 
 if TYPE_CHECKING:
@@ -58,6 +59,7 @@ def train_model(
     desc: str = "Train",
     ascent_dataloader: DataLoader | None = None,
     ascent_weight: float = 0.0,
+    forget_term: ForgetTerm = ascent_term,
 ) -> dict[str, float]:
     """Train `model` with AdamW for `epochs` passes over `dataloader` (fractions of an epoch allowed).
 
@@ -71,10 +73,11 @@ def train_model(
             `True` elements change.
         should_stop: called with the number of steps taken after every optimizer step; training ends early when
             it returns True (early stopping). The model is in train mode again when it returns.
-        ascent_dataloader: with `ascent_weight > 0`, rows whose loss every step ascends (a plain DataLoader,
-            cycled): the step minimises `loss(batch) - ascent_weight * loss(ascent batch)`, one batch of each
-            (DeepClean's forget-ascent variant, `--forget_ascent_weight`). Masks apply to both gradients.
-        ascent_weight: the weight of the ascent term (0: plain training).
+        ascent_dataloader: with `ascent_weight > 0`, rows to forget (a plain DataLoader, cycled): the step minimises
+            `loss(batch) + ascent_weight * forget_term(model, ascent batch)`, one batch of each (DeepClean's
+            forget-ascent variant, `--forget_ascent_weight`). Masks apply to both gradients.
+        ascent_weight: the weight of the forget term (0: plain training).
+        forget_term: `(model, batch) -> loss` on the rows to forget (`forget_losses`; default: `-loss`, ascent).
 
     Returns:
         `{"steps": ..., "final_loss": ..., "stopped_early": ...}` (`final_loss` is `None` when no step was taken).
@@ -156,7 +159,7 @@ def train_model(
                         if ascent_batch is None:  # cycle the ascent rows
                             ascent_batches = iter(ascent)
                             ascent_batch = next(ascent_batches)
-                        accelerator.backward(-ascent_weight * model(**ascent_batch).loss)
+                        accelerator.backward(ascent_weight * forget_term(model, ascent_batch))
                     if sharded and device_masks:
                         for name, mask in device_masks.items():
                             if trainable[name].grad is not None:
