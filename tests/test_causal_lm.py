@@ -501,3 +501,25 @@ def test_lm_monitor_stops_at_the_first_check_within_the_perplexity_tolerance():
     assert [entry["retain_perplexity"] <= monitor.target_retain_perplexity for entry in monitor.history] == [
         False
     ] * stop + [True]
+
+
+def test_unlearn_causal_lm_adapter_with_the_simnpo_forget_term(lm_folders, tmp_path):
+    """`--forget_ascent_weight 1 --forget_loss simnpo` on a LoRA adapter, end to end: the run records the variant, its
+    repair ends with the forgotten notes less likely than the plain repair's at the same rate and steps, and only
+    the adapter's selected elements differ from the plain run's starting point (the same selection)."""
+    from hf_deepclean.cli import main
+
+    (lm_folders / "forget.txt").write_text("0\n1\n")
+    fixed = ["--task", "causal-lm", "--learning_rate", "1e-2"]
+    runs = {"plain": [], "simnpo": ["--forget_ascent_weight", "1", "--forget_loss", "simnpo"]}
+    results = {}
+    for name, flags in runs.items():
+        assert main(_lm_args(lm_folders, tmp_path / name, *fixed, *flags)) == 0, name
+        results[name] = json.loads((tmp_path / name / "deepclean_results.json").read_text())
+    arguments = json.loads((tmp_path / "simnpo" / "deepclean_config.json").read_text())["arguments"]
+    assert arguments["forget_loss"] == "simnpo" and arguments["forget_ascent_weight"] == 1
+    assert results["plain"]["reset"]["selection_sha256"] == results["simnpo"]["reset"]["selection_sha256"]
+    assert results["plain"]["repair"]["steps"] == results["simnpo"]["repair"]["steps"] == 3
+    after = {name: result["metrics"]["after"] for name, result in results.items()}
+    assert after["simnpo"]["forget_loss"] > after["plain"]["forget_loss"]
+    assert "| `forget_loss` | `simnpo` |" in (tmp_path / "simnpo" / "README.md").read_text()  # the card says so
