@@ -115,6 +115,8 @@ GRID = {
     "simnpo0.3": {"forget_ascent_weight": 0.3, "forget_loss": "simnpo"},
     "simnpo1": {"forget_ascent_weight": 1.0, "forget_loss": "simnpo"},
     "simnpo3": {"forget_ascent_weight": 3.0, "forget_loss": "simnpo"},
+    "frac0.1_simnpo0.3": {"reset_fraction": 0.1, "forget_ascent_weight": 0.3, "forget_loss": "simnpo"},
+    "frac0.1_simnpo1": {"reset_fraction": 0.1, "forget_ascent_weight": 1.0, "forget_loss": "simnpo"},
     # issue 18: a larger share of an adapter with a longer repair to bring its utility back
     "frac0.1_epochs8": {"reset_fraction": 0.1, "repair_epochs": 8.0},
     "frac0.2_epochs8": {"reset_fraction": 0.2, "repair_epochs": 8.0},
