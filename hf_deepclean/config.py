@@ -36,15 +36,7 @@ RESET_MODES = ("auto", *RESET_VALUES)
 # `datasets` builders that read local files given with --data_files (a --dataset_name, but never a Hub id)
 FILE_BUILDERS = ("csv", "json", "parquet", "text")
 # transformers schedules that need no arguments beyond warm-up and step counts
-SCHEDULERS = (
-    "linear",
-    "cosine",
-    "cosine_with_restarts",
-    "polynomial",
-    "constant",
-    "constant_with_warmup",
-    "inverse_sqrt",
-)
+SCHEDULERS = tuple("linear cosine cosine_with_restarts polynomial constant constant_with_warmup inverse_sqrt".split())
 
 
 @dataclass
@@ -316,10 +308,7 @@ class DeepCleanConfig:
     )
     forget_loss: str = field(
         default="ascent",
-        metadata={
-            "help": "The forget term: `ascent` (-L_forget) or `simnpo` (SimNPO's bounded loss).",
-            "choices": FORGET_LOSSES,
-        },
+        metadata={"help": "Forget term: `ascent` (-L_forget) or `simnpo` (SimNPO's loss).", "choices": FORGET_LOSSES},
     )
     base_reset_learning_rate: float | None = field(
         default=None, metadata={"help": "After a reset to a base model, repair at this rate instead of probing."}
