@@ -384,6 +384,8 @@ class DeepCleanConfig:
             raise DeepCleanError(f"--min_movement_quantile: got {self.min_movement_quantile!r}; expected [0, 1).")
         check_positive("forget_ascent_weight", self.forget_ascent_weight, allow_zero=True)
         check_choice("forget_loss", self.forget_loss, FORGET_LOSSES)
+        if self.forget_loss != "ascent" and not self.forget_ascent_weight:
+            raise DeepCleanError(f"--forget_ascent_weight: got 0; expected > 0 with --forget_loss {self.forget_loss}.")
         check_positive("base_reset_learning_rate", self.base_reset_learning_rate)
         check_choice("early_stopping_criterion", self.early_stopping_criterion, EARLY_STOPPING_CRITERIA)
         for name in ("early_stopping_tolerance", "early_stopping_perplexity_tolerance"):

@@ -138,3 +138,9 @@ def test_unknown_forget_loss_is_refused_with_the_argument():
         forget_term("npo")
     with pytest.raises(DeepCleanError, match=r"^--forget_loss: got 'npo'; expected one of"):
         DeepCleanConfig(forget_loss="npo")
+    # a forget term without a weight would silently be the plain repair
+    with pytest.raises(
+        DeepCleanError, match=r"^--forget_ascent_weight: got 0; expected > 0 with --forget_loss simnpo\.$"
+    ):
+        DeepCleanConfig(forget_loss="simnpo")
+    assert DeepCleanConfig(forget_loss="simnpo", forget_ascent_weight=1.0).forget_loss == "simnpo"

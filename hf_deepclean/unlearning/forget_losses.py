@@ -7,8 +7,9 @@ the retain loss of every repair step:
 - `ascent`: `-L_f`, the model's own loss on the forget rows, ascended (unbounded: its gradient never fades).
 - `simnpo`: SimNPO's forget loss (Fan et al. 2024), `-(2 / beta) mean log sigmoid(-(beta / |y|) log p(y) - gamma)`
   over rows, `log p(y)` a row's log-likelihood of its labels and `|y|` their count (1 for a classifier's label). It
-  is bounded below by 0 and its gradient is weighted by `sigmoid((beta / |y|) log p(y) + gamma)`, which fades as
-  a row's likelihood falls: rows already forgotten stop pulling, so the repair does not overshoot as ascent can.
+  is bounded below by 0 and a row's pull on `log p(y) / |y|` is `2 sigmoid((beta / |y|) log p(y) + gamma)`, which
+  fades as its likelihood falls: a language model's forgotten rows stop pulling. A classifier's label (`|y| = 1`)
+  still pulls at 0.3 where a binary label flips (p = 0.5), so there it overshoots as ascent does (docs/decisions.md).
 """
 
 from __future__ import annotations
