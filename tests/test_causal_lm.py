@@ -523,3 +523,45 @@ def test_unlearn_causal_lm_adapter_with_the_simnpo_forget_term(lm_folders, tmp_p
     after = {name: result["metrics"]["after"] for name, result in results.items()}
     assert after["simnpo"]["forget_loss"] > after["plain"]["forget_loss"]
     assert "| `forget_loss` | `simnpo` |" in (tmp_path / "simnpo" / "README.md").read_text()  # the card says so
+
+
+def test_simnpo_forget_term_under_two_processes(lm_folders, tmp_path):
+    """The SimNPO forget term under DDP (`torchrun --nproc_per_node 2`): the loop wraps the adapter model, and the
+    term reads the wrapped model's config. The run selects what one process selects, and changes exactly the
+    elements the one-process run changes: every other element of the adapter stays bit-for-bit the original's
+    (the masks apply to both backward passes before DDP averages them). The changed values differ (dropout draws
+    differ per process, and a causal LM's loss is a token mean per process)."""
+    from conftest import torchrun_process
+    from safetensors.torch import load_file
+
+    from hf_deepclean.cli import main
+
+    (lm_folders / "forget.txt").write_text("0\n1\n")
+    flags = [
+        "--task",
+        "causal-lm",
+        "--learning_rate",
+        "1e-2",
+        "--forget_ascent_weight",
+        "1",
+        "--forget_loss",
+        "simnpo",
+    ]
+    assert main(_lm_args(lm_folders, tmp_path / "one", *flags)) == 0
+    arguments = ["-m", "hf_deepclean.cli", *_lm_args(lm_folders, tmp_path / "two", *flags)]
+    arguments[arguments.index("--per_device_batch_size") + 1] = "4"
+    launch = torchrun_process(arguments, timeout=300)
+    assert launch.returncode == 0, launch.stdout[-3000:]
+    results = {name: json.loads((tmp_path / name / "deepclean_results.json").read_text()) for name in ("one", "two")}
+    assert results["one"]["reset"]["selection_sha256"] == results["two"]["reset"]["selection_sha256"]
+    assert results["one"]["repair"]["steps"] == results["two"]["repair"]["steps"] == 3
+    original = load_file(lm_folders / "adapter" / "adapter_model.safetensors")
+    weights = {name: load_file(tmp_path / name / "adapter_model.safetensors") for name in ("one", "two")}
+    assert set(weights["one"]) == set(weights["two"]) == set(original)
+    changed = 0
+    for key, value in original.items():
+        kept = weights["one"][key] == value
+        assert torch.equal(weights["two"][key] == value, kept), key
+        changed += int((~kept).sum())
+    # the changed elements are the selection: reset (fresh values), then repaired
+    assert changed == results["one"]["reset"]["total"]["reset"] > 0
