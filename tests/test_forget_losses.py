@@ -12,9 +12,10 @@ import torch.nn.functional as F
 from conftest import build_tiny_bert, build_tiny_gpt2
 from transformers import BartConfig, BartForConditionalGeneration
 
-from hf_deepclean.config import DeepCleanConfig
+from hf_deepclean.config import FORGET_LOSSES, DeepCleanConfig
 from hf_deepclean.errors import DeepCleanError
 from hf_deepclean.unlearning.forget_losses import (
+    FORGET_TERMS,
     SIMNPO_BETA,
     ascent_term,
     forget_term,
@@ -134,6 +135,7 @@ def test_simnpo_gradient_fades_once_a_row_is_forgotten_and_ascent_does_not():
 
 
 def test_unknown_forget_loss_is_refused_with_the_argument():
+    assert tuple(FORGET_TERMS) == FORGET_LOSSES  # every name the config accepts has a term
     with pytest.raises(DeepCleanError, match=r"^--forget_loss: got 'npo'; expected one of ascent, simnpo\.$"):
         forget_term("npo")
     with pytest.raises(DeepCleanError, match=r"^--forget_loss: got 'npo'; expected one of"):

@@ -37,9 +37,8 @@ def sequence_log_likelihoods(
     """`(log p(y), |y|)` per row: for a language model (`[N, T, V]` logits) the sum of its predicted tokens'
     log-probabilities (labels shifted by one for a causal LM, not for an encoder-decoder; -100 left out) and their
     count; for a classifier (`[N, C]` logits, `[N]` labels) the log-probability of the label, and 1."""
-    if logits.dim() == 2:
-        log_probs = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-        return log_probs, torch.ones_like(labels)
+    if logits.dim() == 2:  # a classifier: its label as a sequence of one token
+        logits, labels, shift = logits.unsqueeze(1), labels.unsqueeze(1), False
     log_probs, valid = token_log_likelihoods(logits, labels, shift=shift)
     return log_probs.sum(-1), valid.sum(-1)
 
@@ -68,9 +67,11 @@ def simnpo_term(model: nn.Module, batch: dict) -> torch.Tensor:
     return simnpo_loss(log_likelihoods, lengths, SIMNPO_BETA, SIMNPO_GAMMA)
 
 
+FORGET_TERMS: dict[str, ForgetTerm] = {"ascent": ascent_term, "simnpo": simnpo_term}  # by `FORGET_LOSSES` name
+
+
 def forget_term(name: str) -> ForgetTerm:
     """The forget term called `name` (`FORGET_LOSSES`)."""
-    terms = {"ascent": ascent_term, "simnpo": simnpo_term}
-    if name not in terms:
+    if name not in FORGET_TERMS:
         raise DeepCleanError(f"--forget_loss: got {name!r}; expected one of {', '.join(FORGET_LOSSES)}.")
-    return terms[name]
+    return FORGET_TERMS[name]
