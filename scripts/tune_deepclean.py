@@ -19,10 +19,11 @@ import sys
 
 from hf_deepclean.bench import baselines as baselines_module
 from hf_deepclean.bench.baselines import BaselineConfig
-from hf_deepclean.bench.benchmark import BenchmarkArguments, run_benchmark
-from hf_deepclean.bench.report import format_benchmark_tables, write_benchmark_report
+from hf_deepclean.bench.benchmark import BenchmarkArguments, report_writer, run_benchmark
+from hf_deepclean.bench.report import format_benchmark_tables
 from hf_deepclean.cli import parse_unlearn_args
 from hf_deepclean.config import DeepCleanConfig
+from hf_deepclean.distributed import default_accelerator
 from hf_deepclean.hub.output import check_output_dir
 from hf_deepclean.unlearning import probe as probe_module
 
@@ -206,8 +207,9 @@ def main(argv: list[str]) -> int:
             probe_settings[id(config)] = probe
     retain_sample_runs(samples)
     probe_setting_runs(probe_settings)
-    results = run_benchmark(args, method, baselines, variants=variants)
-    write_benchmark_report(results, args.output_dir, overwrite=args.overwrite_output_dir)
+    accelerator = default_accelerator()  # the report is rewritten after every scenario and seed
+    on_seed = report_writer(args, accelerator)
+    results = run_benchmark(args, method, baselines, variants=variants, accelerator=accelerator, on_seed=on_seed)
     print(format_benchmark_tables(results), end="")
     return 0
 

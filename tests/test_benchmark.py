@@ -229,3 +229,90 @@ def test_gap_closed_interval_resamples_seeds_in_pairs():
     assert gap_closed_interval(gaps, original) == interval  # seeded: the same interval every time
     few = gap_closed_interval(gaps[:2], original[:2])
     assert math.isnan(few["low"]) and math.isnan(few["high"])
+
+
+def tiny_benchmark(output, *seeds: str) -> list[str]:
+    """The smallest benchmark with DeepClean on it: 150 digits, 3 epochs, a 1-epoch repair."""
+    return [
+        *("benchmark", "--output_dir", str(output), "--scenarios", "digits_class", "--seeds", *seeds),
+        *("--epochs", "3", "--max_train_rows", "150", "--methods", "deepclean", "--repair_epochs", "1"),
+    ]
+
+
+def test_reports_of_separate_seeds_merge_into_the_report_of_one_run(tmp_path, capsys):
+    for name, seeds in {"seed0": ["0"], "seed1": ["1"], "both": ["0", "1"]}.items():
+        assert main(tiny_benchmark(tmp_path / name, *seeds)) == 0
+    merged = tmp_path / "merged"
+    argv = ["benchmark", "--output_dir", str(merged), "--merge_results"]
+    # the seed-0 run is in two reports, with the same metrics: kept once
+    assert (
+        main([*argv, str(tmp_path / "seed0" / "results.json"), str(tmp_path / "seed1"), str(tmp_path / "seed0")]) == 0
+    )
+    together = json.loads((tmp_path / "both" / "results.json").read_text())
+    results = json.loads((merged / "results.json").read_text())
+    key = ("scenario", "seed", "method")
+
+    def by_run(runs):
+        return {tuple(run[k] for k in key): run for run in runs}
+
+    assert by_run(results["runs"]).keys() == by_run(together["runs"]).keys() and len(results["runs"]) == 6
+    for name, run in by_run(together["runs"]).items():  # training is seeded: separate processes, the same models
+        assert by_run(results["runs"])[name]["metrics"] == run["metrics"]
+        assert by_run(results["runs"])[name]["avg_gap"] == run["avg_gap"]
+    for method, entry in together["summary"]["digits_class"].items():
+        mine = results["summary"]["digits_class"][method]
+        assert mine["seeds"] == entry["seeds"] == 2
+        timeless = {k: v for k, v in entry["mean"].items() if k not in ("seconds", "time_share_of_retrain")}
+        assert {k: mine["mean"][k] for k in timeless} == timeless
+        assert mine["gap_closed"]["value"] == entry["gap_closed"]["value"]
+    assert [source["path"] for source in results["merged_from"]] == [
+        str(tmp_path / name / "results.json") for name in ("seed0", "seed1", "seed0")
+    ]
+    assert "2 seed(s)" in (merged / "results.md").read_text() and (merged / "plots" / "digits_class.png").exists()
+    capsys.readouterr()
+
+    # a run found twice with other metrics (another model) is refused, and nothing is written
+    altered = json.loads((tmp_path / "seed0" / "results.json").read_text())
+    altered["runs"][-1]["metrics"]["forget_accuracy"] += 0.25
+    (tmp_path / "altered.json").write_text(json.dumps(altered))
+    assert (
+        main([*argv[:2], str(tmp_path / "refused"), *argv[3:], str(tmp_path / "both"), str(tmp_path / "altered.json")])
+        == 2
+    )
+    error = capsys.readouterr().err.strip()
+    assert "--merge_results: deepclean on digits_class seed 0" in error and "different metrics" in error
+    assert len(error.splitlines()) == 1 and not (tmp_path / "refused").exists()
+    # so are reports of another kind of machine (their times do not compare), and files that are not reports
+    altered["environment"]["device_name"] = "another machine"
+    (tmp_path / "elsewhere.json").write_text(json.dumps(altered))
+    (tmp_path / "notes.txt").write_text("not a report")
+    expected = {
+        "elsewhere.json": "another machine (1)",
+        "notes.txt": f"got {str(tmp_path / 'notes.txt')!r}; expected the results.json of a benchmark report",
+        "missing": f"got {str(tmp_path / 'missing')!r}; expected the results.json of a benchmark report",
+    }
+    for path, message in expected.items():
+        paths = [str(tmp_path / "seed1"), str(tmp_path / path)]
+        assert main([*argv[:2], str(tmp_path / "refused"), *argv[3:], *paths]) == 2
+        error = capsys.readouterr().err.strip()
+        assert "error: --merge_results: " in error and message in error, error
+        assert len(error.splitlines()) == 1 and not (tmp_path / "refused").exists()
+
+
+def test_a_stopped_benchmark_keeps_the_seeds_it_finished(tmp_path, monkeypatch):
+    from hf_deepclean.bench import benchmark
+
+    build = benchmark.build_scenario
+
+    def build_until_seed_1(name, seed, args):
+        if seed == 1:
+            raise KeyboardInterrupt  # Ctrl-C, or a job's time limit, between two seeds
+        return build(name, seed, args)
+
+    monkeypatch.setattr(benchmark, "build_scenario", build_until_seed_1)
+    with pytest.raises(KeyboardInterrupt):
+        main(tiny_benchmark(tmp_path / "bench", "0", "1"))
+    results = json.loads((tmp_path / "bench" / "results.json").read_text())
+    assert {run["seed"] for run in results["runs"]} == {0}
+    assert [run["method"] for run in results["runs"]] == ["original", "retrain", "deepclean"]
+    assert "### digits_class" in (tmp_path / "bench" / "results.md").read_text()

@@ -18,7 +18,7 @@ import math
 import os
 import platform
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -37,7 +37,7 @@ from ..records import SUMMARY_METRICS
 from .baselines import METHODS, BaselineConfig, UnlearningInputs, train_from_state
 from .llm_baselines import LANGUAGE_MODEL_METHODS
 from .lm_evaluation import FactsEvaluation
-from .report import summarize, write_benchmark_report
+from .report import merge_results, summarize, write_benchmark_report
 from .scenarios import (
     DIGITS_SCENARIOS,
     FACTS_PEOPLE,
@@ -126,6 +126,13 @@ class BenchmarkArguments:
         },
     )
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Write into an existing non-empty folder."})
+    merge_results: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Run nothing: combine earlier reports (results.json files or their folders; e.g. seeds run in "
+            "separate processes or on separate machines) into one report in --output_dir."
+        },
+    )
 
     def __post_init__(self):
         for name in self.scenarios:
@@ -144,6 +151,8 @@ class BenchmarkArguments:
             check_method_fits(name, function, self.scenarios)
         if not isinstance(self.facts_people, int) or not 10 <= self.facts_people <= 400:
             raise DeepCleanError(f"--facts_people: got {self.facts_people!r}; expected an integer from 10 to 400.")
+        if not self.scenarios:
+            raise DeepCleanError(f"--scenarios: got none; expected some of {', '.join(SCENARIOS)}.")
         if not self.seeds:
             raise DeepCleanError("--seeds: got none; expected at least one integer.")
         if self.epochs is not None and not (isinstance(self.epochs, (int, float)) and self.epochs > 0):
@@ -200,6 +209,7 @@ def run_benchmark(
     *,
     variants: Mapping[str, DeepCleanConfig] | None = None,
     accelerator: Accelerator | None = None,
+    on_seed: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Run every method of `args.methods` (plus `variants`, DeepClean with other configs) on every scenario and seed.
 
@@ -211,6 +221,7 @@ def run_benchmark(
         variants: extra DeepClean runs `{name: config}` (hyperparameter sweeps). Fisher sums are computed once
             per scenario and seed and shared; every method's time still includes the Fisher passes it uses.
         accelerator: an existing Accelerator (one is created otherwise).
+        on_seed: called with the results so far after each scenario and seed (to write partial reports).
 
     Returns:
         `{"runs": [...], "summary": {scenario: {method: {...}}}, "scenarios": {...}, "environment": {...}}`.
@@ -232,18 +243,21 @@ def run_benchmark(
             logger.info(f"{scenario_name} (seed {seed}): {scenario.description}", main_process_only=True)
             inputs = train_original(scenario, accelerator, seed, deepclean_config.per_device_batch_size, originals)
             runs.extend(run_scenario(scenario, inputs, methods, seed, baseline_config, args))
-    return {
-        "runs": runs,
-        "summary": summarize(runs),
-        "scenarios": scenarios,
-        "arguments": {
-            "benchmark": asdict(args),
-            "deepclean": asdict(deepclean_config),
-            "baselines": asdict(baseline_config),
-            "variants": {name: asdict(config) for name, config in (variants or {}).items()},
-        },
-        "environment": environment(accelerator),
-    }
+            results = {
+                "runs": runs,
+                "summary": summarize(runs),
+                "scenarios": scenarios,
+                "arguments": {
+                    "benchmark": asdict(args),
+                    "deepclean": asdict(deepclean_config),
+                    "baselines": asdict(baseline_config),
+                    "variants": {name: asdict(config) for name, config in (variants or {}).items()},
+                },
+                "environment": environment(accelerator),
+            }
+            if on_seed is not None:
+                on_seed(results)
+    return results
 
 
 def train_original(
@@ -421,11 +435,29 @@ def environment(accelerator: Accelerator) -> dict[str, Any]:
 def benchmark_main(
     args: BenchmarkArguments, deepclean_config: DeepCleanConfig, baseline_config: BaselineConfig
 ) -> dict[str, Any]:
-    """Run the benchmark and write its report on the main process (the CLI's and `scripts/benchmark.py`'s entry)."""
+    """Run the benchmark (or merge earlier reports, `--merge_results`) and write its report on the main process (the
+    CLI's and `scripts/benchmark.py`'s entry). The report is rewritten after every scenario and seed, so a run that is
+    stopped keeps the seeds it finished."""
     check_output_dir(args.output_dir, args.overwrite_output_dir)  # before minutes of training, not after
-    accelerator = default_accelerator()
-    results = run_benchmark(args, deepclean_config, baseline_config, accelerator=accelerator)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
+    if args.merge_results:
+        results = merge_results(args.merge_results)
         write_benchmark_report(results, args.output_dir, overwrite=args.overwrite_output_dir)
+        return results
+    accelerator = default_accelerator()
+    on_seed = report_writer(args, accelerator)
+    results = run_benchmark(args, deepclean_config, baseline_config, accelerator=accelerator, on_seed=on_seed)
+    accelerator.wait_for_everyone()
     return results
+
+
+def report_writer(args: BenchmarkArguments, accelerator: Accelerator) -> Callable[[dict[str, Any]], None]:
+    """`run_benchmark`'s `on_seed`: (re)write the report in `args.output_dir` on the main process; the first write
+    obeys `--overwrite_output_dir`, later ones replace the partial report."""
+    written = []
+
+    def write(results: dict[str, Any]) -> None:
+        if accelerator.is_main_process:
+            write_benchmark_report(results, args.output_dir, overwrite=args.overwrite_output_dir or bool(written))
+            written.append(True)
+
+    return write
