@@ -271,6 +271,15 @@ def test_reports_of_separate_seeds_merge_into_the_report_of_one_run(tmp_path, ca
     assert "2 seed(s)" in (merged / "results.md").read_text() and (merged / "plots" / "digits_class.png").exists()
     capsys.readouterr()
 
+    # --seeds keeps the runs of those seeds
+    assert main([*argv[:2], str(tmp_path / "one"), *argv[3:], str(tmp_path / "both"), "--seeds", "1"]) == 0
+    kept = json.loads((tmp_path / "one" / "results.json").read_text())
+    assert by_run(kept["runs"]) == {name: run for name, run in by_run(together["runs"]).items() if name[1] == 1}
+    assert main([*argv[:2], str(tmp_path / "none"), *argv[3:], str(tmp_path / "both"), "--seeds", "7"]) == 2
+    assert "--seeds: got 7; expected some of the seeds the reports of --merge_results hold (0 1)." in (
+        capsys.readouterr().err
+    )
+    assert not (tmp_path / "none").exists()
     # a run found twice with other metrics (another model) is refused, and nothing is written
     altered = json.loads((tmp_path / "seed0" / "results.json").read_text())
     altered["runs"][-1]["metrics"]["forget_accuracy"] += 0.25

@@ -90,7 +90,12 @@ class BenchmarkArguments:
             "the facts scenarios."
         },
     )
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2], metadata={"help": "Seeds; one full run each."})
+    seeds: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "Seeds; one full run each (default: 0 1 2). With --merge_results: those to keep (default: all)."
+        },
+    )
     epochs: float | None = field(
         default=None,
         metadata={
@@ -153,7 +158,9 @@ class BenchmarkArguments:
             raise DeepCleanError(f"--facts_people: got {self.facts_people!r}; expected an integer from 10 to 400.")
         if not self.scenarios:
             raise DeepCleanError(f"--scenarios: got none; expected some of {', '.join(SCENARIOS)}.")
-        if not self.seeds:
+        if self.seeds is None and not self.merge_results:
+            self.seeds = [0, 1, 2]
+        if self.seeds is not None and not self.seeds:
             raise DeepCleanError("--seeds: got none; expected at least one integer.")
         if self.epochs is not None and not (isinstance(self.epochs, (int, float)) and self.epochs > 0):
             raise DeepCleanError(f"--epochs: got {self.epochs!r}; expected a number > 0.")
@@ -440,7 +447,7 @@ def benchmark_main(
     stopped keeps the seeds it finished."""
     check_output_dir(args.output_dir, args.overwrite_output_dir)  # before minutes of training, not after
     if args.merge_results:
-        results = merge_results(args.merge_results)
+        results = merge_results(args.merge_results, seeds=args.seeds)
         write_benchmark_report(results, args.output_dir, overwrite=args.overwrite_output_dir)
         return results
     accelerator = default_accelerator()

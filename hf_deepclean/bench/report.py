@@ -352,9 +352,10 @@ def write_benchmark_report(results: Mapping[str, Any], output_dir: str | Path, o
     return Path(output_dir)
 
 
-def merge_results(paths: Sequence[str | Path]) -> dict[str, Any]:
+def merge_results(paths: Sequence[str | Path], seeds: Sequence[int] | None = None) -> dict[str, Any]:
     """One benchmark result from the runs of several reports (`results.json` files or folders holding one), e.g. seeds
-    run as separate processes or on separate machines; re-aggregated as if they had run together.
+    run as separate processes or on separate machines; re-aggregated as if they had run together. With `seeds`, the
+    runs of those seeds only.
 
     A scenario, seed and method found in more than one report must have the same metrics there (the same trained
     model and method, as a rerun on the same kind of machine gives) and is kept once; the reports must come from one
@@ -364,6 +365,7 @@ def merge_results(paths: Sequence[str | Path]) -> dict[str, Any]:
     origin: dict[tuple[str, int, str], str] = {}
     scenarios: dict[str, str] = {}
     sources: list[dict[str, Any]] = []
+    held: set[int] = set()
     for path in paths:
         file, results = _read_results(path)
         environment, first = results["environment"], sources[0]["environment"] if sources else None
@@ -377,6 +379,9 @@ def merge_results(paths: Sequence[str | Path]) -> dict[str, Any]:
         sources.append({"path": str(file), "arguments": results.get("arguments"), "environment": environment})
         scenarios.update(results.get("scenarios", {}))
         for run in results["runs"]:
+            held.add(run["seed"])
+            if seeds is not None and run["seed"] not in seeds:
+                continue
             run = _restore_missing(run)
             key = (run["scenario"], run["seed"], run["method"])
             if key in runs and not _same_numbers(runs[key]["metrics"], run["metrics"]):
@@ -388,6 +393,13 @@ def merge_results(paths: Sequence[str | Path]) -> dict[str, Any]:
             runs.setdefault(key, run)
             origin.setdefault(key, str(file))
     merged = list(runs.values())
+    if not merged:
+        if seeds is None:
+            raise DeepCleanError("--merge_results: the reports hold no runs; expected reports of finished seeds.")
+        raise DeepCleanError(
+            f"--seeds: got {' '.join(map(str, seeds))}; expected some of the seeds the reports of --merge_results "
+            f"hold ({' '.join(map(str, sorted(held)))})."
+        )
     return {
         "runs": merged,
         "summary": summarize(merged),
