@@ -29,8 +29,7 @@ EARLY_STOPPING_CRITERIA = ("retain", "retain_and_mia")
 FORGET_LOSSES = ("ascent", "simnpo")  # the forget term of the forget-ascent repair
 # what selected elements become; `auto` is decided by the run (`base` when the base model is known, else `init`)
 RESET_VALUES = ("init", "zero", "base")
-# retain rows of the retain Fisher pass by default: a sample this large barely moves the selection, and the pass
-# stops growing with the training set (docs/decisions.md, 2026-12-06)
+# retain rows the retain Fisher pass reads by default: it barely moves the selection (docs/decisions.md, 2026-12-06)
 DEFAULT_MAX_RETAIN_SAMPLES = 2048
 RESET_MODES = ("auto", *RESET_VALUES)
 # `datasets` builders that read local files given with --data_files (a --dataset_name, but never a Hub id)
@@ -240,11 +239,13 @@ class DeepCleanConfig:
         default=None,
         metadata={"help": "Reset elements with F_forget / (F_retain + eps) > gamma. Overrides --reset_fraction."},
     )
-    # 0.5 rather than 0.2: on the digits benchmark it closed more of the gap on average, most on random subsets
-    # and mislabelled rows (docs/decisions.md, 2026-11-26)
+    # None: decided per model (`RESET_FRACTIONS` in pipeline/deepclean.py; docs/decisions.md, 2026-11-26 and 2026-12-07)
     reset_fraction: float | None = field(
-        default=0.5,
-        metadata={"help": "Reset this share (0, 1] of the elements in scope with the largest Fisher ratio."},
+        default=None,
+        metadata={
+            "help": "Reset this share (0, 1] of the elements in scope with the largest Fisher ratio (default: 0.5; "
+            "0.05 for language models)."
+        },
     )
     max_reset_fraction: float = field(
         default=0.5,
@@ -282,8 +283,7 @@ class DeepCleanConfig:
     per_device_batch_size: int = field(
         default=32, metadata={"help": "Batch size per process for the Fisher passes, repair and evaluation."}
     )
-    # per_parameter rather than global: ahead on the mean of all three digits tuning scenarios, though within their
-    # spread (docs/decisions.md, 2026-12-06)
+    # per_parameter, not global: ahead on the mean of the digits tuning scenarios (docs/decisions.md, 2026-12-06)
     selection_scope: str = field(
         default="per_parameter",
         metadata={
@@ -330,8 +330,7 @@ class DeepCleanConfig:
             "choices": EARLY_STOPPING_CRITERIA,
         },
     )
-    # 0 rather than 0.01: on the digits tuning seeds a repair stopped 1 point early kept retain accuracy at
-    # 0.986-0.987 and closed less of the gap (docs/decisions.md, 2026-12-06)
+    # 0, not 0.01: stopping 1 point early closed less of the digits tuning gap (docs/decisions.md, 2026-12-06)
     early_stopping_tolerance: float = field(
         default=0.0,
         metadata={"help": "Retain accuracy counts as recovered within this distance of the original model's."},
@@ -342,10 +341,11 @@ class DeepCleanConfig:
     )
     max_accuracy_drop: float = field(
         default=0.02,
-        metadata={
-            "help": "Warn, and say so in the model card, when the cleaned model's retain or held-out accuracy is more "
-            "than this below the original's (absolute; classifiers)."
-        },
+        metadata={"help": "Classifiers: warn in log and card when retain or held-out accuracy fell more than this."},
+    )
+    max_perplexity_rise: float = field(
+        default=0.25,
+        metadata={"help": "LMs: warn in log and card when retain or held-out perplexity rose more than this share."},
     )
 
     def __post_init__(self):
@@ -372,8 +372,6 @@ class DeepCleanConfig:
         check_positive("max_grad_norm", self.max_grad_norm, allow_zero=True)
         if not isinstance(self.warmup_ratio, (int, float)) or not (0.0 <= self.warmup_ratio < 1.0):
             raise DeepCleanError(f"--warmup_ratio: got {self.warmup_ratio!r}; expected a number in [0, 1).")
-        if self.gamma is None and self.reset_fraction is None:
-            raise DeepCleanError("--gamma/--reset_fraction: got neither; expected one of them.")
         if not isinstance(self.per_device_batch_size, int) or self.per_device_batch_size < 1:
             raise DeepCleanError(
                 f"--per_device_batch_size: got {self.per_device_batch_size!r}; expected a positive integer."
@@ -393,6 +391,7 @@ class DeepCleanConfig:
         if self.early_stopping is not None and not isinstance(self.early_stopping, bool):
             raise DeepCleanError(f"--early_stopping: got {self.early_stopping!r}; expected true or false.")
         check_fraction("max_accuracy_drop", self.max_accuracy_drop)
+        check_positive("max_perplexity_rise", self.max_perplexity_rise)
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> DeepCleanConfig:
@@ -411,7 +410,8 @@ class DeepCleanConfig:
         """Human-readable selection rule, as recorded in the card."""
         if self.gamma is not None:
             return f"ratio > {self.gamma:g}"
-        return f"top {self.reset_fraction:.4g} of elements by ratio"
+        share = "a share decided per model" if self.reset_fraction is None else f"{self.reset_fraction:.4g}"
+        return f"top {share} of elements by ratio"
 
 
 # The paper fixes a threshold gamma on the Fisher ratio and zero-resets; it gives no value that carries over to

@@ -23,9 +23,11 @@ import torch
 from accelerate.utils import set_seed
 
 from hf_deepclean.bench.benchmark import BenchmarkArguments, build_scenario, train_original
+from hf_deepclean.bench.scenarios import FACTS_SCENARIOS
 from hf_deepclean.config import DeepCleanConfig
 from hf_deepclean.data.collators import subsample
 from hf_deepclean.distributed import default_accelerator
+from hf_deepclean.pipeline.deepclean import concrete_config
 from hf_deepclean.unlearning.selection import compute_fisher_ratio, select_weights_to_reset
 
 
@@ -49,7 +51,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--output_dir", required=True)
     args = parser.parse_args(argv)
 
-    defaults = DeepCleanConfig()
+    language_model = args.scenario in FACTS_SCENARIOS
+    defaults = concrete_config(DeepCleanConfig(), base_known=False, language_model=language_model)
     rule = {
         "reset_fraction": args.reset_fraction or defaults.reset_fraction,
         "max_reset_fraction": defaults.max_reset_fraction,

@@ -323,6 +323,8 @@ FLAG_ERRORS = [
     ("reset_fraction", "1.5", "got 1.5; expected a number in (0, 1]."),
     ("max_reset_fraction", "-0.1", "got -0.1; expected a number in (0, 1]."),
     ("max_accuracy_drop", "0", "got 0.0; expected a number in (0, 1]."),
+    ("max_perplexity_rise", "0", "got 0.0; expected a finite number > 0."),
+    ("max_perplexity_rise", "inf", "got inf; expected a finite number > 0."),
     (
         "reference_model",
         "./no-such-reference",

@@ -260,6 +260,10 @@ def test_unlearn_causal_lm_with_canaries_and_merge(lm_folders, tmp_path, capsys)
     assert cards["merged"].library_name == "transformers"
     config = json.loads((runs["adapter"] / "deepclean_config.json").read_text())
     assert config["model"]["task"] == "causal-lm" and config["canaries"]["planted"] == 2
+    # a language model's default reset share is 5% (a classifier's 50%): the arguments as given, the rule as run
+    assert config["arguments"]["reset_fraction"] is None
+    assert results["reset"]["selection_rule"] == "top 0.05 of elements by ratio"
+    assert 0.04 < results["reset"]["total"]["reset"] / results["reset"]["total"]["numel"] < 0.06
     texts = [json.loads(line)["text"] for line in (lm_folders / "canaries.jsonl").read_text().splitlines()]
     written = [path.read_text(errors="ignore") for path in runs["adapter"].rglob("*") if path.is_file()]
     assert not any(text in content for text in texts for content in [printed, *written])
@@ -310,6 +314,25 @@ def test_evaluate_command_on_a_causal_lm(lm_folders, tmp_path, capsys):
     reason = "the data has no question, answer, paraphrased_answer and perturbed_answers columns"
     assert results["comparison"]["not_measured"] == {"forget_quality": reason, "model_utility": reason}
     assert "my PIN" not in capsys.readouterr().out
+
+
+def test_a_language_model_the_repair_damaged_is_written_with_a_warning(lm_folders, tmp_path):
+    """A repair of half the model at an absurd rate wrecks it: the run still writes it, and its results and card say
+    that retain perplexity rose past --max_perplexity_rise."""
+    from hf_deepclean.cli import main
+
+    (lm_folders / "forget.txt").write_text("0\n1\n")
+    output = tmp_path / "damaged"
+    args = _lm_args(lm_folders, output, "--task", "causal-lm", "--learning_rate", "10", "--reset_fraction", "0.5")
+    adapter = args.index("--adapter_name_or_path")
+    del args[adapter : adapter + 2]  # the whole model
+    args[args.index("--scope") + 1] = "all"
+    assert main(args) == 0
+    warnings = json.loads((output / "deepclean_results.json").read_text())["warnings"]
+    assert any(
+        w.startswith("retain_perplexity rose from ") and w.endswith("(--max_perplexity_rise)") for w in warnings
+    )
+    assert "retain_perplexity rose from " in (output / "README.md").read_text()
 
 
 def test_unlearn_refuses_a_bad_canary_file(lm_folders, tmp_path, capsys):
@@ -510,7 +533,7 @@ def test_unlearn_causal_lm_adapter_with_the_simnpo_forget_term(lm_folders, tmp_p
     from hf_deepclean.cli import main
 
     (lm_folders / "forget.txt").write_text("0\n1\n")
-    fixed = ["--task", "causal-lm", "--learning_rate", "1e-2"]
+    fixed = ["--task", "causal-lm", "--learning_rate", "1e-2", "--reset_fraction", "0.5"]  # a pull 3 steps show
     runs = {"plain": [], "simnpo": ["--forget_ascent_weight", "1", "--forget_loss", "simnpo"]}
     results = {}
     for name, flags in runs.items():

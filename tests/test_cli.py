@@ -611,6 +611,24 @@ def test_a_damaging_run_warns_with_a_hint(reset, caplog):
     ]
 
 
+def test_a_language_model_whose_perplexity_rose_warns():
+    from accelerate import PartialState
+
+    from hf_deepclean.config import DeepCleanConfig
+    from hf_deepclean.pipeline.unlearn import damage_warnings
+
+    PartialState(cpu=True)
+    config = DeepCleanConfig()  # tolerates a rise of 25%
+    before = {"retain_perplexity": 10.0, "test_perplexity": 20.0}
+    assert damage_warnings(config, before, {"retain_perplexity": 12.5, "test_perplexity": 24.0}) == []
+    assert damage_warnings(config, before, {"retain_perplexity": 12.6, "test_perplexity": float("nan")}) == [
+        "retain_perplexity rose from 10.000 to 12.600, more than the tolerated 25% (--max_perplexity_rise)",
+        "test_perplexity rose from 20.000 to nan, more than the tolerated 25% (--max_perplexity_rise)",
+    ]
+    loose = DeepCleanConfig(max_perplexity_rise=0.3)
+    assert damage_warnings(loose, before, {"retain_perplexity": 12.6, "test_perplexity": 25.0}) == []
+
+
 def test_finetuned_preset_needs_the_base_model(tmp_path, text_model_dir, text_csv_files, capsys):
     output_dir = tmp_path / "out"
     args = _text_args(text_model_dir, text_csv_files, output_dir, "--forget", "random:5", "--preset", "finetuned")

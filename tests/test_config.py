@@ -102,10 +102,21 @@ def test_reset_base_is_refused_on_adapter_scope():
     assert DeepCleanConfig(reset="base").reset == "base"
 
 
-def test_gamma_or_reset_fraction_is_required():
-    with pytest.raises(DeepCleanError, match="^--gamma/--reset_fraction: "):
-        DeepCleanConfig(gamma=None, reset_fraction=None)
-    assert DeepCleanConfig(gamma=2.0, reset_fraction=None).selection_rule == "ratio > 2"
+def test_the_reset_share_left_unset_is_decided_per_model():
+    from hf_deepclean.pipeline.deepclean import concrete_config
+
+    def share(config, language_model):
+        return concrete_config(config, base_known=False, language_model=language_model).reset_fraction
+
+    assert DeepCleanConfig().reset_fraction is None
+    assert DeepCleanConfig().selection_rule == "top a share decided per model of elements by ratio"
+    assert (share(DeepCleanConfig(), False), share(DeepCleanConfig(), True)) == (0.5, 0.05)
+    # a share or a threshold the user gives is kept, for every kind of model
+    for language_model in (False, True):
+        assert share(DeepCleanConfig(reset_fraction=0.2), language_model) == 0.2
+        assert share(DeepCleanConfig(gamma=2.0), language_model) is None
+        assert share(DeepCleanConfig.from_preset("paper"), language_model) is None
+    assert DeepCleanConfig(gamma=2.0).selection_rule == "ratio > 2"
     assert DeepCleanConfig(reset_fraction=0.1).selection_rule == "top 0.1 of elements by ratio"
 
 
@@ -248,7 +259,7 @@ def test_config_yaml_values_are_defaults_that_flags_override(tmp_path):
     assert data_args.dataset_name == "csv"
     assert data_args.data_files == ["train=a.csv", "test=b.csv"]
     assert output_args.output_dir == "cleaned"
-    assert method.reset_fraction == 0.5  # neither in the yaml nor on the command line
+    assert method.reset_fraction is None  # neither in the yaml nor on the command line: decided per model
 
 
 def test_config_yaml_alone_is_enough(tmp_path):

@@ -183,7 +183,8 @@ def damage_warnings(
     kept_test_rows: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> list[str]:
     """Warn (and return the warnings, which the results and the card keep) when the cleaned model's retain or
-    held-out accuracy fell more than `config.max_accuracy_drop` below the original's, and say what helps.
+    held-out accuracy fell more than `config.max_accuracy_drop` below the original's, or for a language model its
+    retain or held-out perplexity rose more than `config.max_perplexity_rise` above it, and say what helps.
 
     Args:
         config: the run's settings.
@@ -201,6 +202,14 @@ def damage_warnings(
         "(--max_accuracy_drop)"
         for name, (old, new) in accuracies.items()
         if old - new > config.max_accuracy_drop
+    ]
+    warnings += [
+        f"{name} rose from {old:.3f} to {new:.3f}, more than the tolerated {config.max_perplexity_rise:.0%} "
+        "(--max_perplexity_rise)"
+        for name in ("retain_perplexity", "test_perplexity")
+        if name in after
+        for old, new in [(before[name], after[name])]
+        if not new <= old * (1 + config.max_perplexity_rise)  # NaN too
     ]
     if warnings:
         hint = (
