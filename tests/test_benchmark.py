@@ -242,20 +242,24 @@ def tiny_benchmark(output, *seeds: str) -> list[str]:
 def test_reports_of_separate_seeds_merge_into_the_report_of_one_run(tmp_path, capsys):
     for name, seeds in {"seed0": ["0"], "seed1": ["1"], "both": ["0", "1"]}.items():
         assert main(tiny_benchmark(tmp_path / name, *seeds)) == 0
-    merged = tmp_path / "merged"
-    argv = ["benchmark", "--output_dir", str(merged), "--merge_results"]
-    # the seed-0 run is in two reports, with the same metrics: kept once
-    assert (
-        main([*argv, str(tmp_path / "seed0" / "results.json"), str(tmp_path / "seed1"), str(tmp_path / "seed0")]) == 0
-    )
+    argv = ["benchmark", "--merge_results"]
+
+    def merge(output, *paths):
+        return main([*argv[:1], "--output_dir", str(tmp_path / output), *argv[1:], *map(str, paths)])
+
+    # the seed-0 run is in two reports, with the same metrics: kept once; the order of the reports does not matter
+    assert merge("merged", tmp_path / "seed1", tmp_path / "seed0" / "results.json", tmp_path / "seed0") == 0
     together = json.loads((tmp_path / "both" / "results.json").read_text())
-    results = json.loads((merged / "results.json").read_text())
+    results = json.loads((tmp_path / "merged" / "results.json").read_text())
+    assert together["complete"] is True and "complete" not in results
     key = ("scenario", "seed", "method")
 
     def by_run(runs):
         return {tuple(run[k] for k in key): run for run in runs}
 
-    assert by_run(results["runs"]).keys() == by_run(together["runs"]).keys() and len(results["runs"]) == 6
+    assert [tuple(run[k] for k in key) for run in results["runs"]] == [
+        tuple(run[k] for k in key) for run in together["runs"]
+    ]
     for name, run in by_run(together["runs"]).items():  # training is seeded: separate processes, the same models
         assert by_run(results["runs"])[name]["metrics"] == run["metrics"]
         assert by_run(results["runs"])[name]["avg_gap"] == run["avg_gap"]
@@ -266,43 +270,54 @@ def test_reports_of_separate_seeds_merge_into_the_report_of_one_run(tmp_path, ca
         assert {k: mine["mean"][k] for k in timeless} == timeless
         assert mine["gap_closed"]["value"] == entry["gap_closed"]["value"]
     assert [source["path"] for source in results["merged_from"]] == [
-        str(tmp_path / name / "results.json") for name in ("seed0", "seed1", "seed0")
+        str(tmp_path / name / "results.json") for name in ("seed1", "seed0", "seed0")
     ]
-    assert "2 seed(s)" in (merged / "results.md").read_text() and (merged / "plots" / "digits_class.png").exists()
+    table = (tmp_path / "merged" / "results.md").read_text()
+    assert (
+        "2 seed(s)" in table
+        and "Partial" not in table
+        and (tmp_path / "merged" / "plots" / "digits_class.png").exists()
+    )
     capsys.readouterr()
 
-    # --seeds keeps the runs of those seeds
-    assert main([*argv[:2], str(tmp_path / "one"), *argv[3:], str(tmp_path / "both"), "--seeds", "1"]) == 0
+    # --seeds keeps the runs of those seeds, and refuses seeds the reports lack
+    assert merge("one", tmp_path / "both", "--seeds", "1") == 0
     kept = json.loads((tmp_path / "one" / "results.json").read_text())
     assert by_run(kept["runs"]) == {name: run for name, run in by_run(together["runs"]).items() if name[1] == 1}
-    assert main([*argv[:2], str(tmp_path / "none"), *argv[3:], str(tmp_path / "both"), "--seeds", "7"]) == 2
-    assert "--seeds: got 7; expected some of the seeds the reports of --merge_results hold (0 1)." in (
-        capsys.readouterr().err
-    )
-    assert not (tmp_path / "none").exists()
-    # a run found twice with other metrics (another model) is refused, and nothing is written
-    altered = json.loads((tmp_path / "seed0" / "results.json").read_text())
-    altered["runs"][-1]["metrics"]["forget_accuracy"] += 0.25
-    (tmp_path / "altered.json").write_text(json.dumps(altered))
-    assert (
-        main([*argv[:2], str(tmp_path / "refused"), *argv[3:], str(tmp_path / "both"), str(tmp_path / "altered.json")])
-        == 2
-    )
+    assert merge("none", tmp_path / "both", "--seeds", "1", "7") == 2
     error = capsys.readouterr().err.strip()
-    assert "--merge_results: deepclean on digits_class seed 0" in error and "different metrics" in error
-    assert len(error.splitlines()) == 1 and not (tmp_path / "refused").exists()
-    # so are reports of another kind of machine (their times do not compare), and files that are not reports
-    altered["environment"]["device_name"] = "another machine"
-    (tmp_path / "elsewhere.json").write_text(json.dumps(altered))
+    assert error.endswith("--seeds: got 1 7; the reports of --merge_results hold no run of seed(s) 7 (they hold 0 1).")
+    assert not (tmp_path / "none").exists()
+
+    # refused in one line, with nothing written: a run found twice with other metrics (another model), reports of
+    # another kind of machine (times do not compare) or other settings, and files that are not reports
+    seed0 = json.loads((tmp_path / "seed0" / "results.json").read_text())
+
+    def altered(name, change):
+        report = json.loads(json.dumps(seed0))
+        change(report)
+        (tmp_path / name).write_text(json.dumps(report))
+
+    altered("other_model.json", lambda r: r["runs"][-1]["metrics"].update(forget_accuracy=0.25))
+    altered("elsewhere.json", lambda r: r["environment"].update(cpu_count=64))
+    altered("settings.json", lambda r: r["arguments"]["deepclean"].update(repair_epochs=2.0))
+    altered("rows.json", lambda r: r["arguments"]["benchmark"].update(max_train_rows=300))
+    altered("no_environment.json", lambda r: r.update(environment=None))
+    altered("no_seed.json", lambda r: r["runs"][0].pop("seed"))
     (tmp_path / "notes.txt").write_text("not a report")
+    not_a_report = "; expected the results.json of a benchmark report or its folder."
     expected = {
-        "elsewhere.json": "another machine (1)",
-        "notes.txt": f"got {str(tmp_path / 'notes.txt')!r}; expected the results.json of a benchmark report",
-        "missing": f"got {str(tmp_path / 'missing')!r}; expected the results.json of a benchmark report",
+        "other_model.json": "deepclean on digits_class seed 0 is in",
+        "elsewhere.json": "differ in environment.cpu_count (2 and 64)",
+        "settings.json": "differ in deepclean.repair_epochs (1.0 and 2.0)",
+        "rows.json": "differ in benchmark.max_train_rows (150 and 300)",
+        "no_environment.json": f"got {str(tmp_path / 'no_environment.json')!r}{not_a_report}",
+        "no_seed.json": f"got {str(tmp_path / 'no_seed.json')!r}{not_a_report}",
+        "notes.txt": f"got {str(tmp_path / 'notes.txt')!r}{not_a_report}",
+        "missing": f"got {str(tmp_path / 'missing')!r}{not_a_report}",
     }
     for path, message in expected.items():
-        paths = [str(tmp_path / "seed1"), str(tmp_path / path)]
-        assert main([*argv[:2], str(tmp_path / "refused"), *argv[3:], *paths]) == 2
+        assert merge("refused", tmp_path / "both", tmp_path / path) == 2, path
         error = capsys.readouterr().err.strip()
         assert "error: --merge_results: " in error and message in error, error
         assert len(error.splitlines()) == 1 and not (tmp_path / "refused").exists()
@@ -322,6 +337,10 @@ def test_a_stopped_benchmark_keeps_the_seeds_it_finished(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         main(tiny_benchmark(tmp_path / "bench", "0", "1"))
     results = json.loads((tmp_path / "bench" / "results.json").read_text())
-    assert {run["seed"] for run in results["runs"]} == {0}
+    assert {run["seed"] for run in results["runs"]} == {0} and results["complete"] is False
     assert [run["method"] for run in results["runs"]] == ["original", "retrain", "deepclean"]
-    assert "### digits_class" in (tmp_path / "bench" / "results.md").read_text()
+    table = (tmp_path / "bench" / "results.md").read_text()
+    assert (
+        table.startswith("Partial report: the run has finished digits_class seed 0 so far")
+        and "### digits_class" in table
+    )

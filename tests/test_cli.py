@@ -611,7 +611,7 @@ def test_a_damaging_run_warns_with_a_hint(reset, caplog):
     ]
 
 
-def test_a_language_model_whose_perplexity_rose_warns():
+def test_a_language_model_whose_perplexity_rose_warns(caplog):
     from accelerate import PartialState
 
     from hf_deepclean.config import DeepCleanConfig
@@ -627,6 +627,14 @@ def test_a_language_model_whose_perplexity_rose_warns():
     ]
     loose = DeepCleanConfig(max_perplexity_rise=0.3)
     assert damage_warnings(loose, before, {"retain_perplexity": 12.6, "test_perplexity": 25.0}) == []
+    assert damage_warnings(config, {"retain_perplexity": float("nan")}, {"retain_perplexity": 50.0}) == []
+    # an adapter's base values are its initialisation: the hint is the share and the repair, not a base model
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hf_deepclean.pipeline.unlearn"):
+        assert damage_warnings(DeepCleanConfig(scope="adapter", reset="init"), before, {"retain_perplexity": 13.0})
+    (record,) = caplog.records
+    assert "try a smaller --reset_fraction or more --repair_epochs" in record.getMessage()
+    assert "--base_model_name_or_path" not in record.getMessage()
 
 
 def test_finetuned_preset_needs_the_base_model(tmp_path, text_model_dir, text_csv_files, capsys):

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 
@@ -37,7 +37,8 @@ from ..records import SUMMARY_METRICS
 from .baselines import METHODS, BaselineConfig, UnlearningInputs, train_from_state
 from .llm_baselines import LANGUAGE_MODEL_METHODS
 from .lm_evaluation import FactsEvaluation
-from .report import merge_results, summarize, write_benchmark_report
+from .merge import merge_results
+from .report import summarize, write_benchmark_report
 from .scenarios import (
     DIGITS_SCENARIOS,
     FACTS_PEOPLE,
@@ -233,6 +234,10 @@ def run_benchmark(
     Returns:
         `{"runs": [...], "summary": {scenario: {method: {...}}}, "scenarios": {...}, "environment": {...}}`.
     """
+    if args.merge_results:
+        raise DeepCleanError(
+            "--merge_results: got reports to merge, which `hf-deepclean benchmark` does; expected none."
+        )
     deepclean_config = deepclean_config or DeepCleanConfig()
     baseline_config = baseline_config or BaselineConfig()
     if accelerator is None:
@@ -261,6 +266,8 @@ def run_benchmark(
                     "variants": {name: asdict(config) for name, config in (variants or {}).items()},
                 },
                 "environment": environment(accelerator),
+                # False in the partial reports written after each earlier scenario and seed
+                "complete": scenario_name == args.scenarios[-1] and seed == args.seeds[-1],
             }
             if on_seed is not None:
                 on_seed(results)
@@ -446,9 +453,10 @@ def benchmark_main(
     CLI's and `scripts/benchmark.py`'s entry). The report is rewritten after every scenario and seed, so a run that is
     stopped keeps the seeds it finished."""
     check_output_dir(args.output_dir, args.overwrite_output_dir)  # before minutes of training, not after
-    if args.merge_results:
+    if args.merge_results:  # one process reads and writes: nothing to share
         results = merge_results(args.merge_results, seeds=args.seeds)
-        write_benchmark_report(results, args.output_dir, overwrite=args.overwrite_output_dir)
+        if PartialState().is_main_process:
+            write_benchmark_report(results, args.output_dir, overwrite=args.overwrite_output_dir)
         return results
     accelerator = default_accelerator()
     on_seed = report_writer(args, accelerator)

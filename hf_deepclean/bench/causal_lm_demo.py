@@ -249,9 +249,9 @@ def measure_fisher_scopes(session: DeepCleanSession, rows: int = 64) -> dict[str
     return measured
 
 
-# The library's default share (0.2) roughly halves the secrets' exposure here (5.75 -> 3.29 bits on the small
-# scenario); resetting up to the cap of half the adapter's elements brings it to the never-seen level (1.38 vs 1.37)
-# for +0.8% retain perplexity: a small adapter spreads a memorised secret over much of itself.
+# A share of 0.2 roughly halves the secrets' exposure here (5.75 -> 3.29 bits on the small scenario; a language
+# model's default share is 0.05); resetting up to the cap of half the adapter's elements brings it to the never-seen
+# level (1.38 vs 1.37) for +0.8% retain perplexity: a small adapter spreads a memorised secret over much of itself.
 DEMO_METHOD = {"scope": "adapter", "reset_fraction": 0.5}
 
 

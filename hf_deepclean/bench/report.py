@@ -7,7 +7,6 @@ forget quality and model utility, MUSE's PrivLeak, the membership attacks and pe
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -16,7 +15,6 @@ from typing import Any
 import numpy as np
 import scipy.stats
 
-from ..errors import DeepCleanError
 from ..hub.output import atomic_output_dir
 from ..records import SUMMARY_METRICS, to_json
 from .lm_evaluation import FORGET_QUALITY_THRESHOLD
@@ -149,6 +147,9 @@ def is_language_model_scenario(methods: Mapping[str, Mapping[str, Any]]) -> bool
 def format_benchmark_tables(results: Mapping[str, Any]) -> str:
     """Markdown: one table per scenario, one row per method (mean ± std over seeds)."""
     lines = []
+    if results.get("complete") is False:
+        finished = ", ".join(sorted({f"{run['scenario']} seed {run['seed']}" for run in results["runs"]}))
+        lines += [f"Partial report: the run has finished {finished} so far (or stopped there).", ""]
     environment_record = results["environment"]
     kinds = set()
     for scenario, methods in results["summary"].items():
@@ -350,90 +351,3 @@ def write_benchmark_report(results: Mapping[str, Any], output_dir: str | Path, o
             else:
                 plot_scenario(scenario, methods, path)
     return Path(output_dir)
-
-
-def merge_results(paths: Sequence[str | Path], seeds: Sequence[int] | None = None) -> dict[str, Any]:
-    """One benchmark result from the runs of several reports (`results.json` files or folders holding one), e.g. seeds
-    run as separate processes or on separate machines; re-aggregated as if they had run together. With `seeds`, the
-    runs of those seeds only.
-
-    A scenario, seed and method found in more than one report must have the same metrics there (the same trained
-    model and method, as a rerun on the same kind of machine gives) and is kept once; the reports must come from one
-    kind of machine, since times are compared. Each report's arguments and environment are kept under `merged_from`.
-    """
-    runs: dict[tuple[str, int, str], dict[str, Any]] = {}
-    origin: dict[tuple[str, int, str], str] = {}
-    scenarios: dict[str, str] = {}
-    sources: list[dict[str, Any]] = []
-    held: set[int] = set()
-    for path in paths:
-        file, results = _read_results(path)
-        environment, first = results["environment"], sources[0]["environment"] if sources else None
-        machine = (environment.get("device_name"), environment.get("num_processes"))
-        if first is not None and machine != (first.get("device_name"), first.get("num_processes")):
-            raise DeepCleanError(
-                f"--merge_results: {sources[0]['path']} ran on {first.get('device_name')} "
-                f"({first.get('num_processes')} process(es)) and {file} on {machine[0]} ({machine[1]}); expected "
-                "reports from one kind of machine, whose times compare."
-            )
-        sources.append({"path": str(file), "arguments": results.get("arguments"), "environment": environment})
-        scenarios.update(results.get("scenarios", {}))
-        for run in results["runs"]:
-            held.add(run["seed"])
-            if seeds is not None and run["seed"] not in seeds:
-                continue
-            run = _restore_missing(run)
-            key = (run["scenario"], run["seed"], run["method"])
-            if key in runs and not _same_numbers(runs[key]["metrics"], run["metrics"]):
-                raise DeepCleanError(
-                    f"--merge_results: {key[2]} on {key[0]} seed {key[1]} is in {origin[key]} and in {file} with "
-                    "different metrics; expected each scenario, seed and method once, or with the same metrics (the "
-                    "same trained model)."
-                )
-            runs.setdefault(key, run)
-            origin.setdefault(key, str(file))
-    merged = list(runs.values())
-    if not merged:
-        if seeds is None:
-            raise DeepCleanError("--merge_results: the reports hold no runs; expected reports of finished seeds.")
-        raise DeepCleanError(
-            f"--seeds: got {' '.join(map(str, seeds))}; expected some of the seeds the reports of --merge_results "
-            f"hold ({' '.join(map(str, sorted(held)))})."
-        )
-    return {
-        "runs": merged,
-        "summary": summarize(merged),
-        "scenarios": scenarios,
-        "environment": sources[0]["environment"],
-        "merged_from": sources,
-    }
-
-
-def _read_results(path: str | Path) -> tuple[Path, dict[str, Any]]:
-    file = Path(path)
-    file = file / "results.json" if file.is_dir() else file
-    expected = f"--merge_results: got {str(path)!r}; expected the results.json of a benchmark report or its folder."
-    if not file.is_file():
-        raise DeepCleanError(expected)
-    try:
-        results = json.loads(file.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise DeepCleanError(expected) from None
-    if not isinstance(results, dict) or not isinstance(results.get("runs"), list) or "environment" not in results:
-        raise DeepCleanError(expected)
-    return file, results
-
-
-def _restore_missing(run: Mapping[str, Any]) -> dict[str, Any]:
-    """A run read back from JSON, where non-finite numbers were written as `null`: `null` is NaN again."""
-    run = dict(run)
-    run["metrics"] = {key: math.nan if value is None else value for key, value in run["metrics"].items()}
-    for key in RUN_FIGURES:
-        if key in run and run[key] is None:
-            run[key] = math.nan
-    return run
-
-
-def _same_numbers(a: Mapping[str, float], b: Mapping[str, float]) -> bool:
-    """Equal metrics, NaN equal to NaN (the one value unequal to itself)."""
-    return a.keys() == b.keys() and all(a[k] == b[k] or (a[k] != a[k] and b[k] != b[k]) for k in a)

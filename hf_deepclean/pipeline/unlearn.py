@@ -7,6 +7,7 @@ load -> evaluate before -> DeepClean (Fisher forget and retain, select + reset, 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -209,13 +210,13 @@ def damage_warnings(
         for name in ("retain_perplexity", "test_perplexity")
         if name in after
         for old, new in [(before[name], after[name])]
-        if not new <= old * (1 + config.max_perplexity_rise)  # NaN too
+        if math.isfinite(old) and not new <= old * (1 + config.max_perplexity_rise)  # a NaN after too
     ]
     if warnings:
         hint = (
             "for a fine-tuned pretrained model, pass --base_model_name_or_path BASE (the selected weights then go back "
             "to the pretrained ones)"
-            if config.reset != "base"
+            if config.reset != "base" and config.scope != "adapter"  # an adapter's base values are its initialisation
             else "try a smaller --reset_fraction or more --repair_epochs"
         )
         logger.warning(

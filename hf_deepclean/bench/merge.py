@@ -1,0 +1,142 @@
+"""`hf-deepclean benchmark --merge_results`: one report from the reports of seeds run apart (separate processes or
+machines), re-aggregated as if they had run together."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import DeepCleanError
+from .report import RUN_FIGURES, summarize
+
+
+# what must match for reports to merge: the machine (times are compared, and metrics repeat on one kind of machine
+# at one thread count) and the settings that define the scenarios' models and rows
+MACHINE_KEYS = ("device_name", "num_processes", "cpu_count", "torch_threads", "torch", "transformers")
+SCENARIO_KEYS = ("epochs", "max_eval_samples", "max_train_rows", "reviews_model_name_or_path", "reviews_data_file")
+# method settings compare on the keys both reports have (a newer version may add some)
+METHOD_SETTINGS = ("deepclean", "baselines")
+
+
+def merge_results(paths: Sequence[str | Path], seeds: Sequence[int] | None = None) -> dict[str, Any]:
+    """One benchmark result from the runs of several reports (`results.json` files or folders holding one); with
+    `seeds`, the runs of those seeds only. Runs are ordered by scenario (as first seen), seed and method (as first
+    seen), so the order of `paths` does not change the report.
+
+    The reports must come from one kind of machine and ran with the same scenario and method settings. A scenario,
+    seed and method found in more than one report must have the same metrics there (the same trained model, as a
+    rerun on the same kind of CPU machine gives; on GPUs keep each run in one report) and is kept once. Each report's
+    path, arguments and environment are kept under `merged_from`.
+
+    Raises:
+        DeepCleanError: in one line, naming the reports or the seeds that do not fit.
+    """
+    runs: dict[tuple[str, int, str], dict[str, Any]] = {}
+    origin: dict[tuple[str, int, str], str] = {}
+    scenarios: dict[str, str] = {}
+    sources: list[dict[str, Any]] = []
+    for path in paths:
+        file, results = read_results(path)
+        if sources:
+            check_compatible(sources[0], str(file), results)
+        sources.append(
+            {"path": str(file), "arguments": results.get("arguments"), "environment": results["environment"]}
+        )
+        scenarios.update(results.get("scenarios") or {})
+        for run in map(restore_missing, results["runs"]):
+            key = (run["scenario"], run["seed"], run["method"])
+            if key in runs and not same_numbers(runs[key]["metrics"], run["metrics"]):
+                raise DeepCleanError(
+                    f"--merge_results: {key[2]} on {key[0]} seed {key[1]} is in {origin[key]} and in {file} with "
+                    "different metrics; expected each scenario, seed and method once, or with the same metrics (the "
+                    "same trained model)."
+                )
+            runs.setdefault(key, run)
+            origin.setdefault(key, str(file))
+    held = sorted({seed for _, seed, _ in runs})
+    if not runs:
+        raise DeepCleanError("--merge_results: the reports hold no runs; expected reports with finished seeds.")
+    missing = [seed for seed in seeds or () if seed not in held]
+    if missing:
+        raise DeepCleanError(
+            f"--seeds: got {' '.join(map(str, seeds))}; the reports of --merge_results hold no run of seed(s) "
+            f"{' '.join(map(str, missing))} (they hold {' '.join(map(str, held))})."
+        )
+    scenario_order = {name: i for i, name in enumerate(dict.fromkeys(key[0] for key in runs))}
+    method_order = {name: i for i, name in enumerate(dict.fromkeys(key[2] for key in runs))}
+    keys = sorted(
+        (key for key in runs if seeds is None or key[1] in seeds),
+        key=lambda key: (scenario_order[key[0]], key[1], method_order[key[2]]),
+    )
+    merged = [runs[key] for key in keys]
+    return {
+        "runs": merged,
+        "summary": summarize(merged),
+        "scenarios": scenarios,
+        "environment": sources[0]["environment"],
+        "merged_from": sources,
+    }
+
+
+def read_results(path: str | Path) -> tuple[Path, dict[str, Any]]:
+    """`(file, results)` of a report's `results.json` (or its folder), checked to hold runs and an environment."""
+    file = Path(path)
+    file = file / "results.json" if file.is_dir() else file
+    expected = f"--merge_results: got {str(path)!r}; expected the results.json of a benchmark report or its folder."
+    try:
+        results = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise DeepCleanError(expected) from None
+    run_keys = {"scenario", "seed", "method", "metrics"}
+    if not (
+        isinstance(results, dict)
+        and isinstance(results.get("environment"), dict)
+        and isinstance(results.get("runs"), list)
+        and all(isinstance(run, dict) and run_keys <= run.keys() for run in results["runs"])
+        and all(isinstance(run["metrics"], dict) for run in results["runs"])
+    ):
+        raise DeepCleanError(expected)
+    return file, results
+
+
+def check_compatible(first: Mapping[str, Any], file: str, results: Mapping[str, Any]) -> None:
+    """Refuse a report from another kind of machine, or with other scenario or method settings, than `first`."""
+    differences = [
+        (f"environment.{key}", first["environment"].get(key), results["environment"].get(key))
+        for key in MACHINE_KEYS
+        if first["environment"].get(key) != results["environment"].get(key)
+    ]
+    mine, theirs = first.get("arguments") or {}, results.get("arguments") or {}
+    benchmark, other = mine.get("benchmark") or {}, theirs.get("benchmark") or {}
+    differences += [
+        (f"benchmark.{key}", benchmark.get(key), other.get(key))
+        for key in SCENARIO_KEYS
+        if benchmark.get(key) != other.get(key)
+    ]
+    for section in METHOD_SETTINGS:
+        a, b = mine.get(section) or {}, theirs.get(section) or {}
+        differences += [(f"{section}.{key}", a[key], b[key]) for key in a.keys() & b.keys() if a[key] != b[key]]
+    if differences:
+        name, a, b = sorted(differences)[0]
+        raise DeepCleanError(
+            f"--merge_results: {first['path']} and {file} differ in {name} ({a!r} and {b!r}); expected reports of "
+            "one kind of machine and the same settings."
+        )
+
+
+def restore_missing(run: Mapping[str, Any]) -> dict[str, Any]:
+    """A run read back from JSON, where non-finite numbers were written as `null`: `null` is NaN again."""
+    run = dict(run)
+    run["metrics"] = {key: math.nan if value is None else value for key, value in run["metrics"].items()}
+    for key in RUN_FIGURES:
+        if key in run and run[key] is None:
+            run[key] = math.nan
+    return run
+
+
+def same_numbers(a: Mapping[str, float], b: Mapping[str, float]) -> bool:
+    """Equal metrics, NaN equal to NaN (the one value unequal to itself)."""
+    return a.keys() == b.keys() and all(a[k] == b[k] or (a[k] != a[k] and b[k] != b[k]) for k in a)
