@@ -239,7 +239,7 @@ def tiny_benchmark(output, *seeds: str) -> list[str]:
     ]
 
 
-def test_reports_of_separate_seeds_merge_into_the_report_of_one_run(tmp_path, capsys):
+def test_reports_of_separate_seeds_merge_into_the_report_of_one_run(tmp_path, capsys, caplog):
     for name, seeds in {"seed0": ["0"], "seed1": ["1"], "both": ["0", "1"]}.items():
         assert main(tiny_benchmark(tmp_path / name, *seeds)) == 0
     argv = ["benchmark", "--merge_results"]
@@ -309,13 +309,16 @@ def test_reports_of_separate_seeds_merge_into_the_report_of_one_run(tmp_path, ca
     expected = {
         "other_model.json": "deepclean on digits_class seed 0 is in",
         "elsewhere.json": "differ in environment.cpu_count (2 and 64)",
-        "settings.json": "differ in deepclean.repair_epochs (1.0 and 2.0)",
         "rows.json": "differ in benchmark.max_train_rows (150 and 300)",
         "no_environment.json": f"got {str(tmp_path / 'no_environment.json')!r}{not_a_report}",
         "no_seed.json": f"got {str(tmp_path / 'no_seed.json')!r}{not_a_report}",
         "notes.txt": f"got {str(tmp_path / 'notes.txt')!r}{not_a_report}",
         "missing": f"got {str(tmp_path / 'missing')!r}{not_a_report}",
     }
+    # other method settings are merged with a warning: a default's recorded form changes between versions
+    with caplog.at_level("WARNING", logger="hf_deepclean.bench.merge"):
+        assert merge("settings", tmp_path / "both", tmp_path / "settings.json") == 0
+    assert "ran with other method settings: deepclean.repair_epochs (1.0 and 2.0); merged" in caplog.text
     for path, message in expected.items():
         assert merge("refused", tmp_path / "both", tmp_path / path) == 2, path
         error = capsys.readouterr().err.strip()

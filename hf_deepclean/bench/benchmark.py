@@ -454,8 +454,9 @@ def benchmark_main(
     stopped keeps the seeds it finished."""
     check_output_dir(args.output_dir, args.overwrite_output_dir)  # before minutes of training, not after
     if args.merge_results:  # one process reads and writes: nothing to share
+        state = PartialState()
         results = merge_results(args.merge_results, seeds=args.seeds)
-        if PartialState().is_main_process:
+        if state.is_main_process:
             write_benchmark_report(results, args.output_dir, overwrite=args.overwrite_output_dir)
         return results
     accelerator = default_accelerator()

@@ -9,12 +9,18 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from accelerate.logging import get_logger
+
 from ..errors import DeepCleanError
 from .report import RUN_FIGURES, summarize
 
 
+logger = get_logger(__name__)
+
 # what must match for reports to merge: the machine (times are compared, and metrics repeat on one kind of machine
-# at one thread count) and the settings that define the scenarios' models and rows
+# at one thread count) and the settings that define the scenarios' models and rows. Method settings that differ are
+# logged, not refused: a default's recorded form changes between versions (`early_stopping` None, decided per model,
+# was True) while its effect does not, and a method run in two reports must have the same metrics in both anyway.
 MACHINE_KEYS = ("device_name", "num_processes", "cpu_count", "torch_threads", "torch", "transformers")
 SCENARIO_KEYS = ("epochs", "max_eval_samples", "max_train_rows", "reviews_model_name_or_path", "reviews_data_file")
 # method settings compare on the keys both reports have (a newer version may add some)
@@ -26,7 +32,8 @@ def merge_results(paths: Sequence[str | Path], seeds: Sequence[int] | None = Non
     `seeds`, the runs of those seeds only. Runs are ordered by scenario (as first seen), seed and method (as first
     seen), so the order of `paths` does not change the report.
 
-    The reports must come from one kind of machine and ran with the same scenario and method settings. A scenario,
+    The reports must come from one kind of machine and ran with the same scenario settings; method settings that
+    differ are logged. A scenario,
     seed and method found in more than one report must have the same metrics there (the same trained model, as a
     rerun on the same kind of CPU machine gives; on GPUs keep each run in one report) and is kept once. Each report's
     path, arguments and environment are kept under `merged_from`.
@@ -103,7 +110,8 @@ def read_results(path: str | Path) -> tuple[Path, dict[str, Any]]:
 
 
 def check_compatible(first: Mapping[str, Any], file: str, results: Mapping[str, Any]) -> None:
-    """Refuse a report from another kind of machine, or with other scenario or method settings, than `first`."""
+    """Refuse a report from another kind of machine, or with other scenario settings, than `first`; log the method
+    settings that differ."""
     differences = [
         (f"environment.{key}", first["environment"].get(key), results["environment"].get(key))
         for key in MACHINE_KEYS
@@ -116,14 +124,24 @@ def check_compatible(first: Mapping[str, Any], file: str, results: Mapping[str, 
         for key in SCENARIO_KEYS
         if benchmark.get(key) != other.get(key)
     ]
-    for section in METHOD_SETTINGS:
-        a, b = mine.get(section) or {}, theirs.get(section) or {}
-        differences += [(f"{section}.{key}", a[key], b[key]) for key in a.keys() & b.keys() if a[key] != b[key]]
     if differences:
         name, a, b = sorted(differences)[0]
         raise DeepCleanError(
             f"--merge_results: {first['path']} and {file} differ in {name} ({a!r} and {b!r}); expected reports of "
-            "one kind of machine and the same settings."
+            "one kind of machine and the same scenario settings."
+        )
+    settings = []
+    for section in METHOD_SETTINGS:
+        a, b = mine.get(section) or {}, theirs.get(section) or {}
+        settings += [
+            f"{section}.{key} ({a[key]!r} and {b[key]!r})" for key in sorted(a.keys() & b.keys()) if a[key] != b[key]
+        ]
+    if settings:
+        logger.warning(
+            f"--merge_results: {first['path']} and {file} ran with other method settings: {', '.join(settings)}; "
+            "merged, since runs found in both must have the same metrics: check that the methods are the same in "
+            "effect.",
+            main_process_only=True,
         )
 
 
