@@ -315,6 +315,12 @@ def test_reports_of_separate_seeds_merge_into_the_report_of_one_run(tmp_path, ca
         "notes.txt": f"got {str(tmp_path / 'notes.txt')!r}{not_a_report}",
         "missing": f"got {str(tmp_path / 'missing')!r}{not_a_report}",
     }
+    # a loss that differs in its last float32 bits is the same model's
+    altered(
+        "last_bits.json",
+        lambda r: r["runs"][-1]["metrics"].update(forget_loss=r["runs"][-1]["metrics"]["forget_loss"] * (1 + 5e-7)),
+    )
+    assert merge("last_bits", tmp_path / "both", tmp_path / "last_bits.json") == 0
     # other method settings are merged with a warning: a default's recorded form changes between versions
     with caplog.at_level("WARNING", logger="hf_deepclean.bench.merge"):
         assert merge("settings", tmp_path / "both", tmp_path / "settings.json") == 0

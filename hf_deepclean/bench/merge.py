@@ -34,8 +34,9 @@ def merge_results(paths: Sequence[str | Path], seeds: Sequence[int] | None = Non
 
     The reports must come from one kind of machine and ran with the same scenario settings; method settings that
     differ are logged. A scenario,
-    seed and method found in more than one report must have the same metrics there (the same trained model, as a
-    rerun on the same kind of CPU machine gives; on GPUs keep each run in one report) and is kept once. Each report's
+    seed and method found in more than one report must have the same metrics there, to `SAME_METRICS_TOLERANCE`
+    (the same trained model, as a rerun on the same kind of CPU machine gives; on GPUs keep each run in one report),
+    and is kept once (its first copy). Each report's
     path, arguments and environment are kept under `merged_from`.
 
     Raises:
@@ -155,6 +156,13 @@ def restore_missing(run: Mapping[str, Any]) -> dict[str, Any]:
     return run
 
 
+# metrics of the same trained model agree to this (relative): float32 sums of losses can differ in their last bits
+# between versions of the evaluation code (seen: 5e-7), while accuracies and attack AUCs repeat exactly
+SAME_METRICS_TOLERANCE = 1e-5
+
+
 def same_numbers(a: Mapping[str, float], b: Mapping[str, float]) -> bool:
-    """Equal metrics, NaN equal to NaN (the one value unequal to itself)."""
-    return a.keys() == b.keys() and all(a[k] == b[k] or (a[k] != a[k] and b[k] != b[k]) for k in a)
+    """The same metrics, to `SAME_METRICS_TOLERANCE`; NaN matches NaN (the one value unequal to itself)."""
+    return a.keys() == b.keys() and all(
+        math.isclose(a[k], b[k], rel_tol=SAME_METRICS_TOLERANCE) or (a[k] != a[k] and b[k] != b[k]) for k in a
+    )
