@@ -315,6 +315,14 @@ def test_reports_of_separate_seeds_merge_into_the_report_of_one_run(tmp_path, ca
         "notes.txt": f"got {str(tmp_path / 'notes.txt')!r}{not_a_report}",
         "missing": f"got {str(tmp_path / 'missing')!r}{not_a_report}",
     }
+    # a copy that recorded less (an older version) gets what the other copy recorded
+    altered("older.json", lambda r: [run.pop("repair", None) for run in r["runs"]])
+    assert merge("older", tmp_path / "older.json", tmp_path / "both", "--seeds", "0") == 0
+    repaired = by_run(json.loads((tmp_path / "older" / "results.json").read_text())["runs"])
+    assert (
+        repaired[("digits_class", 0, "deepclean")]["repair"]
+        == by_run(together["runs"])[("digits_class", 0, "deepclean")]["repair"]
+    )
     # a loss that differs in its last float32 bits is the same model's
     altered(
         "last_bits.json",

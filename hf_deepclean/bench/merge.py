@@ -36,7 +36,8 @@ def merge_results(paths: Sequence[str | Path], seeds: Sequence[int] | None = Non
     differ are logged. A scenario,
     seed and method found in more than one report must have the same metrics there, to `SAME_METRICS_TOLERANCE`
     (the same trained model, as a rerun on the same kind of CPU machine gives; on GPUs keep each run in one report),
-    and is kept once (its first copy). Each report's
+    and is kept once: its first copy, with the fields only a later copy has (an older version recorded less, such as
+    DeepClean's repair). Each report's
     path, arguments and environment are kept under `merged_from`.
 
     Raises:
@@ -62,7 +63,7 @@ def merge_results(paths: Sequence[str | Path], seeds: Sequence[int] | None = Non
                     "different metrics; expected each scenario, seed and method once, or with the same metrics (the "
                     "same trained model)."
                 )
-            runs.setdefault(key, run)
+            runs[key] = {**run, **runs.get(key, {})}  # the first copy, with what only a later one records
             origin.setdefault(key, str(file))
     held = sorted({seed for _, seed, _ in runs})
     if not runs:
