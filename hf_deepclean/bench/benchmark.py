@@ -469,11 +469,12 @@ def benchmark_main(
 def report_writer(args: BenchmarkArguments, accelerator: Accelerator) -> Callable[[dict[str, Any]], None]:
     """`run_benchmark`'s `on_seed`: (re)write the report in `args.output_dir` on the main process; the first write
     obeys `--overwrite_output_dir`, later ones replace the partial report."""
-    written = []
+    overwrite = args.overwrite_output_dir
 
     def write(results: dict[str, Any]) -> None:
+        nonlocal overwrite
         if accelerator.is_main_process:
-            write_benchmark_report(results, args.output_dir, overwrite=args.overwrite_output_dir or bool(written))
-            written.append(True)
+            write_benchmark_report(results, args.output_dir, overwrite=overwrite)
+            overwrite = True  # the partial report this run wrote
 
     return write

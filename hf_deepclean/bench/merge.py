@@ -33,12 +33,11 @@ def merge_results(paths: Sequence[str | Path], seeds: Sequence[int] | None = Non
     seen), so the order of `paths` does not change the report.
 
     The reports must come from one kind of machine and ran with the same scenario settings; method settings that
-    differ are logged. A scenario,
-    seed and method found in more than one report must have the same metrics there, to `SAME_METRICS_TOLERANCE`
-    (the same trained model, as a rerun on the same kind of CPU machine gives; on GPUs keep each run in one report),
-    and is kept once: its first copy, with the fields only a later copy has (an older version recorded less, such as
-    DeepClean's repair). Each report's
-    path, arguments and environment are kept under `merged_from`.
+    differ are logged. A scenario, seed and method found in more than one report must have the same metrics there, to
+    `SAME_METRICS_TOLERANCE` (the same trained model, as a rerun on the same kind of CPU machine gives; on GPUs keep
+    each run in one report), and is kept once: its first copy, with the fields only a later copy has (an older
+    version recorded less, such as DeepClean's repair). Each report's path, arguments and environment are kept under
+    `merged_from`.
 
     Raises:
         DeepCleanError: in one line, naming the reports or the seeds that do not fit.

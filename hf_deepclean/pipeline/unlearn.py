@@ -204,12 +204,13 @@ def damage_warnings(
         for name, (old, new) in accuracies.items()
         if old - new > config.max_accuracy_drop
     ]
+    perplexities = {
+        name: (before[name], after[name]) for name in ("retain_perplexity", "test_perplexity") if name in after
+    }
     warnings += [
         f"{name} rose from {old:.3f} to {new:.3f}, more than the tolerated {config.max_perplexity_rise:.0%} "
         "(--max_perplexity_rise)"
-        for name in ("retain_perplexity", "test_perplexity")
-        if name in after
-        for old, new in [(before[name], after[name])]
+        for name, (old, new) in perplexities.items()
         if math.isfinite(old) and not new <= old * (1 + config.max_perplexity_rise)  # a NaN after too
     ]
     if warnings:
