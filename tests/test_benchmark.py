@@ -13,7 +13,7 @@ from accelerate import Accelerator
 from conftest import torchrun_process
 
 from hf_deepclean.bench.benchmark import BenchmarkArguments, method_config
-from hf_deepclean.bench.report import summarize
+from hf_deepclean.bench.report import format_benchmark_tables, summarize
 from hf_deepclean.bench.scenarios import build_digits_scenario
 from hf_deepclean.cli import main
 from hf_deepclean.config import DeepCleanConfig
@@ -273,6 +273,18 @@ def test_reports_of_separate_seeds_merge_into_the_report_of_one_run(tmp_path, ca
         str(tmp_path / name / "results.json") for name in ("seed1", "seed0", "seed0")
     ]
     table = (tmp_path / "merged" / "results.md").read_text()
+    # each seed draws its forget set (here 3s of another sample): the merged heading gives each seed's, as the joint
+    # run's does; a one-seed report heads its table with its own
+    forget_sets = {run["seed"]: run["forget_set"] for run in together["runs"]}
+    assert len(set(forget_sets.values())) == 2
+    assert all(text.startswith("forget every training image of the digit 3 (") for text in forget_sets.values())
+    heading = f"### digits_class\n\nForget sets: seed 0: {forget_sets[0]}; seed 1: {forget_sets[1]}.\n"
+    assert heading in table and heading in (tmp_path / "both" / "results.md").read_text()
+    assert f"### digits_class: {forget_sets[1]}\n" in (tmp_path / "seed1" / "results.md").read_text()
+    older = json.loads(json.dumps(together))
+    for run in older["runs"]:  # an older report's runs carry none: the scenario's one description stands
+        del run["forget_set"]
+    assert f"### digits_class: {older['scenarios']['digits_class']}\n" in format_benchmark_tables(older)
     assert (
         "2 seed(s)" in table
         and "Partial" not in table

@@ -408,6 +408,7 @@ def run_scenario(
         seconds = time.perf_counter() - start + inputs.charged_seconds
         metrics = evaluation.measure(name, model)
         run = {"scenario": scenario.name, "seed": seed, "method": name, "seconds": seconds, "metrics": metrics}
+        run["forget_set"] = scenario.description  # drawn per seed: a report's heading names each seed's
         if inputs.stage_seconds:  # DeepClean's Fisher passes, selection, probe and repair
             run["stage_seconds"] = dict(inputs.stage_seconds)
         if inputs.repair is not None:  # DeepClean's repair: steps, early stop, the probed rate and its trials

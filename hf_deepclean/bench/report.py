@@ -124,8 +124,9 @@ def _interval_cell(interval: Mapping[str, float] | None) -> str:
     if not interval:
         return "-"
     text = _cell(interval["value"], None, 2)
-    if math.isfinite(interval["low"]) and math.isfinite(interval["high"]):
-        text += f" [{interval['low']:.2f}, {interval['high']:.2f}]"
+    low, high = interval["low"], interval["high"]  # None in a report read back (JSON has no NaN): under 3 seeds
+    if low is not None and high is not None and math.isfinite(low) and math.isfinite(high):
+        text += f" [{low:.2f}, {high:.2f}]"
     return text
 
 
@@ -144,6 +145,21 @@ def is_language_model_scenario(methods: Mapping[str, Mapping[str, Any]]) -> bool
     return any("forget_quality" in entry["mean"] for entry in methods.values())
 
 
+def _scenario_heading(results: Mapping[str, Any], scenario: str) -> list[str]:
+    """The heading of a scenario's table: its forget set, or each seed's where they differ (entity and random forget
+    sets are drawn per seed). Runs of older reports carry no `forget_set`: the scenario's description stands for them.
+    """
+    forget_sets = {
+        run["seed"]: run.get("forget_set", results["scenarios"][scenario])
+        for run in results["runs"]
+        if run["scenario"] == scenario
+    }
+    if len(set(forget_sets.values())) <= 1:
+        return [f"### {scenario}: {results['scenarios'][scenario]}"]
+    per_seed = "; ".join(f"seed {seed}: {forget_set}" for seed, forget_set in sorted(forget_sets.items()))
+    return [f"### {scenario}", "", f"Forget sets: {per_seed}."]
+
+
 def format_benchmark_tables(results: Mapping[str, Any]) -> str:
     """Markdown: one table per scenario, one row per method (mean ± std over seeds)."""
     lines = []
@@ -154,8 +170,7 @@ def format_benchmark_tables(results: Mapping[str, Any]) -> str:
     kinds = set()
     for scenario, methods in results["summary"].items():
         seeds = max(entry["seeds"] for entry in methods.values())
-        lines.append(f"### {scenario}: {results['scenarios'][scenario]}")
-        lines.append("")
+        lines += [*_scenario_heading(results, scenario), ""]
         lines.append(
             f"{seeds} seed(s); mean ± std over seeds; {environment_record['device_name']} "
             f"({environment_record['device']}, {environment_record['num_processes']} process(es))."
