@@ -281,10 +281,20 @@ def test_reports_of_separate_seeds_merge_into_the_report_of_one_run(tmp_path, ca
     heading = f"### digits_class\n\nForget sets: seed 0: {forget_sets[0]}; seed 1: {forget_sets[1]}.\n"
     assert heading in table and heading in (tmp_path / "both" / "results.md").read_text()
     assert f"### digits_class: {forget_sets[1]}\n" in (tmp_path / "seed1" / "results.md").read_text()
-    older = json.loads(json.dumps(together))
-    for run in older["runs"]:  # an older report's runs carry none: the scenario's one description stands
-        del run["forget_set"]
-    assert f"### digits_class: {older['scenarios']['digits_class']}\n" in format_benchmark_tables(older)
+    # an older version's runs carry none: its report's one description stands, which the merge gives the runs of the
+    # last seed it ran, and the other seeds are not recorded
+    for name in ("seed0", "seed1", "both"):
+        older = json.loads((tmp_path / name / "results.json").read_text())
+        for run in older["runs"]:
+            del run["forget_set"]
+        (tmp_path / f"older_{name}.json").write_text(json.dumps(older))
+    assert f"### digits_class: {forget_sets[1]}\n" in format_benchmark_tables(older)
+    assert merge("older_seeds", tmp_path / "older_seed1.json", tmp_path / "older_seed0.json") == 0
+    assert heading in (tmp_path / "older_seeds" / "results.md").read_text()
+    assert merge("older_both", tmp_path / "older_both.json") == 0
+    assert f"Forget sets: seed 0: not recorded; seed 1: {forget_sets[1]}.\n" in (
+        (tmp_path / "older_both" / "results.md").read_text()
+    )
     assert (
         "2 seed(s)" in table
         and "Partial" not in table

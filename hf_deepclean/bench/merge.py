@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,7 @@ def merge_results(paths: Sequence[str | Path], seeds: Sequence[int] | None = Non
             {"path": str(file), "arguments": results.get("arguments"), "environment": results["environment"]}
         )
         scenarios.update(results.get("scenarios") or {})
-        for run in map(restore_missing, results["runs"]):
+        for run in with_forget_sets(map(restore_missing, results["runs"]), results.get("scenarios") or {}):
             key = (run["scenario"], run["seed"], run["method"])
             if key in runs and not same_numbers(runs[key]["metrics"], run["metrics"]):
                 raise DeepCleanError(
@@ -154,6 +154,17 @@ def restore_missing(run: Mapping[str, Any]) -> dict[str, Any]:
         if key in run and run[key] is None:
             run[key] = math.nan
     return run
+
+
+def with_forget_sets(runs: Iterable[dict[str, Any]], descriptions: Mapping[str, str]) -> list[dict[str, Any]]:
+    """Runs of a report, those of an older version given the `forget_set` it did not record where the report tells
+    it: its `scenarios` entry describes the last seed run of each scenario."""
+    runs = list(runs)
+    last_seeds = {run["scenario"]: run["seed"] for run in runs}
+    for run in runs:
+        if "forget_set" not in run and last_seeds[run["scenario"]] == run["seed"] and run["scenario"] in descriptions:
+            run["forget_set"] = descriptions[run["scenario"]]
+    return runs
 
 
 # metrics of the same trained model agree to this (relative): float32 sums of losses can differ in their last bits

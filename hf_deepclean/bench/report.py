@@ -147,16 +147,17 @@ def is_language_model_scenario(methods: Mapping[str, Mapping[str, Any]]) -> bool
 
 def _scenario_heading(results: Mapping[str, Any], scenario: str) -> list[str]:
     """The heading of a scenario's table: its forget set, or each seed's where they differ (entity and random forget
-    sets are drawn per seed). Runs of older reports carry no `forget_set`: the scenario's description stands for them.
-    """
-    forget_sets = {
-        run["seed"]: run.get("forget_set", results["scenarios"][scenario])
-        for run in results["runs"]
-        if run["scenario"] == scenario
-    }
-    if len(set(forget_sets.values())) <= 1:
+    sets are drawn per seed). Runs of older versions carry no `forget_set`; where none does, the scenario's one
+    description stands (that of the last seed run)."""
+    forget_sets = {run["seed"]: run.get("forget_set") for run in results["runs"] if run["scenario"] == scenario}
+    known = set(forget_sets.values()) - {None}
+    if not known:
         return [f"### {scenario}: {results['scenarios'][scenario]}"]
-    per_seed = "; ".join(f"seed {seed}: {forget_set}" for seed, forget_set in sorted(forget_sets.items()))
+    if len(set(forget_sets.values())) == 1:  # every seed recorded the same
+        return [f"### {scenario}: {known.pop()}"]
+    per_seed = "; ".join(
+        f"seed {seed}: {forget_set or 'not recorded'}" for seed, forget_set in sorted(forget_sets.items())
+    )
     return [f"### {scenario}", "", f"Forget sets: {per_seed}."]
 
 
