@@ -149,7 +149,8 @@ def _scenario_heading(results: Mapping[str, Any], scenario: str) -> list[str]:
     """The heading of a scenario's table: its forget set, or each seed's where they differ (entity and random forget
     sets are drawn per seed). Runs of older versions carry no `forget_set`; where none does, the scenario's one
     description stands (that of the last seed run)."""
-    forget_sets = {run["seed"]: run.get("forget_set") for run in results["runs"] if run["scenario"] == scenario}
+    runs = results.get("runs", ())
+    forget_sets = {run["seed"]: run.get("forget_set") for run in runs if run["scenario"] == scenario}
     known = set(forget_sets.values()) - {None}
     if not known:
         return [f"### {scenario}: {results['scenarios'][scenario]}"]
