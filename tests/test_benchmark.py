@@ -311,6 +311,26 @@ def test_reports_of_separate_seeds_merge_into_the_report_of_one_run(tmp_path, ca
     assert error.endswith("--seeds: got 1 7; the reports of --merge_results hold no run of seed(s) 7 (they hold 0 1).")
     assert not (tmp_path / "none").exists()
 
+    # --scenarios splits a report of two scenarios (the reviews scenarios of one seed share their original model, so
+    # run together) into one report each, with that scenario's description only; a scenario it lacks is refused
+    two = json.loads(json.dumps(together))
+    two["runs"] += [{**run, "scenario": "digits_random", "forget_set": "other"} for run in together["runs"]]
+    two["scenarios"]["digits_random"] = "forget other rows"
+    (tmp_path / "two.json").write_text(json.dumps(two))
+    for scenario in ("digits_class", "digits_random"):
+        assert merge(scenario, tmp_path / "two.json", "--scenarios", scenario) == 0
+        alone = json.loads((tmp_path / scenario / "results.json").read_text())
+        assert by_run(alone["runs"]) == {name: run for name, run in by_run(two["runs"]).items() if name[0] == scenario}
+        assert alone["scenarios"] == {scenario: two["scenarios"][scenario]}
+        assert list(alone["summary"]) == [scenario]
+    assert merge("absent", tmp_path / "two.json", "--scenarios", "digits_class", "digits_mislabelled") == 2
+    error = capsys.readouterr().err.strip()
+    assert error.endswith(
+        "--scenarios: got digits_class digits_mislabelled; the reports of --merge_results hold no run of scenario(s) "
+        "digits_mislabelled (they hold digits_class digits_random)."
+    )
+    assert not (tmp_path / "absent").exists()
+
     # refused in one line, with nothing written: a run found twice with other metrics (another model), reports of
     # another kind of machine (times do not compare) or other settings, and files that are not reports
     seed0 = json.loads((tmp_path / "seed0" / "results.json").read_text())

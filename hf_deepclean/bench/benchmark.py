@@ -78,9 +78,12 @@ class BenchmarkArguments:
     output_dir: str = field(
         default="benchmark_output", metadata={"help": "Folder for results.md, results.json and plots/."}
     )
-    scenarios: list[str] = field(
-        default_factory=lambda: list(DIGITS_SCENARIOS),
-        metadata={"help": f"Scenarios to run: {', '.join(SCENARIOS)}."},
+    scenarios: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": f"Scenarios to run: {', '.join(SCENARIOS)} (default: {' '.join(DIGITS_SCENARIOS)}). With "
+            "--merge_results: those to keep (default: all)."
+        },
     )
     methods: list[str] | None = field(
         default=None,
@@ -141,23 +144,25 @@ class BenchmarkArguments:
     )
 
     def __post_init__(self):
-        for name in self.scenarios:
+        if self.scenarios is None and not self.merge_results:
+            self.scenarios = list(DIGITS_SCENARIOS)
+        for name in self.scenarios or ():
             if name not in SCENARIOS:
                 raise DeepCleanError(f"--scenarios: got {name!r}; expected some of {', '.join(SCENARIOS)}.")
-        facts = [name in FACTS_SCENARIOS for name in self.scenarios]
+        facts = [name in FACTS_SCENARIOS for name in self.scenarios or ()]
         if self.methods is None:
             if any(facts) and not all(facts):
                 raise DeepCleanError(
                     "--methods: got none, with --scenarios mixing classifier and facts scenarios; expected the "
                     "methods to run on all of them."
                 )
-            self.methods = list(LANGUAGE_MODEL_DEFAULT_METHODS if all(facts) else DEFAULT_METHODS)
+            self.methods = list(LANGUAGE_MODEL_DEFAULT_METHODS if facts and all(facts) else DEFAULT_METHODS)
         for name in self.methods:
             function, _ = method_config(name, DeepCleanConfig())  # validates the name
-            check_method_fits(name, function, self.scenarios)
+            check_method_fits(name, function, self.scenarios or [])
         if not isinstance(self.facts_people, int) or not 10 <= self.facts_people <= 400:
             raise DeepCleanError(f"--facts_people: got {self.facts_people!r}; expected an integer from 10 to 400.")
-        if not self.scenarios:
+        if self.scenarios is not None and not self.scenarios:
             raise DeepCleanError(f"--scenarios: got none; expected some of {', '.join(SCENARIOS)}.")
         if self.seeds is None and not self.merge_results:
             self.seeds = [0, 1, 2]
@@ -456,7 +461,7 @@ def benchmark_main(
     check_output_dir(args.output_dir, args.overwrite_output_dir)  # before minutes of training, not after
     if args.merge_results:  # one process reads and writes: nothing to share
         state = PartialState()
-        results = merge_results(args.merge_results, seeds=args.seeds)
+        results = merge_results(args.merge_results, seeds=args.seeds, scenarios=args.scenarios)
         if state.is_main_process:
             write_benchmark_report(results, args.output_dir, overwrite=args.overwrite_output_dir)
         return results

@@ -27,9 +27,12 @@ SCENARIO_KEYS = ("epochs", "max_eval_samples", "max_train_rows", "reviews_model_
 METHOD_SETTINGS = ("deepclean", "baselines")
 
 
-def merge_results(paths: Sequence[str | Path], seeds: Sequence[int] | None = None) -> dict[str, Any]:
+def merge_results(
+    paths: Sequence[str | Path], seeds: Sequence[int] | None = None, scenarios: Sequence[str] | None = None
+) -> dict[str, Any]:
     """One benchmark result from the runs of several reports (`results.json` files or folders holding one); with
-    `seeds`, the runs of those seeds only. Runs are ordered by scenario (as first seen), seed and method (as first
+    `seeds` or `scenarios`, the runs of those seeds or scenarios only (a report of two scenarios that shared their
+    original model splits into one report each). Runs are ordered by scenario (as first seen), seed and method (as first
     seen), so the order of `paths` does not change the report.
 
     The reports must come from one kind of machine and ran with the same scenario settings; method settings that
@@ -44,7 +47,7 @@ def merge_results(paths: Sequence[str | Path], seeds: Sequence[int] | None = Non
     """
     runs: dict[tuple[str, int, str], dict[str, Any]] = {}
     origin: dict[tuple[str, int, str], str] = {}
-    scenarios: dict[str, str] = {}
+    descriptions: dict[str, str] = {}
     sources: list[dict[str, Any]] = []
     for path in paths:
         file, results = read_results(path)
@@ -53,7 +56,7 @@ def merge_results(paths: Sequence[str | Path], seeds: Sequence[int] | None = Non
         sources.append(
             {"path": str(file), "arguments": results.get("arguments"), "environment": results["environment"]}
         )
-        scenarios.update(results.get("scenarios") or {})
+        descriptions.update(results.get("scenarios") or {})
         for run in with_forget_sets(map(restore_missing, results["runs"]), results.get("scenarios") or {}):
             key = (run["scenario"], run["seed"], run["method"])
             if key in runs and not same_numbers(runs[key]["metrics"], run["metrics"]):
@@ -64,29 +67,36 @@ def merge_results(paths: Sequence[str | Path], seeds: Sequence[int] | None = Non
                 )
             runs[key] = {**run, **runs.get(key, {})}  # the first copy, with what only a later one records
             origin.setdefault(key, str(file))
-    held = sorted({seed for _, seed, _ in runs})
     if not runs:
         raise DeepCleanError("--merge_results: the reports hold no runs; expected reports with finished seeds.")
-    missing = [seed for seed in seeds or () if seed not in held]
-    if missing:
-        raise DeepCleanError(
-            f"--seeds: got {' '.join(map(str, seeds))}; the reports of --merge_results hold no run of seed(s) "
-            f"{' '.join(map(str, missing))} (they hold {' '.join(map(str, held))})."
-        )
+    check_held("seeds", seeds, {seed for _, seed, _ in runs})
+    check_held("scenarios", scenarios, {scenario for scenario, _, _ in runs})
     scenario_order = {name: i for i, name in enumerate(dict.fromkeys(key[0] for key in runs))}
     method_order = {name: i for i, name in enumerate(dict.fromkeys(key[2] for key in runs))}
     keys = sorted(
-        (key for key in runs if seeds is None or key[1] in seeds),
+        (key for key in runs if (seeds is None or key[1] in seeds) and (scenarios is None or key[0] in scenarios)),
         key=lambda key: (scenario_order[key[0]], key[1], method_order[key[2]]),
     )
     merged = [runs[key] for key in keys]
     return {
         "runs": merged,
         "summary": summarize(merged),
-        "scenarios": scenarios,
+        "scenarios": {
+            name: text for name, text in descriptions.items() if any(run["scenario"] == name for run in merged)
+        },
         "environment": sources[0]["environment"],
         "merged_from": sources,
     }
+
+
+def check_held(flag: str, wanted: Sequence | None, held: set) -> None:
+    """Refuse the seeds or scenarios (`flag`) asked for (`wanted`) that the reports hold no run of."""
+    missing = [value for value in wanted or () if value not in held]
+    if missing:
+        raise DeepCleanError(
+            f"--{flag}: got {' '.join(map(str, wanted))}; the reports of --merge_results hold no run of "
+            f"{flag[:-1]}(s) {' '.join(map(str, missing))} (they hold {' '.join(map(str, sorted(held)))})."
+        )
 
 
 def read_results(path: str | Path) -> tuple[Path, dict[str, Any]]:
