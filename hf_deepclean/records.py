@@ -158,7 +158,7 @@ class FisherRecord:
 @dataclass
 class RepairRecord:
     """The masked repair: steps taken (those of a probe trial it continued from included), last loss, whether early
-    stopping ended it, and its learning rate."""
+    stopping ended it (and what its checks measured), and its learning rate."""
 
     steps: int
     final_loss: float | None
@@ -173,10 +173,14 @@ class RepairRecord:
     learning_rate_probe_start_loss: float | None = None
     learning_rate_probe_reference_loss: float | None = None
     learning_rate_probe_kept_steps: int | None = None
+    # with early stopping: the retain accuracy (or perplexity) that counted as recovered, and every check the monitor
+    # made (`step`, the retain figure it measured, `mia_auc` under `retain_and_mia`); None without it
+    early_stopping_target: float | None = None
+    early_stopping_checks: list[dict[str, float]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         record = asdict(self)
-        for key in [name for name in record if name.startswith("learning_rate_probe")]:
+        for key in [name for name in record if name.startswith(("learning_rate_probe", "early_stopping"))]:
             if record[key] is None:
                 del record[key]
         return record

@@ -252,6 +252,14 @@ def test_reports_of_separate_seeds_merge_into_the_report_of_one_run(tmp_path, ca
     together = json.loads((tmp_path / "both" / "results.json").read_text())
     results = json.loads((tmp_path / "merged" / "results.json").read_text())
     assert together["complete"] is True and "complete" not in results
+    # the repair's record shows each early-stopping check: every one before the last below the target, the last
+    # at it exactly when early stopping ended the repair there
+    for run in (run for run in together["runs"] if run["method"] == "deepclean"):
+        repair = run["repair"]
+        checks, target = repair["early_stopping_checks"], repair["early_stopping_target"]
+        recovered = [check["retain_accuracy"] >= target for check in checks]
+        assert checks and recovered == [False] * (len(checks) - 1) + [repair["stopped_early"]]
+        assert repair["stopped_early"] == (checks[-1]["step"] == repair["steps"])
     key = ("scenario", "seed", "method")
 
     def by_run(runs):

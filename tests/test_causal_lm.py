@@ -508,7 +508,7 @@ def test_lm_monitor_stops_at_the_first_check_within_the_perplexity_tolerance():
         language_model=True,
         perplexity_tolerance=tolerance,
     )
-    assert monitor.target_retain_perplexity == pytest.approx(first * (1 + tolerance), rel=1e-6)
+    assert monitor.target == monitor.target_retain_perplexity == pytest.approx(first * (1 + tolerance), rel=1e-6)
     state = torch.get_rng_state()
     monitor(check_every)  # a check leaves the global random state as it was
     assert torch.equal(state, torch.get_rng_state())

@@ -391,8 +391,15 @@ def test_early_stopping_and_per_parameter_selection(tmp_path, image_model_dir, i
         "learning_rate_probe_start_loss",
         "learning_rate_probe_reference_loss",
         "learning_rate_probe_kept_steps",
+        "early_stopping_target",
+        "early_stopping_checks",
     }
     assert results["repair"]["steps"] <= 2 * 3  # 2 epochs of 3 batches (64 retain rows, batch 32) at most
+    # the record keeps every check with what it measured (here one, every step checks: 3 steps an epoch): any
+    # retain accuracy is within the tolerance 1 of the original's, so the first ended the repair
+    checks, target = results["repair"]["early_stopping_checks"], results["repair"]["early_stopping_target"]
+    assert -1 <= target <= 0 and len(checks) == 1 and checks[0].keys() == {"step", "retain_accuracy"}
+    assert checks[0]["step"] == results["repair"]["steps"] == 1 and 0 <= checks[0]["retain_accuracy"] <= 1
     config = json.loads((output_dir / "deepclean_config.json").read_text())["arguments"]
     assert config["early_stopping"] is True and config["selection_scope"] == "per_parameter"
 

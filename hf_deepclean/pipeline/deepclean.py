@@ -216,6 +216,8 @@ def run_deepclean(
             learning_rate_probe_start_loss=None if probe is None else probe.start_loss,
             learning_rate_probe_reference_loss=None if probe is None else probe.reference_loss,
             learning_rate_probe_kept_steps=None if probe is None else probe.kept_steps,
+            early_stopping_target=None if monitor is None else monitor.target,
+            early_stopping_checks=None if monitor is None else monitor.history,
         ),
         ratio_histogram=ratio_histogram,
     )

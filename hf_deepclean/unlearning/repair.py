@@ -104,7 +104,13 @@ class RepairMonitor:
         self.check_every = max(1, check_every)
         self.auc_margin = auc_margin
         self.criterion = criterion
+        # every check: its step and what it measured
         self.history: list[dict[str, float]] = []
+
+    @property
+    def target(self) -> float:
+        """The retain accuracy (at least) or perplexity (at most) that counts as recovered."""
+        return self.target_retain_perplexity if self.language_model else self.target_retain_accuracy
 
     def __call__(self, step: int) -> bool:
         if step % self.check_every:
