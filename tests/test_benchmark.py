@@ -383,6 +383,14 @@ def test_reports_of_separate_seeds_merge_into_the_report_of_one_run(tmp_path, ca
     with caplog.at_level("WARNING", logger="hf_deepclean.bench.merge"):
         assert merge("settings", tmp_path / "both", tmp_path / "settings.json") == 0
     assert "ran with other method settings: deepclean.repair_epochs (1.0 and 2.0); merged" in caplog.text
+    # a merged report (which records its sources' arguments, not its own) merges again, with a later seed's report,
+    # and is held to the same settings
+    assert merge("again", tmp_path / "merged", tmp_path / "seed1") == 0
+    again = json.loads((tmp_path / "again" / "results.json").read_text())
+    assert by_run(again["runs"]) == by_run(results["runs"])
+    assert again["merged_from"] == [*results["merged_from"], *results["merged_from"][:1]]  # the reports merged
+    assert merge("refused", tmp_path / "merged", tmp_path / "rows.json") == 2
+    assert "differ in benchmark.max_train_rows (150 and 300)" in capsys.readouterr().err
     for path, message in expected.items():
         assert merge("refused", tmp_path / "both", tmp_path / path) == 2, path
         error = capsys.readouterr().err.strip()

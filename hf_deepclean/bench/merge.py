@@ -40,7 +40,7 @@ def merge_results(
     `SAME_METRICS_TOLERANCE` (the same trained model, as a rerun on the same kind of CPU machine gives; on GPUs keep
     each run in one report), and is kept once: its first copy, with the fields only a later copy has (an older
     version recorded less, such as DeepClean's repair). Each report's path, arguments and environment are kept under
-    `merged_from`.
+    `merged_from` (a merged report's own sources in its place).
 
     Raises:
         DeepCleanError: in one line, naming the reports or the seeds that do not fit.
@@ -53,9 +53,10 @@ def merge_results(
         file, results = read_results(path)
         if sources:
             check_compatible(sources[0], str(file), results)
-        sources.append(
+        # a merged report stands for its own sources
+        sources += results.get("merged_from") or [
             {"path": str(file), "arguments": results.get("arguments"), "environment": results["environment"]}
-        )
+        ]
         descriptions.update(results.get("scenarios") or {})
         for run in with_forget_sets(map(restore_missing, results["runs"]), results.get("scenarios") or {}):
             key = (run["scenario"], run["seed"], run["method"])
@@ -120,6 +121,14 @@ def read_results(path: str | Path) -> tuple[Path, dict[str, Any]]:
     return file, results
 
 
+def arguments(results: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The arguments a report ran with; a merged report's are those of its first source (its sources were checked
+    to share the scenario settings), so a merged report merges again with later seeds."""
+    if "arguments" in results or not results.get("merged_from"):
+        return results.get("arguments")
+    return results["merged_from"][0].get("arguments")
+
+
 def check_compatible(first: Mapping[str, Any], file: str, results: Mapping[str, Any]) -> None:
     """Refuse a report from another kind of machine, or with other scenario settings, than `first`; log the method
     settings that differ."""
@@ -128,7 +137,7 @@ def check_compatible(first: Mapping[str, Any], file: str, results: Mapping[str, 
         for key in MACHINE_KEYS
         if first["environment"].get(key) != results["environment"].get(key)
     ]
-    mine, theirs = first.get("arguments") or {}, results.get("arguments") or {}
+    mine, theirs = first.get("arguments") or {}, arguments(results) or {}
     benchmark, other = mine.get("benchmark") or {}, theirs.get("benchmark") or {}
     differences += [
         (f"benchmark.{key}", benchmark.get(key), other.get(key))
