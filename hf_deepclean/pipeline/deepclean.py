@@ -124,8 +124,9 @@ def run_deepclean(
         check_fsdp_settings(config, fisher_cache)
     fisher, fisher_record = compute_fisher_diagonals(model, rows, config, accelerator, params, fisher_cache, timer)
     repair_loader = rows.loader(rows.retain, shuffle=True)
-    # built before the reset: the recovery target is the original model's retain accuracy
-    monitor = build_monitor(model, rows, config, accelerator, repair_loader) if config.early_stopping else None
+    # built before the reset: the recovery target is the original model's retain accuracy; none without a repair
+    watched = config.early_stopping and config.repair_epochs > 0
+    monitor = build_monitor(model, rows, config, accelerator, repair_loader) if watched else None
     probe_rows = rows.loader(rows.retain, max_rows=PROBE_EVAL_ROWS)
     reference_loss = None
     if probe_needed(config):  # the probe weighs the reset's damage against the original model's loss
