@@ -338,6 +338,19 @@ def test_reports_of_separate_seeds_merge_into_the_report_of_one_run(tmp_path, ca
         "digits_mislabelled (they hold digits_class digits_random)."
     )
     assert not (tmp_path / "absent").exists()
+    only1 = json.loads(json.dumps(two))
+    only1["runs"] = [run for run in two["runs"] if run["scenario"] == "digits_class" or run["seed"] == 1]
+    (tmp_path / "only1.json").write_text(json.dumps(only1))
+    assert merge("apart", tmp_path / "only1.json", "--scenarios", "digits_random", "--seeds", "0") == 2
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith(
+            "--seeds, --scenarios: got 0 and digits_random; the reports of --merge_results hold no run of those seeds in "
+            "those scenarios."
+        )
+    )
+    assert not (tmp_path / "apart").exists()
 
     # refused in one line, with nothing written: a run found twice with other metrics (another model), reports of
     # another kind of machine (times do not compare) or other settings, and files that are not reports

@@ -79,6 +79,11 @@ def merge_results(
         key=lambda key: (scenario_order[key[0]], key[1], method_order[key[2]]),
     )
     merged = [runs[key] for key in keys]
+    if not merged:  # each held, but not together
+        raise DeepCleanError(
+            f"--seeds, --scenarios: got {' '.join(map(str, seeds or ()))} and {' '.join(scenarios or ())}; the "
+            "reports of --merge_results hold no run of those seeds in those scenarios."
+        )
     return {
         "runs": merged,
         "summary": summarize(merged),
